@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make run` and `make test`. Each bootstraps .venv itself.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+CONFIG ?= deploy/engine.dev.toml
+PYTEST_ARGS ?=
+# Debian packages the test suite needs (independent DKIM verifier).
+DEB_TEST_PKGS := libmail-dkim-perl
+
+.PHONY: install run test bench deb-test lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/engine --config $(CONFIG) run
+
+deb-test:
+	@missing=""; for p in $(DEB_TEST_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null \
+	    || echo "warning: could not install$$missing; tests needing them will skip"; \
+	fi
+
+test: $(STAMP) deb-test
+	$(VENV)/bin/pytest -n 2 -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) var .pytest-pg .pytest_cache

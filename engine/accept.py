@@ -1,0 +1,211 @@
+"""Acceptance: the one door every message passes to enter the outbox.
+
+Both the SMTP relay and the REST API end here. This module turns validated
+input into outbox rows (deduplicating recipients, picking stream and priority),
+applies idempotency, and makes the single enqueue call. It never renders or
+delivers: "accepted" means committed in Postgres, nothing more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import structlog
+
+from engine.addresses import normalize_domain, split_address
+from engine.apikeys import ApiKey
+from engine.config import Settings
+from engine.db.pool import acquire
+from engine.db.queries import q
+from engine.errors import EngineError, ValidationFailed
+from engine.ids import uuid7
+from engine.outbox import EnqueuedRecipient, NewMessage, NewRecipient, Outbox
+from engine.submit.models import AddressIn, MessageIn, as_mailbox
+
+log = structlog.get_logger(__name__)
+
+IDEMPOTENCY_KEY_MAX = 255
+
+
+class IdempotencyConflict(EngineError):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    status: int
+    body: dict[str, Any]
+    replayed: bool = False
+
+
+def _mailbox_json(value: AddressIn) -> dict[str, Any]:
+    mb = as_mailbox(value)
+    out: dict[str, Any] = {"email": mb.email}
+    if mb.name:
+        out["name"] = mb.name
+    return out
+
+
+def _recipient(address: str, kind: str, vars_: dict[str, Any] | None = None) -> NewRecipient:
+    local, domain = split_address(address)
+    domain = normalize_domain(domain)
+    return NewRecipient(address=f"{local}@{domain}", domain=domain, kind=kind, vars=vars_)
+
+
+def _dedupe(recipients: list[NewRecipient]) -> list[NewRecipient]:
+    """One row per address per message: the first mention (to before cc before bcc) wins."""
+    seen: set[str] = set()
+    out = []
+    for r in recipients:
+        if r.address not in seen:
+            seen.add(r.address)
+            out.append(r)
+    return out
+
+
+class Acceptor:
+    def __init__(self, settings: Settings, outbox: Outbox) -> None:
+        self.settings = settings
+        self.outbox = outbox
+
+    # -- building rows -------------------------------------------------------------------
+
+    def _stream(self, stream: str | None, default: str, field: str) -> tuple[str, int]:
+        name = stream or default
+        if name not in self.settings.queue.streams:
+            known = ", ".join(sorted(self.settings.queue.streams))
+            raise ValidationFailed(f"unknown stream {name!r}; configured streams: {known}", field)
+        return name, self.settings.stream_priority(name)
+
+    def build_http_message(self, item: MessageIn, key: ApiKey, prefix: str = "") -> NewMessage:
+        """Turn one validated REST message into outbox rows (no I/O)."""
+        stream, priority = self._stream(item.stream, self.settings.queue.default_stream, f"{prefix}stream")
+        if item.raw is not None:
+            assert item.envelope is not None  # guaranteed by MessageIn
+            recipients = _dedupe([_recipient(a, "envelope") for a in item.envelope.rcpt_to])
+            mail_from = item.envelope.mail_from
+            raw: bytes | None = item.raw.encode("utf-8")
+            content: dict[str, Any] | None = None
+        else:
+            recipients = _dedupe(
+                [
+                    _recipient(mb.email, kind, mb.vars)
+                    for kind, group in (("to", item.to), ("cc", item.cc), ("bcc", item.bcc))
+                    for mb in map(as_mailbox, group)
+                ]
+            )
+            assert item.from_ is not None
+            mail_from = as_mailbox(item.from_).email
+            raw = None
+            content = {
+                "from": _mailbox_json(item.from_),
+                "to": [_mailbox_json(a) for a in item.to],
+                "cc": [_mailbox_json(a) for a in item.cc],
+                "subject": item.subject,
+                "text": item.text,
+                "html": item.html,
+                "headers": item.headers,
+                "template": item.template,
+                "vars": item.vars,
+            }
+            if item.reply_to is not None:
+                content["reply_to"] = _mailbox_json(item.reply_to)
+        limit = self.settings.api.max_recipients_per_message
+        if len(recipients) > limit:
+            raise ValidationFailed(f"too many recipients: {len(recipients)} > {limit}", f"{prefix}to")
+        return NewMessage(
+            id=uuid7(),
+            source="http",
+            mail_from=mail_from,
+            stream=stream,
+            priority=priority,
+            recipients=recipients,
+            raw=raw,
+            content=content,
+            metadata=item.metadata,
+            api_key_id=key.id,
+            send_at=item.send_at,
+        )
+
+    def build_smtp_message(
+        self, mail_from: str, rcpt_tos: Sequence[str], data: bytes, api_key_id: int | None, stream: str | None = None
+    ) -> NewMessage:
+        name, priority = self._stream(stream, self.settings.smtp.default_stream, "stream")
+        return NewMessage(
+            id=uuid7(),
+            source="smtp",
+            mail_from=mail_from,
+            stream=name,
+            priority=priority,
+            recipients=_dedupe([_recipient(a, "envelope") for a in rcpt_tos]),
+            raw=data,
+            api_key_id=api_key_id,
+        )
+
+    # -- committing ----------------------------------------------------------------------
+
+    @staticmethod
+    def _body(messages: Sequence[NewMessage], rows: Sequence[Sequence[EnqueuedRecipient]]) -> list[dict[str, Any]]:
+        return [
+            {"id": str(m.id), "recipients": [{"id": r.id, "email": r.address, "state": r.state} for r in rs]}
+            for m, rs in zip(messages, rows)
+        ]
+
+    async def commit(self, messages: Sequence[NewMessage]) -> list[list[EnqueuedRecipient]]:
+        return await self.outbox.enqueue(messages)
+
+    async def accept_http(
+        self,
+        key: ApiKey,
+        items: Sequence[MessageIn],
+        *,
+        batch: bool,
+        idempotency_key: str | None,
+        request_body: bytes,
+    ) -> Accepted:
+        """Validate, enqueue in one transaction, and answer; replays the first answer for a reused key."""
+        prefix = "messages[{}]." if batch else ""
+        messages = [self.build_http_message(it, key, prefix.format(i)) for i, it in enumerate(items)]
+        if idempotency_key is None:
+            rows = await self.commit(messages)
+            body = self._wrap(self._body(messages, rows), batch)
+            return Accepted(202, body)
+        if not idempotency_key or len(idempotency_key) > IDEMPOTENCY_KEY_MAX or not idempotency_key.isprintable():
+            raise ValidationFailed(
+                f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} printable characters", "Idempotency-Key", 400
+            )
+        request_hash = hashlib.sha256(request_body).digest()
+        ttl = self.settings.api.idempotency_ttl
+        async with acquire(self.outbox.pool) as conn, conn.transaction():
+            await conn.execute(*q("idempotency_purge_one", api_key_id=key.id, key=idempotency_key, ttl=ttl))
+            claimed = await conn.fetchval(
+                *q("idempotency_claim", api_key_id=key.id, key=idempotency_key, request_hash=request_hash)
+            )
+            if claimed is None:
+                return await self._replay(conn, key, idempotency_key, request_hash)
+            rows = await self.outbox.enqueue(messages, conn=conn)
+            body = self._wrap(self._body(messages, rows), batch)
+            await conn.execute(
+                *q("idempotency_store", api_key_id=key.id, key=idempotency_key, status_code=202, response=body)
+            )
+        return Accepted(202, body)
+
+    @staticmethod
+    async def _replay(conn: asyncpg.Connection, key: ApiKey, idem: str, request_hash: bytes) -> Accepted:
+        row = await conn.fetchrow(*q("idempotency_get", api_key_id=key.id, key=idem))
+        if row is None or row["status_code"] == 0:  # pragma: no cover - the claim lock makes this unreachable
+            raise IdempotencyConflict("a request with this Idempotency-Key is still in progress; retry shortly")
+        if bytes(row["request_hash"]) != request_hash:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was already used with a different request body; use a new key"
+            )
+        log.info("idempotent_replay", idempotency_key=idem)
+        return Accepted(row["status_code"], row["response"], replayed=True)
+
+    @staticmethod
+    def _wrap(bodies: list[dict[str, Any]], batch: bool) -> dict[str, Any]:
+        return {"messages": bodies} if batch else bodies[0]

@@ -1,0 +1,56 @@
+"""Mailbox address checks shared by every way mail comes in.
+
+Deliberately strict and cheap: an address is ``local@domain`` with no spaces,
+no control characters, no angle brackets or quotes tricks, a local part of at
+most 64 octets and a domain of dotted labels (or an address literal). Anything
+else is refused before it can reach a header or an SMTP command.
+"""
+
+from __future__ import annotations
+
+import re
+
+_LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010FFFF-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010FFFF-]+)*$")
+_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9\u0080-\U0010FFFF-]{1,63}(?<!-)$")
+_LITERAL_RE = re.compile(r"^\[(?:IPv6:[0-9A-Fa-f:.]+|\d{1,3}(?:\.\d{1,3}){3})\]$")
+
+
+class AddressError(ValueError):
+    pass
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """Validate ``address`` and return ``(local, domain)``; raises AddressError with the reason."""
+    if not isinstance(address, str) or not address:
+        raise AddressError("address is empty")
+    if len(address) > 254:
+        raise AddressError("address is longer than 254 characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in address):
+        raise AddressError("address contains control characters")
+    local, sep, domain = address.rpartition("@")
+    if not sep or not local or not domain:
+        raise AddressError(f"{address!r} is not of the form local@domain")
+    if len(local.encode()) > 64:
+        raise AddressError("local part is longer than 64 octets")
+    if not _LOCAL_RE.match(local):
+        raise AddressError(f"{address!r} has an invalid local part")
+    if not (_LITERAL_RE.match(domain) or _valid_domain(domain)):
+        raise AddressError(f"{address!r} has an invalid domain")
+    return local, domain
+
+
+def _valid_domain(domain: str) -> bool:
+    labels = domain.rstrip(".").split(".")
+    return len(labels) >= 1 and len(domain) <= 253 and all(_LABEL_RE.match(label) for label in labels)
+
+
+def normalize_domain(domain: str) -> str:
+    return domain.rstrip(".").lower()
+
+
+def is_valid(address: str) -> bool:
+    try:
+        split_address(address)
+    except AddressError:
+        return False
+    return True

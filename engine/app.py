@@ -1,0 +1,195 @@
+"""The engine process: explicit setup -> start -> stop, in the manner of aiohttp's web_runner.
+
+One :class:`Engine` owns the database pool, the HTTP server, the SMTP
+listeners and the background housekeeping tasks. Each resource is torn down
+only if its startup succeeded. SIGTERM/SIGINT stop the listeners first (no new
+work), let in-flight commits finish within ``[server] shutdown_timeout``, then
+close the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import structlog
+import uvicorn
+
+from engine.accept import Acceptor
+from engine.apikeys import ApiKeys
+from engine.config import Settings
+from engine.db.migrate import migrate
+from engine.db.pool import acquire, create_pool, resolve_dsn
+from engine.db.queries import q
+from engine.errors import DatabaseUnavailable
+from engine.outbox import Outbox
+from engine.submit.http import HttpContext, create_app, wrap
+
+log = structlog.get_logger(__name__)
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the engine owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class Engine:
+    settings: Settings
+    dsn: str | None = None
+    pool: asyncpg.Pool | None = None
+    outbox: Outbox | None = None
+    apikeys: ApiKeys | None = None
+    acceptor: Acceptor | None = None
+    http_address: tuple[str, int] | None = None
+    smtp_addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
+    _embedded: Any = None
+    _http: _QuietServer | None = None
+    _http_task: asyncio.Task[None] | None = None
+    _smtp: list[Any] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def connect(self, retry_for: float = 60.0) -> None:
+        """Resolve the DSN (starting embedded Postgres if needed), open the pool, migrate."""
+        if self.dsn is None:
+            self.dsn, self._embedded = await asyncio.to_thread(resolve_dsn, self.settings)
+        deadline = asyncio.get_running_loop().time() + retry_for
+        delay = 0.2
+        while True:
+            try:
+                self.pool = await create_pool(self.dsn, self.settings)
+                break
+            except DatabaseUnavailable as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                log.warning("database_not_ready", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        async with acquire(self.pool) as conn:
+            applied = await migrate(conn)
+        if applied:
+            log.info("migrations_applied", versions=applied)
+        self.outbox = Outbox(self.pool, self.settings.queue.max_age)
+        self.apikeys = ApiKeys(self.pool, self.settings.api.key_cache_ttl)
+        self.acceptor = Acceptor(self.settings, self.outbox)
+
+    async def start(self) -> None:
+        """Start listeners and housekeeping. Call after :meth:`connect`."""
+        assert self.outbox and self.apikeys and self.acceptor
+        if self.settings.http.enabled:
+            await self._start_http()
+        if self.settings.smtp.enabled and self.settings.smtp.listeners:
+            from engine.submit.smtp import start_smtp_listeners
+
+            self._smtp = await start_smtp_listeners(self.settings, self.acceptor, self.apikeys)
+            self.smtp_addresses = {h.name: h.address for h in self._smtp}
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        log.info(
+            "engine_started",
+            http=self.http_address,
+            smtp=self.smtp_addresses,
+            database="embedded" if self._embedded else "external",
+        )
+
+    async def _start_http(self) -> None:
+        ctx = HttpContext(self.settings, self.outbox, self.apikeys, self.acceptor)  # type: ignore[arg-type]
+        app = wrap(create_app(ctx), self.settings)
+        host, port = self.settings.http.listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.set_inheritable(True)
+        self.http_address = sock.getsockname()[:2]
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=int(self.settings.server.shutdown_timeout),
+            server_header=False,
+        )
+        self._http = _QuietServer(config)
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]), name="http")
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()
+            await asyncio.sleep(0.01)
+
+    async def _housekeeping(self) -> None:
+        """Reclaim leases of dead workers and expire old idempotency keys; survives DB outages."""
+        assert self.outbox is not None
+        while not self._stopping.is_set():
+            try:
+                n = await self.outbox.reclaim_expired_leases()
+                if n:
+                    log.info("leases_reclaimed", count=n)
+                async with acquire(self.outbox.pool) as conn:
+                    await conn.execute(*q("idempotency_expire", ttl=self.settings.api.idempotency_ttl))
+            except DatabaseUnavailable as exc:
+                log.warning("housekeeping_database_unavailable", error=str(exc))
+            except Exception:  # housekeeping must never die silently
+                log.exception("housekeeping_failed")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=10)
+
+    async def stop(self) -> None:
+        """Stop accepting, drain in-flight work, release resources (each only if started)."""
+        self._stopping.set()
+        timeout = self.settings.server.shutdown_timeout
+        for handle in self._smtp:
+            with contextlib.suppress(Exception):
+                await handle.close()
+        self._smtp = []
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._http_task, timeout=timeout + 1)
+            self._http = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self.pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pool.close(), timeout=timeout)
+            self.pool = None
+        log.info("engine_stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopping.wait()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, dsn: str | None = None) -> AsyncIterator[Engine]:
+    """An engine started for the duration of the block (used by ``engine run`` and tests)."""
+    engine = Engine(settings, dsn=dsn)
+    try:
+        await engine.connect()
+        await engine.start()
+        yield engine
+    finally:
+        await engine.stop()
+
+
+async def serve(settings: Settings) -> None:
+    """``engine run``: start everything and wait for SIGTERM/SIGINT."""
+    loop = asyncio.get_running_loop()
+    async with running(settings) as engine:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, engine.request_stop)
+        await engine.wait_stopped()
+        log.info("shutdown_requested")

@@ -1,0 +1,270 @@
+"""Configuration: one TOML file, validated once at load with pydantic.
+
+This is the only module that reads ``os.environ``. Everything else receives a
+typed :class:`Settings`. A bad file raises :class:`ConfigError` naming the key,
+the bad value and what is allowed, so the engine refuses to start instead of
+limping along with a half-understood config.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from engine.errors import ConfigError
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string like ``"30s"``, ``"5m"``, ``"3d"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like '30s', '5m', '2h', '3d'")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError(f"expected a duration like '30s', '5m', '2h', '3d', got {value!r}")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from a number or a string like ``"25MB"``, ``"512k"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like '25MB'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            unit = (m.group(2) or "").lower()[:1]
+            return int(m.group(1)) * _SIZE_UNITS[unit]
+    raise ValueError(f"expected a size like '25MB' or a number of bytes, got {value!r}")
+
+
+def parse_hostport(value: Any) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> (host, port)."""
+    if isinstance(value, tuple) and len(value) == 2:
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected 'host:port', got {value!r}")
+    m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", value) or re.match(r"^([^:\s]+):(\d+)$", value)
+    if not m:
+        raise ValueError(f"expected 'host:port' (IPv6 as '[::1]:25'), got {value!r}")
+    port = int(m.group(2))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    return m.group(1), port
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+HostPort = Annotated[tuple[str, int], BeforeValidator(parse_hostport)]
+
+
+class _Section(BaseModel):
+    """Every section rejects unknown keys: a typo must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    hostname: str = Field(default="localhost", description="Our name in SMTP greetings and Message-IDs.")
+    shutdown_timeout: Duration = Field(default=15.0, description="Grace period on SIGTERM.")
+
+
+class DatabaseConfig(_Section):
+    url: str | None = Field(default=None, description="Postgres URL; DATABASE_URL wins; unset means embedded.")
+    pool_min: int = Field(default=2, ge=1)
+    pool_max: int = Field(default=10, ge=1)
+    connect_timeout: Duration = 5.0
+    command_timeout: Duration = 30.0
+
+    @model_validator(mode="after")
+    def _pool_order(self) -> "DatabaseConfig":
+        if self.pool_max < self.pool_min:
+            raise ValueError(f"pool_max ({self.pool_max}) must be >= pool_min ({self.pool_min})")
+        return self
+
+
+class HttpConfig(_Section):
+    enabled: bool = True
+    listen: HostPort = ("127.0.0.1", 8025)
+    max_body_size: Size = 32 * 1024 * 1024
+    max_batch: int = Field(default=1000, ge=1, le=10000)
+    public_url: str = Field(default="http://127.0.0.1:8025", description="Base URL used in links we generate.")
+
+
+class SmtpListener(_Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    listen: HostPort
+    tls: Literal["none", "starttls"] = "none"
+    trusted: bool = Field(
+        default=False,
+        description="AUTH may be offered without TLS on this listener (loopback/internal use only).",
+    )
+    require_auth: bool = Field(
+        default=True,
+        description="Clients outside trusted_networks must AUTH before MAIL.",
+    )
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    self_signed: bool = Field(
+        default=False,
+        description="Development only: generate a self-signed certificate under $ENGINE_HOME/tls.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> "SmtpListener":
+        has_files = self.cert_file is not None and self.key_file is not None
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError(f"listener {self.name!r}: set both cert_file and key_file, or neither")
+        if self.tls == "starttls" and not has_files and not self.self_signed:
+            raise ValueError(
+                f"listener {self.name!r}: tls = 'starttls' needs cert_file and key_file "
+                "(or self_signed = true for development)"
+            )
+        return self
+
+
+class SmtpConfig(_Section):
+    enabled: bool = True
+    listeners: list[SmtpListener] = Field(
+        default_factory=lambda: [SmtpListener(name="local", listen=("127.0.0.1", 2525), trusted=True)]
+    )
+    max_message_size: Size = 25 * 1024 * 1024
+    max_recipients: int = Field(default=1000, ge=1)
+    trusted_networks: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description="Clients from these networks may relay without AUTH.",
+    )
+    default_stream: str = "relay"
+    data_timeout: Duration = 300.0
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not a network like '10.0.0.0/8' or '::1/128'") from None
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "SmtpConfig":
+        names = [listener.name for listener in self.listeners]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"listener names must be unique, repeated: {sorted(dupes)}")
+        return self
+
+
+class QueueConfig(_Section):
+    max_age: Duration = Field(default=3 * 86400.0, description="Give up and bounce after this long.")
+    default_stream: str = "default"
+    streams: dict[str, int] = Field(
+        default_factory=lambda: {"transactional": 0, "default": 5, "relay": 5, "bulk": 9},
+        description="Known streams and their priority (lower is claimed first).",
+    )
+    lease_duration: Duration = 300.0
+
+    @field_validator("streams")
+    @classmethod
+    def _priorities(cls, v: dict[str, int]) -> dict[str, int]:
+        for name, prio in v.items():
+            if not re.match(r"^[a-z0-9_-]{1,64}$", name):
+                raise ValueError(f"stream name {name!r} must match [a-z0-9_-]{{1,64}}")
+            if not 0 <= prio <= 9:
+                raise ValueError(f"stream {name!r}: priority {prio} must be 0-9")
+        return v
+
+
+class ApiConfig(_Section):
+    key_cache_ttl: Duration = Field(default=5.0, description="How long a verified key is trusted without a lookup.")
+    idempotency_ttl: Duration = 86400.0
+    max_recipients_per_message: int = Field(default=1000, ge=1)
+
+
+class Settings(_Section):
+    server: ServerConfig = ServerConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    http: HttpConfig = HttpConfig()
+    smtp: SmtpConfig = SmtpConfig()
+    queue: QueueConfig = QueueConfig()
+    api: ApiConfig = ApiConfig()
+
+    # Resolved from the environment, not from the file.
+    home: Path = Path("var")
+    config_path: Path | None = None
+
+    def stream_priority(self, stream: str) -> int:
+        return self.queue.streams.get(stream, 5)
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see deploy/engine.example.toml for every key)"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Load and validate the config. ``path`` wins over ``ENGINE_CONFIG``; no file means defaults."""
+    env = dict(os.environ if env is None else env)
+    path = path or env.get("ENGINE_CONFIG") or None
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist (set --config or ENGINE_CONFIG)") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    for reserved in ("home", "config_path"):
+        if reserved in data:
+            raise ConfigError(f"invalid configuration in {source}:\n  {reserved}: unknown key")
+    data["home"] = env.get("ENGINE_HOME") or "var"
+    data["config_path"] = str(path) if path else None
+    if env.get("DATABASE_URL"):
+        data.setdefault("database", {})
+        if isinstance(data["database"], dict):
+            data["database"] = {**data["database"], "url": env["DATABASE_URL"]}
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None

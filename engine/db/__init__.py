@@ -1,0 +1,1 @@
+"""Database access: connection pool (embedded or external Postgres), named queries, migrations."""

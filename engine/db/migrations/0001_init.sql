@@ -1,0 +1,69 @@
+-- 0001: messages stored once, one outbox row per recipient, API keys, idempotency.
+
+CREATE TABLE messages (
+    id              uuid PRIMARY KEY,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    source          text NOT NULL CHECK (source IN ('smtp', 'http')),
+    mail_from       text NOT NULL,                  -- envelope sender; '' is the null sender
+    raw             bytea,                          -- byte-exact RFC 5322 message (SMTP, raw REST)
+    content         jsonb,                          -- structured REST message (subject, parts, template...)
+    stream          text NOT NULL,
+    metadata        jsonb NOT NULL DEFAULT '{}'::jsonb,
+    api_key_id      bigint,
+    send_at         timestamptz,
+    CHECK (raw IS NOT NULL OR content IS NOT NULL)
+);
+
+CREATE TABLE recipients (
+    id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    message_id          uuid NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    address             text NOT NULL,
+    domain              text NOT NULL,
+    kind                text NOT NULL DEFAULT 'to' CHECK (kind IN ('to', 'cc', 'bcc', 'envelope')),
+    vars                jsonb,
+    state               text NOT NULL DEFAULT 'queued' CHECK (state IN (
+                            'queued', 'leased', 'deferred', 'delivered', 'bounced',
+                            'expired', 'suppressed', 'held')),
+    stream              text NOT NULL,
+    priority            smallint NOT NULL DEFAULT 5,
+    attempts            integer NOT NULL DEFAULT 0,
+    next_attempt_at     timestamptz NOT NULL DEFAULT now(),
+    expires_at          timestamptz NOT NULL,
+    lease_owner         text,
+    lease_expires_at    timestamptz,
+    last_code           integer,
+    last_status         text,
+    last_reply          text,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (message_id, address)
+);
+
+-- The claim path: only ready rows are indexed, so cost follows the work, not the backlog.
+CREATE INDEX recipients_ready_idx ON recipients (priority, next_attempt_at)
+    WHERE state IN ('queued', 'deferred');
+CREATE INDEX recipients_ready_domain_idx ON recipients (domain, priority, next_attempt_at)
+    WHERE state IN ('queued', 'deferred');
+CREATE INDEX recipients_lease_idx ON recipients (lease_expires_at) WHERE state = 'leased';
+
+CREATE TABLE api_keys (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name            text NOT NULL UNIQUE,
+    prefix          text NOT NULL,                  -- first characters, shown in listings
+    key_hash        bytea NOT NULL UNIQUE,          -- sha256 of the whole key; the key is never stored
+    scopes          text[] NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    revoked_at      timestamptz,
+    last_used_at    timestamptz
+);
+
+CREATE TABLE idempotency_keys (
+    api_key_id      bigint NOT NULL,
+    key             text NOT NULL,
+    request_hash    bytea NOT NULL,
+    status_code     integer NOT NULL,
+    response        jsonb NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (api_key_id, key)
+);
+CREATE INDEX idempotency_keys_created_idx ON idempotency_keys (created_at);

@@ -1,0 +1,103 @@
+"""Postgres connections: an external server from DATABASE_URL, or an embedded one.
+
+When no URL is configured the engine starts Postgres itself with ``pgserver``
+under ``$ENGINE_HOME/pg`` and reuses it across runs, so a newcomer needs nothing
+installed. Driver errors that mean "the database is not there right now" are
+translated to :class:`DatabaseUnavailable` at this boundary, so callers answer
+"try again later" instead of crashing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import structlog
+
+from engine.config import Settings
+from engine.errors import DatabaseUnavailable
+
+log = structlog.get_logger(__name__)
+
+EMBEDDED_DB_NAME = "engine"
+
+# Errors that mean the server is down, restarting or unreachable.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.ConnectionFailureError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Turn driver errors meaning 'database unreachable' into DatabaseUnavailable."""
+    try:
+        yield
+    except DatabaseUnavailable:
+        raise
+    except UNAVAILABLE_ERRORS as exc:
+        raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}: {exc}") from exc
+
+
+def embedded_server(home: Path) -> Any:
+    """Start (or attach to) the embedded Postgres under ``home/pg``; returns the pgserver handle."""
+    import pgserver  # imported lazily: only needed without DATABASE_URL
+
+    pgdata = (home / "pg").resolve()
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DB_NAME}';")
+    if "(1 row)" not in exists:
+        server.psql(f"CREATE DATABASE {EMBEDDED_DB_NAME};")
+    return server
+
+
+def resolve_dsn(settings: Settings) -> tuple[str, Any]:
+    """The DSN to use and, for the embedded server, the handle that keeps it alive."""
+    if settings.database.url:
+        return settings.database.url, None
+    server = embedded_server(settings.home)
+    return server.get_uri(EMBEDDED_DB_NAME), server
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """Per-connection setup: JSON codecs so jsonb round-trips as Python objects."""
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, settings: Settings, **overrides: Any) -> asyncpg.Pool:
+    """Create the pool; raises DatabaseUnavailable when the server cannot be reached."""
+    kwargs: dict[str, Any] = dict(
+        min_size=settings.database.pool_min,
+        max_size=settings.database.pool_max,
+        timeout=settings.database.connect_timeout,
+        command_timeout=settings.database.command_timeout,
+        init=init_connection,
+        server_settings={"application_name": f"engine:{os.getpid()}"},
+    )
+    kwargs.update(overrides)
+    with translate_errors():
+        pool: asyncpg.Pool = await asyncpg.create_pool(dsn, **kwargs)
+    return pool
+
+
+@contextlib.asynccontextmanager
+async def acquire(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """``pool.acquire()`` with driver errors translated."""
+    with translate_errors():
+        async with pool.acquire() as conn:
+            yield conn

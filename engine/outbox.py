@@ -1,0 +1,239 @@
+"""The outbox: every statement that touches the queue, and nothing else.
+
+A message's content is stored once in ``messages``; each recipient is one row of
+``recipients`` carrying its own state machine::
+
+    queued ─claim─> leased ─ack─> delivered | bounced | expired | suppressed
+      ^               │
+      └── deferred <──┘ defer (backoff)      held <─> queued (ops)
+
+Every operation is batched (``unnest`` arrays), so the hot path costs one round
+trip per batch, not per recipient. Claims use ``FOR UPDATE SKIP LOCKED`` and a
+lease, so any number of worker processes on any number of hosts can share the
+queue; a dead worker's leases run out and :meth:`Outbox.reclaim_expired_leases`
+puts its rows back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from engine.db.pool import acquire
+from engine.db.queries import q
+
+STATES = ("queued", "leased", "deferred", "delivered", "bounced", "expired", "suppressed", "held")
+FINAL_STATES = frozenset({"delivered", "bounced", "expired", "suppressed"})
+
+
+@dataclass(slots=True)
+class NewRecipient:
+    address: str
+    domain: str
+    kind: str = "to"
+    vars: dict[str, Any] | None = None
+    state: str = "queued"
+
+
+@dataclass(slots=True)
+class NewMessage:
+    id: uuid.UUID
+    source: str
+    mail_from: str
+    stream: str
+    priority: int
+    recipients: list[NewRecipient]
+    raw: bytes | None = None
+    content: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    api_key_id: int | None = None
+    send_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueuedRecipient:
+    id: int
+    address: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A final result for one leased recipient (delivered, bounced, expired, suppressed)."""
+
+    id: int
+    state: str
+    code: int | None = None
+    status: str | None = None
+    reply: str | None = None
+    attempted: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Deferral:
+    id: int
+    next_attempt_at: datetime
+    code: int | None = None
+    status: str | None = None
+    reply: str | None = None
+    attempted: bool = True
+
+
+class Outbox:
+    """Batched queue operations over an asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool, max_age: float) -> None:
+        self.pool = pool
+        self.max_age = max_age
+
+    async def enqueue(
+        self, messages: Sequence[NewMessage], conn: asyncpg.Connection | None = None
+    ) -> list[list[EnqueuedRecipient]]:
+        """Insert messages and their recipient rows in one transaction (two statements).
+
+        Returns, per message, its recipient rows in submission order. Pass ``conn``
+        to join a transaction the caller already holds (idempotency bookkeeping).
+        """
+        if conn is None:
+            async with acquire(self.pool) as c, c.transaction():
+                return await self._enqueue(c, messages)
+        return await self._enqueue(conn, messages)
+
+    async def _enqueue(
+        self, conn: asyncpg.Connection, messages: Sequence[NewMessage]
+    ) -> list[list[EnqueuedRecipient]]:
+        await conn.execute(
+            *q(
+                "insert_messages",
+                ids=[m.id for m in messages],
+                sources=[m.source for m in messages],
+                mail_froms=[m.mail_from for m in messages],
+                raws=[m.raw for m in messages],
+                contents=[m.content for m in messages],
+                streams=[m.stream for m in messages],
+                metadatas=[m.metadata for m in messages],
+                api_key_ids=[m.api_key_id for m in messages],
+                send_ats=[m.send_at for m in messages],
+            )
+        )
+        mids: list[uuid.UUID] = []
+        addresses: list[str] = []
+        domains: list[str] = []
+        kinds: list[str] = []
+        vars_: list[Any] = []
+        states: list[str] = []
+        streams: list[str] = []
+        prios: list[int] = []
+        nexts: list[datetime | None] = []
+        for m in messages:
+            for r in m.recipients:
+                mids.append(m.id)
+                addresses.append(r.address)
+                domains.append(r.domain)
+                kinds.append(r.kind)
+                vars_.append(r.vars)
+                states.append(r.state)
+                streams.append(m.stream)
+                prios.append(m.priority)
+                nexts.append(m.send_at)
+        rows = await conn.fetch(
+            *q(
+                "insert_recipients",
+                message_ids=mids,
+                addresses=addresses,
+                domains=domains,
+                kinds=kinds,
+                vars=vars_,
+                states=states,
+                streams=streams,
+                priorities=prios,
+                next_attempt_ats=nexts,
+                max_age=self.max_age,
+            )
+        )
+        by_key = {(r["message_id"], r["address"]): r for r in rows}
+        out: list[list[EnqueuedRecipient]] = []
+        for m in messages:
+            lst = []
+            for rcpt in m.recipients:
+                row = by_key[(m.id, rcpt.address)]
+                lst.append(EnqueuedRecipient(row["id"], row["address"], row["state"]))
+            out.append(lst)
+        return out
+
+    async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[asyncpg.Record]:
+        """Lease up to ``limit`` ready recipients, highest priority and oldest first."""
+        async with acquire(self.pool) as conn:
+            return await conn.fetch(*q("claim", owner=owner, limit=limit, lease_seconds=lease_seconds))
+
+    async def ack(self, owner: str, outcomes: Sequence[Outcome]) -> int:
+        """Record final outcomes in one statement; returns how many rows this owner still held."""
+        if not outcomes:
+            return 0
+        async with acquire(self.pool) as conn:
+            rows = await conn.fetch(
+                *q(
+                    "ack",
+                    owner=owner,
+                    ids=[o.id for o in outcomes],
+                    states=[o.state for o in outcomes],
+                    attempted=[int(o.attempted) for o in outcomes],
+                    codes=[o.code for o in outcomes],
+                    statuses=[o.status for o in outcomes],
+                    replies=[o.reply for o in outcomes],
+                )
+            )
+        return len(rows)
+
+    async def defer(self, owner: str, deferrals: Sequence[Deferral]) -> int:
+        if not deferrals:
+            return 0
+        async with acquire(self.pool) as conn:
+            rows = await conn.fetch(
+                *q(
+                    "defer",
+                    owner=owner,
+                    ids=[d.id for d in deferrals],
+                    next_attempt_ats=[d.next_attempt_at for d in deferrals],
+                    attempted=[int(d.attempted) for d in deferrals],
+                    codes=[d.code for d in deferrals],
+                    statuses=[d.status for d in deferrals],
+                    replies=[d.reply for d in deferrals],
+                )
+            )
+        return len(rows)
+
+    async def release(self, owner: str, ids: Sequence[int]) -> int:
+        """Hand leased rows back without counting an attempt (graceful shutdown)."""
+        if not ids:
+            return 0
+        async with acquire(self.pool) as conn:
+            rows = await conn.fetch(*q("release", owner=owner, ids=list(ids)))
+        return len(rows)
+
+    async def reclaim_expired_leases(self, limit: int = 1000) -> int:
+        async with acquire(self.pool) as conn:
+            rows = await conn.fetch(*q("reclaim_expired_leases", limit=limit))
+        return len(rows)
+
+    async def get_message(self, message_id: uuid.UUID) -> tuple[asyncpg.Record, list[asyncpg.Record]] | None:
+        async with acquire(self.pool) as conn:
+            msg = await conn.fetchrow(*q("get_message", id=message_id))
+            if msg is None:
+                return None
+            rcpts = await conn.fetch(*q("get_message_recipients", id=message_id))
+        return msg, rcpts
+
+    async def get_raw(self, message_id: uuid.UUID) -> bytes | None:
+        async with acquire(self.pool) as conn:
+            raw: bytes | None = await conn.fetchval(*q("get_message_raw", id=message_id))
+        return raw
+
+    async def stats(self) -> list[asyncpg.Record]:
+        async with acquire(self.pool) as conn:
+            return await conn.fetch(*q("queue_stats"))

@@ -1,0 +1,228 @@
+"""The REST submission schema (pydantic), which FastAPI turns into OpenAPI.
+
+Models reject unknown fields, so a misspelt key is a 422 naming it rather than
+a silently dropped option. Cross-field rules (raw vs structured content, CR/LF
+in header values, address syntax) are checked here too, so every error names
+the offending field.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.addresses import AddressError, split_address
+
+MAX_HEADER_VALUE = 998
+
+
+def _no_crlf(value: str, what: str) -> str:
+    if "\r" in value or "\n" in value or "\x00" in value:
+        raise ValueError(f"{what} must not contain CR, LF or NUL characters")
+    return value
+
+
+def _address(value: str) -> str:
+    try:
+        split_address(value)
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_max_length=10 * 1024 * 1024)
+
+
+class Mailbox(_Model):
+    """An address with an optional display name (and, for recipients, per-recipient template vars)."""
+
+    email: Annotated[str, Field(max_length=254)]
+    name: Annotated[str | None, Field(max_length=200)] = None
+    vars: dict[str, Any] | None = None
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v: str) -> str:
+        return _address(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else _no_crlf(v, "name")
+
+
+_RawAddress = Annotated[str, Field(max_length=300)] | Mailbox
+
+
+_NAME_ADDR_RE = re.compile(r'^\s*(?:"([^"]*)"|([^"<>]*?))\s*<([^<>\s]+)>\s*$')
+
+
+def as_mailbox(value: "_RawAddress") -> Mailbox:
+    """``"a@b"``, ``"Name <a@b>"`` or ``{email, name, vars}`` -> Mailbox (validated)."""
+    if isinstance(value, Mailbox):
+        return value
+    m = _NAME_ADDR_RE.match(value)
+    if m:
+        name = m.group(1) if m.group(1) is not None else m.group(2)
+        return Mailbox(email=m.group(3), name=name or None)
+    return Mailbox(email=value.strip())
+
+
+def _checked_mailbox(value: _RawAddress) -> Mailbox:
+    try:
+        return as_mailbox(value)
+    except ValidationError as exc:
+        raise ValueError(str(exc.errors()[0]["msg"]).removeprefix("Value error, ")) from None
+
+
+# An address as "a@b", "Name <a@b>" or {email, name, vars}; always a Mailbox once validated.
+AddressIn = Annotated[_RawAddress, AfterValidator(_checked_mailbox)]
+
+
+class Envelope(_Model):
+    mail_from: Annotated[str, Field(max_length=254)] = Field(
+        description="Envelope sender (return path); '' is the null sender."
+    )
+    rcpt_to: list[Annotated[str, Field(max_length=254)]] = Field(min_length=1)
+
+    @field_validator("mail_from")
+    @classmethod
+    def _from(cls, v: str) -> str:
+        return v if v == "" else _address(v)
+
+    @field_validator("rcpt_to")
+    @classmethod
+    def _rcpts(cls, v: list[str]) -> list[str]:
+        return [_address(a) for a in v]
+
+
+class MessageIn(_Model):
+    """One message: structured (from/to/subject/parts or template) or raw RFC 5322 with an envelope."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: AddressIn | None = Field(default=None, alias="from")
+    to: list[AddressIn] = Field(default_factory=list)
+    cc: list[AddressIn] = Field(default_factory=list)
+    bcc: list[AddressIn] = Field(default_factory=list)
+    reply_to: AddressIn | None = None
+    subject: Annotated[str, Field(max_length=MAX_HEADER_VALUE)] | None = None
+    text: str | None = None
+    html: str | None = None
+    headers: dict[str, Annotated[str, Field(max_length=MAX_HEADER_VALUE)]] = Field(default_factory=dict)
+    stream: str | None = None
+    template: Annotated[str, Field(max_length=200)] | None = None
+    vars: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    send_at: datetime | None = None
+    raw: str | None = Field(default=None, description="A complete RFC 5322 message; needs `envelope`.")
+    envelope: Envelope | None = None
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, v: str | None) -> str | None:
+        return None if v is None else _no_crlf(v, "subject")
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not name or len(name) > 76 or not all(33 <= ord(c) <= 126 and c != ":" for c in name):
+                raise ValueError(f"header name {name!r} is not a valid RFC 5322 field name")
+            _no_crlf(value, f"header {name!r}")
+        return v
+
+    @field_validator("send_at")
+    @classmethod
+    def _aware(cls, v: datetime | None) -> datetime | None:
+        if v is not None and v.tzinfo is None:
+            raise ValueError("send_at must include a timezone, e.g. 2026-01-01T09:00:00Z")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> "MessageIn":
+        if self.raw is not None:
+            structured = [
+                k for k in ("from_", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "template")
+                if getattr(self, k)
+            ]
+            if structured:
+                names = ", ".join("from" if k == "from_" else k for k in structured)
+                raise ValueError(f"a raw message carries its own content; remove: {names}")
+            if self.envelope is None:
+                raise ValueError("a raw message needs an explicit envelope {mail_from, rcpt_to}")
+            if not self.raw.strip():
+                raise ValueError("raw message is empty")
+            return self
+        if self.envelope is not None:
+            raise ValueError("envelope is only used with raw; structured messages use from/to/cc/bcc")
+        if self.from_ is None:
+            raise ValueError("from is required")
+        if not (self.to or self.cc or self.bcc):
+            raise ValueError("at least one recipient is required in to, cc or bcc")
+        if self.template is None and not (self.text or self.html):
+            raise ValueError("no content: give text and/or html, a template, or a raw message")
+        if self.template is None and self.subject is None:
+            raise ValueError("subject is required unless a template provides it")
+        return self
+
+
+class BatchIn(_Model):
+    messages: list[MessageIn] = Field(min_length=1)
+
+
+class RecipientOut(BaseModel):
+    id: int
+    email: str
+    state: str
+
+
+class AcceptedOut(BaseModel):
+    id: str
+    recipients: list[RecipientOut]
+
+
+class BatchOut(BaseModel):
+    messages: list[AcceptedOut]
+
+
+class AttemptOut(BaseModel):
+    at: datetime
+    code: int | None
+    status: str | None
+    reply: str | None
+
+
+class RecipientStatus(BaseModel):
+    id: int
+    email: str
+    kind: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_code: int | None
+    last_status: str | None
+    last_reply: str | None
+    updated_at: datetime
+
+
+class MessageStatus(BaseModel):
+    id: str
+    created_at: datetime
+    source: str
+    mail_from: str
+    stream: str
+    metadata: dict[str, Any]
+    send_at: datetime | None
+    raw_size: int | None
+    recipients: list[RecipientStatus]
+
+
+class ErrorOut(BaseModel):
+    error: str
+    field: str | None = None
+    details: list[dict[str, Any]] | None = None
