@@ -23,7 +23,7 @@ from engine.config import Settings, load_settings
 from engine.errors import ConfigError, EngineError
 
 # Modules contributing subcommands through register(subparsers); optional ones may be absent.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("engine.deliver.routing",)
 
 
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -42,7 +42,7 @@ async def database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     from engine.app import Engine
 
     engine = Engine(settings.model_copy(update={"database": settings.database.model_copy(update={"pool_min": 1, "pool_max": 2})}))
-    await engine.connect(retry_for=10)
+    await engine.connect(retry_for=3)
     assert engine.pool is not None
     try:
         yield engine.pool

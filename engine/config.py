@@ -8,87 +8,26 @@ limping along with a half-understood config.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from engine.configtypes import (  # noqa: F401  (re-exported for section modules)
+    Duration,
+    HostPort,
+    Size,
+    _Section,
+    check_networks,
+    parse_duration,
+    parse_hostport,
+    parse_size,
 )
-
+from engine.deliver.routing import RoutingConfig
 from engine.errors import ConfigError
-
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
-_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string like ``"30s"``, ``"5m"``, ``"3d"``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like '30s', '5m', '2h', '3d'")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ValueError(f"expected a duration like '30s', '5m', '2h', '3d', got {value!r}")
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from a number or a string like ``"25MB"``, ``"512k"``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size like '25MB'")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a size cannot be negative")
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m:
-            unit = (m.group(2) or "").lower()[:1]
-            return int(m.group(1)) * _SIZE_UNITS[unit]
-    raise ValueError(f"expected a size like '25MB' or a number of bytes, got {value!r}")
-
-
-def parse_hostport(value: Any) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` -> (host, port)."""
-    if isinstance(value, tuple) and len(value) == 2:
-        return value
-    if not isinstance(value, str):
-        raise ValueError(f"expected 'host:port', got {value!r}")
-    m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", value) or re.match(r"^([^:\s]+):(\d+)$", value)
-    if not m:
-        raise ValueError(f"expected 'host:port' (IPv6 as '[::1]:25'), got {value!r}")
-    port = int(m.group(2))
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} is out of range 0-65535")
-    return m.group(1), port
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-Size = Annotated[int, BeforeValidator(parse_size)]
-HostPort = Annotated[tuple[str, int], BeforeValidator(parse_hostport)]
-
-
-class _Section(BaseModel):
-    """Every section rejects unknown keys: a typo must not be silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
 
 class ServerConfig(_Section):
     hostname: str = Field(default="localhost", description="Our name in SMTP greetings and Message-IDs.")
@@ -131,10 +70,19 @@ class SmtpListener(_Section):
     )
     cert_file: Path | None = None
     key_file: Path | None = None
+    trusted_networks: list[str] | None = Field(
+        default=None,
+        description="Per-listener override of [smtp] trusted_networks ([] = nobody relays without AUTH).",
+    )
     self_signed: bool = Field(
         default=False,
         description="Development only: generate a self-signed certificate under $ENGINE_HOME/tls.",
     )
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _networks(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else check_networks(v)
 
     @model_validator(mode="after")
     def _tls_files(self) -> "SmtpListener":
@@ -166,12 +114,7 @@ class SmtpConfig(_Section):
     @field_validator("trusted_networks")
     @classmethod
     def _networks(cls, v: list[str]) -> list[str]:
-        for net in v:
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError:
-                raise ValueError(f"{net!r} is not a network like '10.0.0.0/8' or '::1/128'") from None
-        return v
+        return check_networks(v)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "SmtpConfig":
@@ -215,6 +158,7 @@ class Settings(_Section):
     smtp: SmtpConfig = SmtpConfig()
     queue: QueueConfig = QueueConfig()
     api: ApiConfig = ApiConfig()
+    routing: RoutingConfig = RoutingConfig()
 
     # Resolved from the environment, not from the file.
     home: Path = Path("var")

@@ -24,6 +24,8 @@ from engine.config import Settings, load_settings
 from engine.db import migrate as migrations
 from engine.db.pool import create_pool, init_connection
 
+pytest_plugins = ["tests.dnsserver"]
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 
@@ -163,3 +165,23 @@ async def engine_factory(db_dsn: str, tmp_path: Path) -> AsyncIterator[Any]:
     yield make
     for eng in reversed(started):
         await eng.stop()
+
+
+@pytest.fixture
+def private_pg() -> Iterator[Any]:
+    """A Postgres server of this test's own, which it may stop and start."""
+    import shutil
+    import tempfile
+
+    from tests.pgcontrol import PrivatePostgres
+
+    # Our own short directory: the Unix socket path must stay under ~100 bytes, and pytest's
+    # numbered temp dirs may be pruned by another pytest process running at the same time.
+    pgdata = Path(tempfile.mkdtemp(prefix="engine-pg-")) / "data"
+    pg = PrivatePostgres(pgdata)
+    yield pg
+    try:
+        pg.stop("fast")
+    except Exception:
+        pass
+    shutil.rmtree(pgdata.parent, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Delivery: MX routing, egress pools, shaping and the SMTP client that hands mail to receivers."""

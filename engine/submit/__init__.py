@@ -1,0 +1,1 @@
+"""Ways mail comes in: the SMTP relay and the REST API. Both end in engine.accept."""

@@ -1,0 +1,85 @@
+"""Config is validated at load: errors name the key, the bad value and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.config import load_settings
+from engine.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(tmp_path: Path, text: str):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return load_settings(p, env={})
+
+
+def test_shipped_configs_are_valid() -> None:
+    for name in ("engine.example.toml", "engine.dev.toml"):
+        s = load_settings(REPO / "deploy" / name, env={})
+        assert s.smtp.listeners
+
+
+def test_defaults_without_a_file() -> None:
+    s = load_settings(None, env={})
+    assert s.queue.max_age == 3 * 86400 and s.database.url is None and s.home == Path("var")
+
+
+def test_env_database_url_and_home_win(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('[database]\nurl = "postgresql://file/db"\n')
+    s = load_settings(p, env={"DATABASE_URL": "postgresql://env/db", "ENGINE_HOME": "/srv/engine"})
+    assert s.database.url == "postgresql://env/db" and s.home == Path("/srv/engine")
+
+
+def test_engine_config_env_is_used(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('[server]\nhostname = "mx.example.org"\n')
+    assert load_settings(None, env={"ENGINE_CONFIG": str(p)}).server.hostname == "mx.example.org"
+
+
+@pytest.mark.parametrize(
+    "text,needles",
+    [
+        ('[queue]\nmax_age = "three days"\n', ["queue.max_age", "three days", "duration"]),
+        ('[http]\nlisten = "localhost"\n', ["http.listen", "host:port"]),
+        ('[http]\nlisten = "127.0.0.1:99999"\n', ["http.listen", "out of range"]),
+        ('[http]\nmax_batch = 0\n', ["http.max_batch", "greater than or equal to 1"]),
+        ('[smtp]\ntrusted_networks = ["10.0.0.0/33"]\n', ["smtp.trusted_networks", "10.0.0.0/33"]),
+        ('[smtp]\nmax_message_size = "lots"\n', ["smtp.max_message_size", "lots"]),
+        ('[server]\nhostnme = "x"\n', ["server.hostnme", "unknown key"]),
+        ('[nonsense]\na = 1\n', ["nonsense", "unknown key"]),
+        ('[database]\npool_min = 5\npool_max = 2\n', ["pool_max", "pool_min"]),
+        ('[queue]\nstreams = { "Bad Name" = 1 }\n', ["queue.streams", "Bad Name"]),
+        ('[[smtp.listeners]]\nname = "s"\nlisten = "127.0.0.1:587"\ntls = "starttls"\n', ["cert_file", "self_signed"]),
+        ('[[smtp.listeners]]\nname = "s"\nlisten = "127.0.0.1:587"\ntls = "ssl"\n', ["tls", "'none' or 'starttls'"]),
+        ('[[smtp.listeners]]\nname = "a"\nlisten = "127.0.0.1:1"\n[[smtp.listeners]]\nname = "a"\nlisten = "127.0.0.1:2"\n', ["unique", "a"]),
+    ],
+)
+def test_bad_values_name_key_and_value(tmp_path: Path, text: str, needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as exc:
+        _load(tmp_path, text)
+    msg = str(exc.value)
+    for n in needles:
+        assert n in msg, msg
+
+
+def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        _load(tmp_path, "[server\n")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml", env={})
+
+
+def test_engine_refuses_to_start_on_bad_config(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('[queue]\nmax_age = -5\n')
+    out = subprocess.run([sys.executable, "-m", "engine", "--config", str(p), "run"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "queue.max_age" in out.stderr and "negative" in out.stderr

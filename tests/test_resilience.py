@@ -1,0 +1,114 @@
+"""Nothing accepted is lost; a missing database means 'try later', never a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from engine.apikeys import ApiKeys
+from engine.config import load_settings
+from engine.db.pool import create_pool
+from engine.db.migrate import migrate
+
+MSG = {"from": "app@example.com", "to": ["a@example.net"], "subject": "Hi", "text": "Hello"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_database_down_gives_503_then_recovers(private_pg, engine_factory, tmp_path) -> None:
+    dsn = private_pg.create_database("engine")
+    eng = await engine_factory(DATABASE_URL=dsn)
+    key, _ = await eng.apikeys.create("k", ["send", "read"])
+    host, port = eng.http_address
+    h = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=20) as c:
+        assert (await c.post("/v1/messages", json=MSG, headers=h)).status_code == 202
+        await asyncio.to_thread(private_pg.stop)
+        r = await c.post("/v1/messages", json=MSG, headers=h)
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert "retry" in r.json()["error"]
+        hz = await c.get("/healthz")
+        assert hz.status_code == 503 and hz.json()["database"] == "unreachable"
+        await asyncio.to_thread(private_pg.start)
+        # The engine recovers by itself: the pool reconnects on the next request.
+        deadline = time.monotonic() + 20
+        while True:
+            r = await c.post("/v1/messages", json=MSG, headers=h)
+            if r.status_code == 202 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert r.status_code == 202, r.text
+        assert (await c.get("/healthz")).status_code == 200
+
+
+async def test_kill_9_right_after_202_loses_nothing(db_dsn, tmp_path) -> None:
+    port = _free_port()
+    cfg = tmp_path / "engine.toml"
+    cfg.write_text(f'[http]\nlisten = "127.0.0.1:{port}"\n[smtp]\nenabled = false\n')
+    env = {**os.environ, "DATABASE_URL": db_dsn, "ENGINE_HOME": str(tmp_path / "home")}
+    settings = load_settings(cfg, env=env)
+    pool = await create_pool(db_dsn, settings)
+    key, _ = await ApiKeys(pool).create("k", ["send"])
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "--config", str(cfg), "run"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    accepted: list[str] = []
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    if (await c.get("/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+            for i in range(20):
+                r = await c.post("/v1/messages", json={**MSG, "to": [f"u{i}@example.net"]},
+                                 headers={"Authorization": f"Bearer {key}"})
+                assert r.status_code == 202
+                accepted.append(r.json()["id"])
+            os.kill(proc.pid, signal.SIGKILL)  # the moment after the last 202
+    finally:
+        proc.kill()
+        proc.wait(10)
+    rows = await pool.fetch("SELECT m.id, r.state FROM messages m JOIN recipients r ON r.message_id = m.id")
+    await pool.close()
+    assert {str(r["id"]) for r in rows} == set(accepted)
+    assert all(r["state"] == "queued" for r in rows)
+
+
+async def test_sigterm_stops_cleanly(db_dsn, tmp_path) -> None:
+    port = _free_port()
+    cfg = tmp_path / "engine.toml"
+    cfg.write_text(f'[http]\nlisten = "127.0.0.1:{port}"\n[smtp]\nenabled = false\n')
+    env = {**os.environ, "DATABASE_URL": db_dsn, "ENGINE_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "--config", str(cfg), "run"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        async with httpx.AsyncClient(timeout=5) as c:
+            while time.monotonic() < deadline:
+                try:
+                    if (await c.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert b"engine_stopped" in err
