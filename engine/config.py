@@ -64,10 +64,6 @@ class SmtpListener(_Section):
         default=False,
         description="AUTH may be offered without TLS on this listener (loopback/internal use only).",
     )
-    require_auth: bool = Field(
-        default=True,
-        description="Clients outside trusted_networks must AUTH before MAIL.",
-    )
     cert_file: Path | None = None
     key_file: Path | None = None
     trusted_networks: list[str] | None = Field(
@@ -102,7 +98,7 @@ class SmtpConfig(_Section):
     listeners: list[SmtpListener] = Field(
         default_factory=lambda: [SmtpListener(name="local", listen=("127.0.0.1", 2525), trusted=True)]
     )
-    max_message_size: Size = 25 * 1024 * 1024
+    max_message_size: Size = Field(default=25 * 1024 * 1024, ge=1024, description="0 is not 'unlimited': set a size.")
     max_recipients: int = Field(default=1000, ge=1)
     trusted_networks: list[str] = Field(
         default_factory=lambda: ["127.0.0.0/8", "::1/128"],
@@ -163,6 +159,13 @@ class Settings(_Section):
     # Resolved from the environment, not from the file.
     home: Path = Path("var")
     config_path: Path | None = None
+
+    @model_validator(mode="after")
+    def _streams_known(self) -> "Settings":
+        for where, name in (("smtp.default_stream", self.smtp.default_stream), ("queue.default_stream", self.queue.default_stream)):
+            if name not in self.queue.streams:
+                raise ValueError(f"{where} = {name!r} is not one of queue.streams ({', '.join(sorted(self.queue.streams))})")
+        return self
 
     def stream_priority(self, stream: str) -> int:
         return self.queue.streams.get(stream, 5)

@@ -55,10 +55,16 @@ async def test_database_down_gives_503_then_recovers(private_pg, engine_factory,
         assert (await c.get("/healthz")).status_code == 200
 
 
-async def test_kill_9_right_after_202_loses_nothing(db_dsn, tmp_path) -> None:
-    port = _free_port()
+async def test_kill_9_right_after_202_and_250_loses_nothing(db_dsn, tmp_path) -> None:
+    import aiosmtplib
+
+    port, smtp_port = _free_port(), _free_port()
     cfg = tmp_path / "engine.toml"
-    cfg.write_text(f'[http]\nlisten = "127.0.0.1:{port}"\n[smtp]\nenabled = false\n')
+    cfg.write_text(
+        f'[http]\nlisten = "127.0.0.1:{port}"\n'
+        f'[[smtp.listeners]]\nname = "sub"\nlisten = "127.0.0.1:{smtp_port}"\ntls = "starttls"\n'
+        f'self_signed = true\ntrusted_networks = []\n'
+    )
     env = {**os.environ, "DATABASE_URL": db_dsn, "ENGINE_HOME": str(tmp_path / "home")}
     settings = load_settings(cfg, env=env)
     pool = await create_pool(db_dsn, settings)
@@ -80,7 +86,16 @@ async def test_kill_9_right_after_202_loses_nothing(db_dsn, tmp_path) -> None:
                                  headers={"Authorization": f"Bearer {key}"})
                 assert r.status_code == 202
                 accepted.append(r.json()["id"])
-            os.kill(proc.pid, signal.SIGKILL)  # the moment after the last 202
+            # Submission port: STARTTLS, then AUTH with the API key.
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port, start_tls=True, validate_certs=False)
+            await smtp.connect()
+            await smtp.login("api", key)
+            for i in range(5):
+                errors, reply = await smtp.sendmail("app@example.com", [f"s{i}@example.net"],
+                                                    b"Subject: s\r\n\r\nbody\r\n")
+                assert not errors and reply.startswith("2.0.0 Ok: queued as "), reply
+                accepted.append(reply.rsplit(" ", 1)[1])
+            os.kill(proc.pid, signal.SIGKILL)  # the moment after the last 250
     finally:
         proc.kill()
         proc.wait(10)

@@ -38,6 +38,7 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
+    asyncpg.InvalidCatalogNameError,  # the database itself is gone (dropped, not yet restored)
 )
 
 

@@ -1,0 +1,492 @@
+"""SMTP submission relay: aiosmtpd servers running inside the engine's own event loop.
+
+One :class:`RelayHandler` per listener holds the policy (aiosmtpd hooks):
+``handle_MAIL``/``handle_RCPT`` decide who may relay and what addresses are
+acceptable, ``handle_DATA`` hands the message to :class:`engine.accept.Acceptor`
+and answers ``250`` only once Postgres has committed it. AUTH PLAIN/LOGIN are
+handler methods (``auth_PLAIN``/``auth_LOGIN``) so the API-key lookup is awaited,
+never blocking the loop.
+
+No aiosmtpd ``Controller`` (it runs its own loop in a thread): servers are made
+with ``loop.create_server`` on the running loop, so the relay shares the engine's
+pool, caches and shutdown. The relay is never open: a client that has not
+authenticated and is not in ``[smtp] trusted_networks`` gets ``530`` at MAIL,
+whatever the listener's other settings.
+
+The message is stored exactly as the client meant it: aiosmtpd's
+``original_content`` is the DATA payload after removing dot-stuffing, with the
+CRLF line endings as transmitted; no header is added here (a Received header, if
+any, is added at send time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import ipaddress
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+
+from engine.accept import Acceptor
+from engine.addresses import AddressError, split_address
+from engine.apikeys import ApiKey, ApiKeys
+from engine.config import Settings, SmtpListener
+from engine.errors import DatabaseUnavailable, EngineError, ValidationFailed
+from engine.submit.tls import ensure_self_signed, server_context
+
+log = structlog.get_logger(__name__)
+
+MAX_AUTH_FAILURES = 3
+"""Failed AUTH attempts on one connection before we hang up (slows down key guessing)."""
+
+NULL_SENDER = "<>"
+"""How aiosmtpd hands us ``MAIL FROM:<>``; kept as-is in the envelope (aiosmtpd treats
+an empty ``mail_from`` as 'no MAIL yet') and stored as ``''``."""
+
+# Per-command ceilings for one connection (aiosmtpd answers 421 and hangs up past them).
+# Transaction commands stay effectively unbounded so a client may send many messages
+# over one connection; chatter that does no work is capped.
+COMMAND_CALL_LIMITS: dict[str, int] = {
+    "*": 1_000_000,
+    "EHLO": 20,
+    "HELO": 20,
+    "STARTTLS": 3,
+    "AUTH": MAX_AUTH_FAILURES + 2,
+    "NOOP": 100,
+    "VRFY": 10,
+    "EXPN": 10,
+    "HELP": 10,
+}
+
+# aiosmtpd's stock replies that lack RFC 3463 enhanced status codes, rewritten on the way out.
+_STOCK_REPLIES: dict[bytes, bytes] = {
+    b"552 Error: message size exceeds fixed maximum message size": (
+        b"552 5.3.4 Message size exceeds fixed maximum message size"
+    ),
+    b"552 Error: Too much mail data": b"552 5.3.4 Message size exceeds fixed maximum message size",
+    b"500 Line too long (see RFC5321 4.5.3.1.6)": b"500 5.5.2 Line too long (limit 1000 octets, RFC 5321 4.5.3.1.6)",
+    b"500 Command line too long": b"500 5.5.2 Command line too long",
+}
+
+REPLY_MAX = 400
+
+
+class ListenerError(EngineError):
+    """An SMTP listener could not be started (address in use, permission denied...)."""
+
+
+def _reply(code: str, text: str) -> str:
+    """One reply line: ``code`` + text made safe to echo (no CR/LF or controls, bounded length)."""
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    if len(clean) > REPLY_MAX:
+        clean = clean[: REPLY_MAX - 3] + "..."
+    return f"{code} {clean}"
+
+
+class RelaySession(Session):
+    """aiosmtpd's session plus our per-connection counters."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.auth_failures = 0
+        self._legacy_login: Any = None
+
+    # aiosmtpd logs a deprecation warning on every set of login_data; we do not use it.
+    @property  # type: ignore[override]
+    def login_data(self) -> Any:
+        return self._legacy_login
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._legacy_login = value
+
+    @property
+    def api_key(self) -> ApiKey | None:
+        return self.auth_data if self.authenticated and isinstance(self.auth_data, ApiKey) else None
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's protocol with three small fixes.
+
+    * Command size limits per connection (aiosmtpd keeps them in a class-level dict that
+      every new connection clears and every EHLO grows).
+    * Our session class (AUTH failure counter, quiet ``login_data``).
+    * Enhanced status codes on the few stock replies that lack them.
+    It also reports its lifetime to the listener so shutdown can close live connections.
+    """
+
+    def __init__(self, handler: RelayHandler, **kwargs: Any) -> None:
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        self._closed_future: asyncio.Future[None] | None = None
+        super().__init__(handler, **kwargs)
+        self._relay_handler = handler
+
+    def _create_session(self) -> Session:
+        return RelaySession(self.loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._closed_future is None:  # called again after STARTTLS: same connection
+            self._closed_future = self.loop.create_future()
+            self._relay_handler.connections[self] = self._closed_future
+
+    def connection_lost(self, error: Exception | None) -> None:
+        try:
+            super().connection_lost(error)
+        finally:
+            fut = self._relay_handler.connections.pop(self, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    async def push(self, status: str | bytes) -> None:
+        raw = status.encode("utf-8") if isinstance(status, str) else status
+        await super().push(_STOCK_REPLIES.get(raw, raw))
+
+    def close_connection(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+@dataclass
+class RelayHandler:
+    """Policy and commit for one listener; aiosmtpd calls the ``handle_*`` and ``auth_*`` methods."""
+
+    settings: Settings
+    listener: SmtpListener
+    acceptor: Acceptor
+    apikeys: ApiKeys
+    closing: bool = False
+    inflight: set[asyncio.Task[Any]] = field(default_factory=set)
+    connections: dict[RelaySMTP, asyncio.Future[None]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        nets = self.listener.trusted_networks
+        if nets is None:
+            nets = self.settings.smtp.trusted_networks
+        self._networks = [ipaddress.ip_network(n, strict=False) for n in nets]
+
+    # -- who may relay -------------------------------------------------------------------
+
+    def peer_trusted(self, session: Session) -> bool:
+        """Is the client's address inside the listener's (else ``[smtp]``) trusted_networks?"""
+        peer = session.peer
+        if not isinstance(peer, tuple) or not peer:
+            return False  # not a TCP peer (unix socket, unknown): never trusted by address
+        try:
+            ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self._networks)
+
+    def may_relay(self, session: Session) -> bool:
+        """Authenticated with a send-scoped key, or connecting from a trusted network.
+
+        There is no switch to widen this: an unauthenticated client outside the trusted
+        networks is refused on every listener (never an open relay).
+        """
+        return bool(session.authenticated) or self.peer_trusted(session)
+
+    @staticmethod
+    def _address_problem(address: str, smtputf8: bool) -> str | None:
+        try:
+            address.encode("utf-8")
+        except UnicodeEncodeError:
+            return "553 5.1.3 Address is not valid UTF-8"
+        if not address.isascii() and not smtputf8:
+            return "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL FROM"
+        try:
+            split_address(address)
+        except AddressError as exc:
+            return _reply("553 5.1.3", f"Bad address: {exc}")
+        return None
+
+    # -- aiosmtpd hooks ------------------------------------------------------------------
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        """Add PIPELINING (aiosmtpd reads commands from a buffered stream, so it already copes)."""
+        session.host_name = hostname  # the 5-argument hook form leaves this to us
+        return [*responses[:1], "250-PIPELINING", *responses[1:]]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        if self.closing:
+            return "421 4.3.2 Service shutting down, try again later"
+        if not self.may_relay(session):
+            return "530 5.7.0 Authentication required"
+        if address != NULL_SENDER:
+            problem = self._address_problem(address, envelope.smtp_utf8)
+            if problem:
+                return problem
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if not self.may_relay(session):
+            return "530 5.7.0 Authentication required"
+        limit = self.settings.smtp.max_recipients
+        if len(envelope.rcpt_tos) >= limit:
+            return f"452 4.5.3 Too many recipients (at most {limit} per message)"
+        problem = self._address_problem(address, envelope.smtp_utf8)
+        if problem:
+            return problem
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        """Commit, then answer. Nothing is stored before the final dot has been read."""
+        if self.closing:
+            return "421 4.3.2 Service shutting down, try again later"
+        data = envelope.original_content
+        assert isinstance(data, bytes)
+        mail_from = "" if envelope.mail_from == NULL_SENDER else (envelope.mail_from or "")
+        key = session.api_key if isinstance(session, RelaySession) else None
+        try:
+            msg = self.acceptor.build_smtp_message(mail_from, envelope.rcpt_tos, data, key.id if key else None)
+        except AddressError as exc:
+            return _reply("553 5.1.3", f"Bad address: {exc}")
+        except ValidationFailed as exc:
+            code = "554 5.3.5" if exc.field == "stream" else "554 5.6.0"
+            return _reply(code, f"Message rejected: {exc.message}")
+        # The commit runs as its own task: a client hanging up mid-commit must not cancel a
+        # transaction half-way, and shutdown waits for these tasks.
+        task = asyncio.ensure_future(self.acceptor.commit([msg]))
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+        try:
+            rows = await asyncio.shield(task)
+        except DatabaseUnavailable as exc:
+            log.warning("smtp_commit_failed", reason=str(exc), listener=self.listener.name, peer=_peer(session))
+            return "451 4.3.0 Database unavailable, message not queued; try again later"
+        except asyncio.CancelledError:
+            log.warning("smtp_client_gone_during_commit", message_id=str(msg.id), listener=self.listener.name)
+            raise
+        except Exception:
+            log.exception("smtp_commit_error", listener=self.listener.name, peer=_peer(session))
+            return "451 4.3.0 Local error in processing, message not queued; try again later"
+        log.info(
+            "smtp_message_accepted",
+            message_id=str(msg.id),
+            recipients=len(rows[0]),
+            size=len(data),
+            listener=self.listener.name,
+            api_key=key.name if key else None,
+            peer=_peer(session),
+        )
+        return f"250 2.0.0 Ok: queued as {msg.id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Any other failure in a hook: a temporary error, never a traceback on the wire."""
+        log.error("smtp_session_error", error=f"{type(error).__name__}: {error}", listener=self.listener.name)
+        return "451 4.3.0 Local error in processing; try again later"
+
+    # -- AUTH (aiosmtpd awaits handler methods named auth_<MECH>) --------------------------
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)  # aiosmtpd already answered 501
+        else:
+            decoded = await _b64(server, args[1])
+            if decoded is None:
+                return AuthResult(success=False, handled=True)
+            blob = decoded
+        assert isinstance(blob, bytes)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await server.push("501 5.5.2 Cannot split AUTH PLAIN response into authzid, authcid and password")
+            return AuthResult(success=False, handled=True)
+        return await self._authenticate(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await server.challenge_auth(SMTP.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            decoded = await _b64(server, args[1])
+            if decoded is None:
+                return AuthResult(success=False, handled=True)
+            login = decoded
+        password = await server.challenge_auth(SMTP.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        assert isinstance(login, bytes) and isinstance(password, bytes)
+        return await self._authenticate(server, login, password)
+
+    async def _authenticate(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
+        """Username is the key's name or ``api``; the password is the API key (scope ``send``)."""
+        session = server.session
+        assert isinstance(session, RelaySession)
+        try:
+            username, secret = login.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            return await self._auth_failed(server, session, "Authentication credentials invalid")
+        try:
+            key = await self.apikeys.verify(secret)
+        except Exception as exc:  # database down or broken: not the client's fault, do not count it
+            log.warning("smtp_auth_unavailable", reason=f"{type(exc).__name__}: {exc}", listener=self.listener.name)
+            return AuthResult(success=False, handled=False, message="454 4.7.0 Temporary authentication failure")
+        if key is None or username not in (key.name, "api"):
+            return await self._auth_failed(server, session, "Authentication credentials invalid")
+        if not key.allows("send"):
+            return await self._auth_failed(server, session, "Authentication credentials invalid: key lacks the send scope")
+        log.info("smtp_auth_ok", api_key=key.name, listener=self.listener.name, peer=_peer(session))
+        return AuthResult(success=True, auth_data=key)
+
+    async def _auth_failed(self, server: SMTP, session: RelaySession, reason: str) -> AuthResult:
+        session.auth_failures += 1
+        log.info("smtp_auth_failed", failures=session.auth_failures, listener=self.listener.name, peer=_peer(session))
+        if session.auth_failures >= MAX_AUTH_FAILURES:
+            await server.push("421 4.7.0 Too many failed authentication attempts, closing connection")
+            if isinstance(server, RelaySMTP):
+                server.close_connection()
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=f"535 5.7.8 {reason}")
+
+
+async def _b64(server: SMTP, text: str) -> bytes | None:
+    """Decode an AUTH initial response (``=`` means empty, RFC 4954); answer 501 when it is not base64."""
+    if text == "=":
+        return b""
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        await server.push("501 5.5.2 Cannot decode base64")
+        return None
+
+
+def _peer(session: Session | None) -> str | None:
+    peer = session.peer if session is not None else None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return None if peer is None else str(peer)
+
+
+# -- listeners ---------------------------------------------------------------------------
+
+
+@dataclass
+class SmtpListenerHandle:
+    """A running listener: its bound address, and ``close()`` for a graceful stop."""
+
+    name: str
+    server: asyncio.Server
+    handler: RelayHandler
+    shutdown_timeout: float
+    address: tuple[str, int] = ("", 0)
+    """The bound ``(host, port)``: the real port when the config said 0 (kept after close)."""
+
+    def __post_init__(self) -> None:
+        if self.server.sockets:
+            sockname = self.server.sockets[0].getsockname()
+            self.address = (str(sockname[0]), int(sockname[1]))
+
+    async def close(self) -> None:
+        """Stop accepting, let in-flight commits finish (bounded), then drop open connections."""
+        self.handler.closing = True
+        self.server.close()
+        pending = set(self.handler.inflight)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=self.shutdown_timeout)
+            if late:
+                log.warning("smtp_shutdown_commits_unfinished", count=len(late), listener=self.name)
+        conns = dict(self.handler.connections)
+        for proto in conns:
+            proto.close_connection()
+        if conns:
+            await asyncio.wait(list(conns.values()), timeout=min(5.0, self.shutdown_timeout))
+        await self.server.wait_closed()
+        log.info("smtp_listener_stopped", listener=self.name)
+
+
+async def _tls_context(settings: Settings, listener: SmtpListener) -> ssl.SSLContext | None:
+    if listener.tls != "starttls":
+        return None
+    if listener.cert_file is not None and listener.key_file is not None:
+        cert, key = listener.cert_file, listener.key_file
+    else:  # config validation guarantees self_signed here
+        cert, key = await asyncio.to_thread(ensure_self_signed, settings.home / "tls", settings.server.hostname)
+    return await asyncio.to_thread(server_context, cert, key)
+
+
+async def _start_one(
+    settings: Settings, listener: SmtpListener, acceptor: Acceptor, apikeys: ApiKeys
+) -> SmtpListenerHandle:
+    loop = asyncio.get_running_loop()
+    tls_context = await _tls_context(settings, listener)
+    handler = RelayHandler(settings, listener, acceptor, apikeys)
+    smtp = settings.smtp
+
+    def factory() -> RelaySMTP:
+        return RelaySMTP(
+            handler,
+            data_size_limit=smtp.max_message_size or None,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=settings.server.hostname,
+            ident="ESMTP ready",
+            tls_context=tls_context,
+            timeout=smtp.data_timeout,
+            auth_required=False,  # enforced in handle_MAIL, where trusted networks are known
+            auth_require_tls=not listener.trusted,
+            command_call_limit=COMMAND_CALL_LIMITS,
+            loop=loop,
+        )
+
+    host, port = listener.listen
+    try:
+        server = await loop.create_server(factory, host, port, reuse_address=True)
+    except OSError as exc:
+        raise ListenerError(
+            f"SMTP listener {listener.name!r} cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None
+    handle = SmtpListenerHandle(listener.name, server, handler, settings.server.shutdown_timeout)
+    log.info(
+        "smtp_listener_started",
+        listener=listener.name,
+        address="%s:%d" % handle.address,
+        tls=listener.tls,
+        trusted=listener.trusted,
+    )
+    return handle
+
+
+async def start_smtp_listeners(settings: Settings, acceptor: Acceptor, apikeys: ApiKeys) -> list[SmtpListenerHandle]:
+    """Start one server per ``[[smtp.listeners]]`` entry on the running loop.
+
+    All or nothing: if one listener cannot start, those already started are closed
+    and the error is raised, so the engine never runs with half its listeners.
+    """
+    if not settings.smtp.enabled:
+        return []
+    handles: list[SmtpListenerHandle] = []
+    try:
+        for listener in settings.smtp.listeners:
+            handles.append(await _start_one(settings, listener, acceptor, apikeys))
+    except BaseException:
+        await close_smtp_listeners(handles)
+        raise
+    return handles
+
+
+async def close_smtp_listeners(handles: Sequence[SmtpListenerHandle]) -> None:
+    """Close several listeners concurrently (their shutdown timeouts overlap instead of adding up)."""
+    if handles:
+        await asyncio.gather(*(h.close() for h in handles))
