@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= deploy/engine.dev.toml
 PYTEST_ARGS ?=
 # Debian packages the test suite needs (independent DKIM verifier).
-DEB_TEST_PKGS := libmail-dkim-perl
+DEB_TEST_PKGS := libmail-dkim-perl opendkim opendkim-tools
 
 .PHONY: install run test bench deb-test lint clean
 
@@ -29,7 +29,7 @@ deb-test:
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
 	    || echo "warning: could not install$$missing; tests needing them will skip"; \
 	fi
 

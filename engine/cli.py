@@ -23,7 +23,12 @@ from engine.config import Settings, load_settings
 from engine.errors import ConfigError, EngineError
 
 # Modules contributing subcommands through register(subparsers); optional ones may be absent.
-COMMAND_MODULES: tuple[str, ...] = ("engine.deliver.routing",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "engine.deliver.routing",
+    "engine.compose.dkim",
+    "engine.compose.render",
+    "engine.compose.tracking",
+)
 
 
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:

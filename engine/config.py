@@ -26,6 +26,10 @@ from engine.configtypes import (  # noqa: F401  (re-exported for section modules
     parse_hostport,
     parse_size,
 )
+from engine.compose.dkim import DomainDkimConfig
+from engine.compose.mime import MimeConfig
+from engine.compose.render import TemplateConfig
+from engine.compose.tracking import TrackingConfig
 from engine.deliver.routing import RoutingConfig
 from engine.errors import ConfigError
 
@@ -155,6 +159,10 @@ class Settings(_Section):
     queue: QueueConfig = QueueConfig()
     api: ApiConfig = ApiConfig()
     routing: RoutingConfig = RoutingConfig()
+    domains: list[DomainDkimConfig] = Field(default_factory=list, description="Sending domains and their DKIM keys.")
+    templates: TemplateConfig = TemplateConfig()
+    mime: MimeConfig = MimeConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     # Resolved from the environment, not from the file.
     home: Path = Path("var")

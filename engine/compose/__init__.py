@@ -1,0 +1,1 @@
+"""Compose: render templates, build MIME, tracking links and DKIM signatures (no database, no network)."""
