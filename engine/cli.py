@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.compose.dkim",
     "engine.compose.render",
     "engine.compose.tracking",
+    "engine.feedback.commands",
 )
 
 
