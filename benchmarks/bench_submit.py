@@ -88,6 +88,7 @@ async def main() -> None:
     config = (
         f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
         f'[database]\npool_max = 20\n'
+        f'[delivery]\nworkers = 0\n'
         f'[[smtp.listeners]]\nname = "local"\nlisten = "127.0.0.1:{smtp_port}"\ntrusted = true\n'
     )
     home = OUT / "submit-home"

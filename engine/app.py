@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,11 @@ import structlog
 import uvicorn
 
 from engine.accept import Acceptor
+from engine.compose.render import Renderer
+from engine.compose.tracking import Keyring
+from engine.events.store import EventStore
+from engine.suppression import Suppressions
+from engine.templates_db import DbTemplateStore
 from engine.apikeys import ApiKeys
 from engine.config import Settings
 from engine.db.migrate import migrate
@@ -50,6 +57,11 @@ class Engine:
     outbox: Outbox | None = None
     apikeys: ApiKeys | None = None
     acceptor: Acceptor | None = None
+    templates: DbTemplateStore | None = None
+    renderer: Renderer | None = None
+    suppressions: Suppressions | None = None
+    events: EventStore | None = None
+    keyring: Keyring | None = None
     http_address: tuple[str, int] | None = None
     smtp_addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
     _embedded: Any = None
@@ -81,7 +93,17 @@ class Engine:
             log.info("migrations_applied", versions=applied)
         self.outbox = Outbox(self.pool, self.settings.queue.max_age)
         self.apikeys = ApiKeys(self.pool, self.settings.api.key_cache_ttl)
-        self.acceptor = Acceptor(self.settings, self.outbox)
+        # Uploaded templates mirrored in memory for the (synchronous) Renderer; suppressions at accept.
+        self.templates = DbTemplateStore(self.pool)
+        await self.templates.load()
+        self.renderer = Renderer(self.settings.templates, store=self.templates)
+        self.suppressions = Suppressions(self.pool)
+        self.events = EventStore(self.pool)
+        if self.settings.tracking.keys:
+            self.keyring = Keyring.from_config(self.settings.tracking)
+        self.acceptor = Acceptor(
+            self.settings, self.outbox, renderer=self.renderer, templates=self.templates, suppressions=self.suppressions
+        )
 
     async def start(self) -> None:
         """Start listeners and housekeeping. Call after :meth:`connect`."""
@@ -94,6 +116,8 @@ class Engine:
             self._smtp = await start_smtp_listeners(self.settings, self.acceptor, self.apikeys)
             self.smtp_addresses = {h.name: h.address for h in self._smtp}
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        if self.templates is not None:
+            self._tasks.append(asyncio.create_task(self.templates.run_refresh(self._stopping), name="templates-refresh"))
         log.info(
             "engine_started",
             http=self.http_address,
@@ -102,7 +126,22 @@ class Engine:
         )
 
     async def _start_http(self) -> None:
-        ctx = HttpContext(self.settings, self.outbox, self.apikeys, self.acceptor)  # type: ignore[arg-type]
+        from engine.compose.pipeline import Composer
+        from engine.events.tracking_http import TrackingDeps
+
+        tracking = TrackingDeps(
+            pool=self.pool,
+            keyring=self.keyring,
+            # Only links() is used here (click redirects); it re-renders with the shared Renderer.
+            composer=Composer(self.settings, renderer=self.renderer, keyring=self.keyring) if self.keyring else None,
+            events=self.events,  # type: ignore[arg-type]
+            suppressions=self.suppressions,  # type: ignore[arg-type]
+            templates=self.templates,
+        )
+        ctx = HttpContext(
+            self.settings, self.outbox, self.apikeys, self.acceptor,  # type: ignore[arg-type]
+            templates=self.templates, renderer=self.renderer, tracking=tracking,
+        )
         app = wrap(create_app(ctx), self.settings)
         host, port = self.settings.http.listen
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -185,11 +224,109 @@ async def running(settings: Settings, dsn: str | None = None) -> AsyncIterator[E
         await engine.stop()
 
 
-async def serve(settings: Settings) -> None:
-    """``engine run``: start everything and wait for SIGTERM/SIGINT."""
+async def serve(settings: Settings, workers: int | None = None) -> None:
+    """``engine run``: listeners in this process, delivery in ``workers`` child processes.
+
+    Children share the outbox through SKIP LOCKED leases; a child that dies is
+    restarted (its leases run out and its recipients are retried). SIGTERM is
+    passed on and each child drains within ``[server] shutdown_timeout``.
+    """
     loop = asyncio.get_running_loop()
+    n = workers if workers is not None else settings.delivery.workers
+    if n is None:
+        n = os.cpu_count() or 1
     async with running(settings) as engine:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, engine.request_stop)
-        await engine.wait_stopped()
-        log.info("shutdown_requested")
+        supervisor = WorkerSupervisor(settings, engine.dsn or "", n)
+        await supervisor.start()
+        try:
+            await engine.wait_stopped()
+            log.info("shutdown_requested")
+        finally:
+            await supervisor.stop(settings.server.shutdown_timeout + 5)
+
+
+class WorkerSupervisor:
+    """Starts, watches and restarts ``engine worker`` child processes."""
+
+    def __init__(self, settings: Settings, dsn: str, count: int) -> None:
+        self.settings, self.dsn, self.count = settings, dsn, count
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self._stopping = False
+        self._watch: asyncio.Task[None] | None = None
+
+    def _command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "engine"]
+        if self.settings.config_path:
+            cmd += ["--config", str(self.settings.config_path)]
+        return [*cmd, "worker"]
+
+    async def _spawn(self, slot: int) -> None:
+        env = {**os.environ, "DATABASE_URL": self.dsn, "ENGINE_WORKER_SLOT": str(slot)}
+        self.procs[slot] = await asyncio.create_subprocess_exec(*self._command(), env=env)
+        log.info("worker_started", slot=slot, pid=self.procs[slot].pid)
+
+    async def start(self) -> None:
+        for slot in range(self.count):
+            await self._spawn(slot)
+        if self.count:
+            self._watch = asyncio.create_task(self._supervise(), name="worker-supervisor")
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(1)
+            for slot, proc in list(self.procs.items()):
+                if proc.returncode is not None and not self._stopping:
+                    log.warning("worker_died", slot=slot, pid=proc.pid, returncode=proc.returncode)
+                    await self._spawn(slot)
+
+    async def stop(self, timeout: float) -> None:
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=timeout)
+            except asyncio.TimeoutError:
+                log.error("worker_killed_after_timeout", pid=proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+
+async def run_worker(settings: Settings) -> None:
+    """``engine worker``: one delivery process (started by ``engine run``, or by hand on more hosts)."""
+    from engine.deliver.scheduler import DeliveryWorker
+
+    loop = asyncio.get_running_loop()
+    engine = Engine(settings)
+    await engine.connect()
+    assert engine.pool is not None
+    worker = DeliveryWorker(settings, engine.pool, dsn=engine.dsn)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop)
+    orphan_watch = None
+    if os.environ.get("ENGINE_WORKER_SLOT") is not None:
+        orphan_watch = asyncio.create_task(_stop_when_orphaned(worker.request_stop), name="orphan-watch")
+    try:
+        await worker.run()
+    finally:
+        if orphan_watch is not None:
+            orphan_watch.cancel()
+        await engine.pool.close()
+
+
+async def _stop_when_orphaned(stop: Any) -> None:
+    """A supervised worker drains and exits when its supervisor is gone (even after a kill -9)."""
+    parent = os.getppid()
+    while True:
+        await asyncio.sleep(1)
+        if os.getppid() != parent:
+            log.warning("supervisor_gone_stopping")
+            stop()
+            return

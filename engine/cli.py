@@ -68,7 +68,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from engine.logging import configure
 
     configure()
-    run_async(serve(args.settings))
+    run_async(serve(args.settings, args.workers))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from engine.app import run_worker
+    from engine.logging import configure
+
+    configure()
+    run_async(run_worker(args.settings))
     return 0
 
 
@@ -166,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("run", help="run the engine (HTTP API, SMTP relay, delivery)")
+    p.add_argument("--workers", type=int, default=None, help="delivery processes (default [delivery] workers, else one per core; 0 = none)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("worker", help="run one delivery worker process (engine run starts these itself)")
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("migrate", help="apply database migrations")
     p.set_defaults(func=cmd_migrate)

@@ -30,6 +30,8 @@ from engine.compose.dkim import DomainDkimConfig
 from engine.compose.mime import MimeConfig
 from engine.compose.render import TemplateConfig
 from engine.compose.tracking import TrackingConfig
+from engine.deliver.config import DeliveryConfig
+from engine.deliver.pools import PoolConfig
 from engine.deliver.routing import RoutingConfig
 from engine.errors import ConfigError
 
@@ -159,6 +161,8 @@ class Settings(_Section):
     queue: QueueConfig = QueueConfig()
     api: ApiConfig = ApiConfig()
     routing: RoutingConfig = RoutingConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    pools: list[PoolConfig] = Field(default_factory=list, description="Egress pools; none = one implicit 'default'.")
     domains: list[DomainDkimConfig] = Field(default_factory=list, description="Sending domains and their DKIM keys.")
     templates: TemplateConfig = TemplateConfig()
     mime: MimeConfig = MimeConfig()

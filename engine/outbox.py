@@ -16,8 +16,9 @@ puts its rows back.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,6 +28,7 @@ import asyncpg
 from engine.db.pool import acquire
 from engine.db.queries import q
 
+NOTIFY_CHANNEL = "engine_outbox"
 STATES = ("queued", "leased", "deferred", "delivered", "bounced", "expired", "suppressed", "held")
 FINAL_STATES = frozenset({"delivered", "bounced", "expired", "suppressed"})
 
@@ -156,6 +158,8 @@ class Outbox:
                 max_age=self.max_age,
             )
         )
+        if any(st == "queued" for st in states):
+            await conn.execute(*q("notify_outbox"))
         by_key = {(r["message_id"], r["address"]): r for r in rows}
         out: list[list[EnqueuedRecipient]] = []
         for m in messages:
@@ -166,16 +170,33 @@ class Outbox:
             out.append(lst)
         return out
 
-    async def claim(self, owner: str, limit: int, lease_seconds: float) -> list[asyncpg.Record]:
-        """Lease up to ``limit`` ready recipients, highest priority and oldest first."""
-        async with acquire(self.pool) as conn:
-            return await conn.fetch(*q("claim", owner=owner, limit=limit, lease_seconds=lease_seconds))
+    async def claim(
+        self, owner: str, limit: int, lease_seconds: float, skip_domains: Sequence[str] = ()
+    ) -> list[asyncpg.Record]:
+        """Lease up to ``limit`` ready recipients, highest priority and oldest first.
 
-    async def ack(self, owner: str, outcomes: Sequence[Outcome]) -> int:
+        ``skip_domains`` are destinations the caller cannot take more of right now
+        (suspended or saturated): their rows stay for other workers or later.
+        """
+        async with acquire(self.pool) as conn:
+            return await conn.fetch(
+                *q("claim", owner=owner, limit=limit, lease_seconds=lease_seconds, skip_domains=list(skip_domains))
+            )
+
+    @contextlib.asynccontextmanager
+    async def _use(self, conn: asyncpg.Connection | None) -> AsyncIterator[asyncpg.Connection]:
+        """The caller's connection (inside its transaction) or one from the pool."""
+        if conn is not None:
+            yield conn
+        else:
+            async with acquire(self.pool) as c:
+                yield c
+
+    async def ack(self, owner: str, outcomes: Sequence[Outcome], conn: asyncpg.Connection | None = None) -> int:
         """Record final outcomes in one statement; returns how many rows this owner still held."""
         if not outcomes:
             return 0
-        async with acquire(self.pool) as conn:
+        async with self._use(conn) as conn:
             rows = await conn.fetch(
                 *q(
                     "ack",
@@ -190,10 +211,10 @@ class Outbox:
             )
         return len(rows)
 
-    async def defer(self, owner: str, deferrals: Sequence[Deferral]) -> int:
+    async def defer(self, owner: str, deferrals: Sequence[Deferral], conn: asyncpg.Connection | None = None) -> int:
         if not deferrals:
             return 0
-        async with acquire(self.pool) as conn:
+        async with self._use(conn) as conn:
             rows = await conn.fetch(
                 *q(
                     "defer",
@@ -228,6 +249,14 @@ class Outbox:
                 return None
             rcpts = await conn.fetch(*q("get_message_recipients", id=message_id))
         return msg, rcpts
+
+    async def messages_for_delivery(self, ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+        async with acquire(self.pool) as conn:
+            return await conn.fetch(*q("get_messages_for_delivery", ids=list(ids)))
+
+    async def attempts(self, message_id: uuid.UUID) -> list[asyncpg.Record]:
+        async with acquire(self.pool) as conn:
+            return await conn.fetch(*q("get_attempts", id=message_id))
 
     async def get_raw(self, message_id: uuid.UUID) -> bytes | None:
         async with acquire(self.pool) as conn:

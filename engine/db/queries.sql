@@ -18,12 +18,17 @@ FROM unnest(:message_ids::uuid[], :addresses::text[], :domains::text[], :kinds::
      AS u(message_id, address, domain, kind, vars, state, stream, priority, next_attempt_at)
 RETURNING id, message_id, address, state;
 
+-- name: notify_outbox
+-- A wake-up hint for idle delivery workers; they poll anyway (LISTEN is a hint, not a contract).
+SELECT pg_notify('engine_outbox', '');
+
 -- name: claim
 -- One statement picks ready rows with SKIP LOCKED and leases them, so many
 -- workers on many hosts share the outbox without stepping on each other.
 WITH picked AS (
     SELECT id FROM recipients
     WHERE state IN ('queued', 'deferred') AND next_attempt_at <= now()
+      AND domain <> ALL(:skip_domains::text[])
     ORDER BY priority, next_attempt_at
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -84,6 +89,19 @@ SELECT id, address, kind, state, attempts, next_attempt_at, last_code, last_stat
        updated_at
 FROM recipients WHERE message_id = :id ORDER BY id;
 
+-- name: get_messages_for_delivery
+SELECT id, source, mail_from, raw, content, stream, metadata FROM messages WHERE id = ANY(:ids::uuid[]);
+
+-- name: insert_attempts
+INSERT INTO attempts (recipient_id, outcome, code, status, reply, mx, duration_ms)
+SELECT * FROM unnest(:recipient_ids::bigint[], :outcomes::text[], :codes::int[], :statuses::text[],
+                     :replies::text[], :mxs::text[], :durations::int[]);
+
+-- name: get_attempts
+SELECT a.recipient_id, a.at, a.outcome, a.code, a.status, a.reply, a.mx, a.duration_ms
+FROM attempts a JOIN recipients r ON r.id = a.recipient_id
+WHERE r.message_id = :id ORDER BY a.id;
+
 -- name: get_message_raw
 SELECT raw FROM messages WHERE id = :id;
 
@@ -129,3 +147,91 @@ DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => :t
 
 -- name: ping
 SELECT 1;
+
+-- ==== templates, events, suppressions ====
+
+-- name: template_insert_next
+-- The next version of a template. Two uploads of one name at the same instant collide on the
+-- primary key; the caller retries, so versions stay dense and never change once written.
+INSERT INTO templates (name, version, parts, created_by_key)
+SELECT :name::text, coalesce(max(version), 0) + 1, :parts::jsonb, :created_by_key::bigint
+FROM templates WHERE name = :name
+RETURNING version, created_at;
+
+-- name: template_latest_all
+-- Startup: the latest version of every template fills the in-memory mirror.
+SELECT DISTINCT ON (name) name, version, parts FROM templates ORDER BY name, version DESC;
+
+-- name: template_max_versions
+SELECT name, max(version) AS version FROM templates GROUP BY name;
+
+-- name: template_latest_versions
+SELECT name, max(version) AS version FROM templates WHERE name = ANY(:names::text[]) GROUP BY name;
+
+-- name: template_get_versions
+SELECT t.name, t.version, t.parts
+FROM templates t
+JOIN unnest(:names::text[], :versions::int[]) AS u(name, version)
+  ON t.name = u.name AND t.version = u.version;
+
+-- name: template_list
+SELECT name, max(version) AS latest_version, count(*)::int AS versions, max(created_at) AS updated_at
+FROM templates GROUP BY name ORDER BY name;
+
+-- name: template_versions
+SELECT version, created_at, created_by_key FROM templates WHERE name = :name ORDER BY version;
+
+-- name: template_get
+SELECT name, version, parts, created_at, created_by_key FROM templates
+WHERE name = :name AND version = :version;
+
+-- name: events_insert
+-- Batched event log writes (one statement per batch); data is a versioned payload {"v": 1, ...}.
+INSERT INTO events (type, recipient_id, message_id, data, created_at)
+SELECT u.type, u.recipient_id, u.message_id, u.data, coalesce(u.created_at, now())
+FROM unnest(:types::text[], :recipient_ids::bigint[], :message_ids::uuid[], :datas::jsonb[],
+            :created_ats::timestamptz[]) AS u(type, recipient_id, message_id, data, created_at);
+
+-- name: event_insert_for_recipient
+-- One event for a recipient row, its message id looked up in the same statement; nothing is
+-- written when the row no longer exists (a purged message's late open).
+INSERT INTO events (type, recipient_id, message_id, data)
+SELECT :type::text, r.id, r.message_id, :data::jsonb FROM recipients r WHERE r.id = :recipient_id
+RETURNING id;
+
+-- name: event_exists_for_recipient
+SELECT EXISTS (SELECT 1 FROM events
+               WHERE message_id = :message_id AND recipient_id = :recipient_id AND type = :type);
+
+-- name: events_for_message
+SELECT id, type, recipient_id, message_id, data, created_at FROM events
+WHERE message_id = :message_id ORDER BY id;
+
+-- name: tracking_recipient
+-- What a click or unsubscribe needs: the recipient row and its message's content.
+SELECT r.id, r.message_id, r.address, r.vars, r.stream, m.mail_from, (m.raw IS NOT NULL) AS is_raw,
+       m.content, m.metadata
+FROM recipients r JOIN messages m ON m.id = r.message_id
+WHERE r.id = :recipient_id;
+
+-- name: suppression_add
+INSERT INTO suppressions (address, scope, reason, source) VALUES (:address, :scope, :reason, :source)
+ON CONFLICT (address, scope) DO NOTHING
+RETURNING created_at;
+
+-- name: suppression_remove
+-- scope NULL removes the address from every scope.
+DELETE FROM suppressions WHERE address = :address AND (:scope::text IS NULL OR scope = :scope)
+RETURNING scope;
+
+-- name: suppression_match
+-- Which (address, stream) pairs of a whole submission are suppressed, in one statement.
+SELECT DISTINCT u.address, u.stream
+FROM unnest(:addresses::text[], :streams::text[]) AS u(address, stream)
+JOIN suppressions s ON s.address = u.address AND (s.scope = u.stream OR s.scope = '*');
+
+-- name: suppression_list
+SELECT address, scope, reason, source, created_at FROM suppressions
+WHERE (:address::text IS NULL OR address = :address)
+ORDER BY created_at DESC, address, scope
+LIMIT :limit;

@@ -68,3 +68,47 @@ CREATE TABLE idempotency_keys (
     PRIMARY KEY (api_key_id, key)
 );
 CREATE INDEX idempotency_keys_created_idx ON idempotency_keys (created_at);
+
+-- from 0002_attempts
+CREATE TABLE attempts (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    recipient_id    bigint NOT NULL REFERENCES recipients (id) ON DELETE CASCADE,
+    at              timestamptz NOT NULL DEFAULT now(),
+    outcome         text NOT NULL CHECK (outcome IN ('delivered', 'deferred', 'bounced', 'expired')),
+    code            integer,
+    status          text,
+    reply           text,
+    mx              text,
+    duration_ms     integer
+);
+CREATE INDEX attempts_recipient_idx ON attempts (recipient_id);
+
+-- from 0003_templates_events_suppressions
+CREATE TABLE templates (
+    name            text NOT NULL,
+    version         integer NOT NULL CHECK (version >= 1),
+    parts           jsonb NOT NULL,                 -- {"subject": ..., "html": ..., "text": ...}
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    created_by_key  bigint,
+    PRIMARY KEY (name, version)
+);
+
+CREATE TABLE events (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    type            text NOT NULL,
+    recipient_id    bigint,
+    message_id      uuid,
+    data            jsonb NOT NULL DEFAULT '{}'::jsonb,   -- versioned payload {"v": 1, ...}
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX events_created_idx ON events (created_at);
+CREATE INDEX events_message_idx ON events (message_id);
+
+CREATE TABLE suppressions (
+    address         text NOT NULL,                  -- local@lower-cased-domain, like recipients.address
+    scope           text NOT NULL,                  -- a stream name, or '*' for every stream
+    reason          text NOT NULL,
+    source          text NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (address, scope)
+);

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from fastapi import Depends, FastAPI, Header, Request
@@ -36,6 +36,11 @@ from engine.submit.models import (
     MessageStatus,
 )
 
+if TYPE_CHECKING:
+    from engine.compose.render import Renderer
+    from engine.events.tracking_http import TrackingDeps
+    from engine.templates_db import DbTemplateStore
+
 log = structlog.get_logger(__name__)
 
 RETRY_AFTER_SECONDS = "5"
@@ -55,6 +60,10 @@ class HttpContext:
     outbox: Outbox
     apikeys: ApiKeys
     acceptor: Acceptor
+    # Optional routers' dependencies (engine.templates_http, engine.events.tracking_http).
+    templates: DbTemplateStore | None = None
+    renderer: Renderer | None = None
+    tracking: TrackingDeps | None = None
 
 
 class BodyLimit:
@@ -247,6 +256,10 @@ def create_app(ctx: HttpContext) -> FastAPI:
         if found is None:
             raise ApiError(404, f"no message with id {message_id!r}", "message_id")
         msg, rcpts = found
+        history: dict[int, list[dict[str, Any]]] = {}
+        for a in await ctx.outbox.attempts(mid):
+            entry = dict(a)
+            history.setdefault(entry.pop("recipient_id"), []).append(entry)
         return {
             "id": str(msg["id"]),
             "created_at": msg["created_at"],
@@ -268,10 +281,20 @@ def create_app(ctx: HttpContext) -> FastAPI:
                     "last_status": r["last_status"],
                     "last_reply": r["last_reply"],
                     "updated_at": r["updated_at"],
+                    "history": history.get(r["id"], []),
                 }
                 for r in rcpts
             ],
         }
+
+    if ctx.templates is not None and ctx.renderer is not None:
+        from engine.templates_http import templates_router
+
+        app.include_router(templates_router(ctx.templates, ctx.renderer, require))
+    if ctx.tracking is not None:
+        from engine.events.tracking_http import tracking_router
+
+        app.include_router(tracking_router(ctx.tracking))
 
     @app.get("/healthz", summary="Liveness and database reachability")
     async def healthz() -> JSONResponse:

@@ -192,9 +192,12 @@ class BatchOut(BaseModel):
 
 class AttemptOut(BaseModel):
     at: datetime
+    outcome: str
     code: int | None
     status: str | None
     reply: str | None
+    mx: str | None
+    duration_ms: int | None
 
 
 class RecipientStatus(BaseModel):
@@ -208,6 +211,7 @@ class RecipientStatus(BaseModel):
     last_status: str | None
     last_reply: str | None
     updated_at: datetime
+    history: list[AttemptOut] = []
 
 
 class MessageStatus(BaseModel):

@@ -1,0 +1,123 @@
+"""RFC 3464 delivery status notifications for relayed mail that finally failed.
+
+Only mail that came in over the SMTP relay with a non-null return path gets a
+DSN (REST callers learn outcomes from the API and events). The DSN itself is
+sent with the null sender ``<>``, so a failing DSN is never answered with
+another one: no loops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from email.utils import format_datetime, make_msgid
+from datetime import datetime, timezone
+from typing import Any
+
+from engine.accept import _recipient
+from engine.compose.pipeline import MessageRow
+from engine.deliver.outcomes import Attempt
+from engine.ids import uuid7
+from engine.outbox import NewMessage
+
+MAX_HEADERS_QUOTED = 64 * 1024
+
+
+def _original_headers(raw: bytes | None) -> bytes:
+    if not raw:
+        return b""
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        end = raw.find(b"\n\n")
+    head = raw if end < 0 else raw[:end]
+    return head[:MAX_HEADERS_QUOTED]
+
+
+class DsnBuilder:
+    def __init__(self, settings: Any, lookup: Callable[[Any], MessageRow | None]) -> None:
+        self.settings = settings
+        self.lookup = lookup
+        self.hostname = settings.server.hostname
+        self.stream = settings.smtp.default_stream
+        self.priority = settings.stream_priority(self.stream)
+
+    def __call__(self, failures: Sequence[Attempt]) -> list[NewMessage]:
+        by_message: dict[Any, list[Attempt]] = {}
+        for a in failures:
+            if a.source == "smtp" and a.mail_from:
+                by_message.setdefault(a.message_id, []).append(a)
+        out = []
+        for message_id, items in by_message.items():
+            msg = self.lookup(message_id)
+            raw = self.build(items[0].mail_from, items, msg.raw if msg else None)
+            try:
+                rcpt = _recipient(items[0].mail_from, "envelope")
+            except ValueError:
+                continue  # a return path we cannot mail: nothing to notify
+            out.append(
+                NewMessage(
+                    id=uuid7(),
+                    source="smtp",
+                    mail_from="",
+                    stream=self.stream,
+                    priority=self.priority,
+                    recipients=[rcpt],
+                    raw=raw,
+                    metadata={"dsn_for": str(message_id)},
+                )
+            )
+        return out
+
+    def build(self, return_path: str, failures: Sequence[Attempt], original: bytes | None) -> bytes:
+        """The DSN's bytes. Every interpolated value is an address we validated or a reply
+        stripped of CR/LF, so nothing from outside can add a header or a MIME part."""
+        now = format_datetime(datetime.now(timezone.utc))
+        boundary = f"=_dsn_{uuid7().hex}"
+        human = [
+            f"This is the mail system at {self.hostname}.",
+            "",
+            "Your message could not be delivered to one or more recipients.",
+            "",
+            *(f"<{a.address}>: {_one_line(a.reply)}" for a in failures),
+        ]
+        status = [f"Reporting-MTA: dns; {self.hostname}", f"Arrival-Date: {now}"]
+        for a in failures:
+            code = a.status if a.status and a.status[:1] in ("4", "5") else ("5.0.0" if a.kind == "permanent" else "4.4.7")
+            code = "5" + code[1:]  # final: an expired temporary failure is reported as permanent
+            status += ["", f"Final-Recipient: rfc822; {a.address}", "Action: failed", f"Status: {code}"]
+            if a.mx:
+                status.append(f"Remote-MTA: dns; {_one_line(a.mx)}")
+            if a.code is not None:
+                status.append(f"Diagnostic-Code: smtp; {_one_line(a.reply)[:900]}")
+        parts = [
+            f"From: Mail Delivery System <MAILER-DAEMON@{self.hostname}>",
+            f"To: <{return_path}>",
+            "Subject: Undelivered Mail Returned to Sender",
+            f"Date: {now}",
+            f"Message-ID: {make_msgid(domain=self.hostname)}",
+            "Auto-Submitted: auto-replied",
+            "MIME-Version: 1.0",
+            f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+            "",
+            "This is a MIME-encapsulated message.",
+            "",
+            f"--{boundary}",
+            "Content-Type: text/plain; charset=utf-8",
+            "Content-Transfer-Encoding: 8bit",
+            "",
+            *human,
+            "",
+            f"--{boundary}",
+            "Content-Type: message/delivery-status",
+            "",
+            *status,
+            "",
+        ]
+        headers = _original_headers(original)
+        text = "\r\n".join(parts).encode()
+        if headers:
+            text += f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n".encode() + headers + b"\r\n"
+        return text + f"--{boundary}--\r\n".encode()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -1,0 +1,359 @@
+"""The delivery loop of one worker process: claim -> per-destination queues -> SMTP -> outcomes.
+
+Why per-destination queues: one slow, down or throttling receiver must never
+hold up mail for anyone else. Claimed recipients are grouped into *jobs* (one
+message to one recipient domain, or one recipient when the copy is
+personalized) and put on their destination's queue; each destination runs at
+most ``destination_concurrency`` transactions at a time. A destination that
+fails at connection level (refused, 421 banner, timeout) is *suspended*: its
+queued jobs are deferred at once without being tried, and claims skip its
+rows until the suspension ends. A destination whose queue is full is skipped
+by claims too, so memory stays bounded whatever the backlog.
+
+Claims are batched (one statement for up to ``claim_batch`` rows), results are
+written in batches by :class:`OutcomeWriter`, and LISTEN/NOTIFY only wakes an
+idle worker early: polling is the contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import structlog
+from engine.compose.pipeline import Composer, MessageRow
+from engine.deliver.bounce_report import DsnBuilder
+from engine.deliver.config import DeliveryConfig
+from engine.deliver.outcomes import Attempt, Backoff, OutcomeWriter, monotonic_ms
+from engine.deliver.pools import EgressPools
+from engine.deliver.routing import RouteError, Router
+from engine.deliver.smtp_client import ConnectionPool, OutboundMessage
+from engine.errors import DatabaseUnavailable, EngineError
+from engine.outbox import NOTIFY_CHANNEL, Outbox
+
+log = structlog.get_logger(__name__)
+
+_CONNECTION_PHASES = frozenset({"connect", "greeting", "ehlo", "starttls"})
+
+
+@dataclass(slots=True)
+class Job:
+    message_id: Any
+    domain: str
+    rows: list[asyncpg.Record]
+    msg: MessageRow
+
+
+@dataclass
+class Destination:
+    domain: str
+    queue: deque[Job] = field(default_factory=deque)
+    active: int = 0
+    queued_rows: int = 0
+    suspended_until: float = 0.0
+    suspend_reason: str = ""
+
+    def suspended(self, now: float) -> bool:
+        return self.suspended_until > now
+
+
+class DeliveryWorker:
+    """One worker's scheduler; many may run (on many hosts) against one outbox."""
+
+    def __init__(
+        self,
+        settings: Any,
+        pool: asyncpg.Pool,
+        *,
+        owner: str | None = None,
+        dsn: str | None = None,
+        router: Router | None = None,
+        smtp: ConnectionPool | None = None,
+        composer: Composer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cfg: DeliveryConfig = settings.delivery
+        self.outbox = Outbox(pool, settings.queue.max_age)
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.dsn = dsn
+        self.router = router or Router(settings.routing)
+        self.smtp = smtp or ConnectionPool(self.cfg.smtp)
+        self.composer = composer or Composer(settings)
+        self._messages: OrderedDict[Any, MessageRow] = OrderedDict()
+        self.pools = EgressPools(settings.pools, self.cfg.stream_pools, settings.server.hostname)
+        self.writer = OutcomeWriter(
+            self.outbox,
+            self.owner,
+            Backoff(self.cfg.retry_schedule, self.cfg.retry_jitter),
+            flush_interval=self.cfg.flush_interval,
+            dsn_builder=DsnBuilder(settings, self._messages.get) if self.cfg.dsn else None,
+        )
+        self.dests: dict[str, Destination] = {}
+        self.inflight = 0
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.delivered = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Claim and deliver until :meth:`request_stop`; then drain within the shutdown timeout."""
+        self.writer.start()
+        listener = asyncio.create_task(self._listen(), name="notify-listener")
+        log.info("delivery_worker_started", owner=self.owner)
+        try:
+            await self._claim_loop()
+        finally:
+            listener.cancel()
+            await self._drain()
+            with contextlib.suppress(BaseException):
+                await listener
+            log.info("delivery_worker_stopped", owner=self.owner, delivered=self.delivered)
+
+    async def _drain(self) -> None:
+        timeout = self.settings.server.shutdown_timeout
+        # Jobs not yet started go back to the queue untouched.
+        waiting = [row["id"] for d in self.dests.values() for job in d.queue for row in job.rows]
+        for d in self.dests.values():
+            d.queue.clear()
+        if self._tasks:
+            done, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self.writer.close(timeout)
+        if waiting:
+            with contextlib.suppress(DatabaseUnavailable):
+                n = await self.outbox.release(self.owner, waiting)
+                log.info("released_unstarted", count=n)
+        await self.smtp.close()
+
+    # -- claiming -------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        cfg = self.cfg
+        delay = 0.2
+        while not self._stop.is_set():
+            free = cfg.max_inflight - self.inflight
+            if free < min(cfg.claim_batch, cfg.max_inflight) // 4 + 1:
+                await self._sleep(cfg.poll_interval)
+                continue
+            now = time.monotonic()
+            skip = [
+                d.domain
+                for d in self.dests.values()
+                if d.suspended(now) or d.queued_rows >= cfg.max_queued_per_destination
+            ]
+            try:
+                rows = await self.outbox.claim(
+                    self.owner, min(free, cfg.claim_batch), self.settings.queue.lease_duration, skip
+                )
+                if rows:
+                    await self._load_messages({r["message_id"] for r in rows})
+                delay = 0.2
+            except DatabaseUnavailable as exc:
+                log.warning("claim_failed", error=str(exc), retry_in=delay)
+                await self._sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if not rows:
+                await self._sleep(cfg.poll_interval)
+                continue
+            self._dispatch(rows)
+            if len(rows) < min(free, cfg.claim_batch):
+                # The ready set is drained for now: wait for a hint or the next poll.
+                await self._sleep(cfg.poll_interval)
+            self._gc_destinations()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        self._wake.clear()
+
+    async def _load_messages(self, ids: set[Any]) -> None:
+        missing = [i for i in ids if i not in self._messages]
+        if missing:
+            for r in await self.outbox.messages_for_delivery(missing):
+                self._messages[r["id"]] = MessageRow(
+                    r["id"], r["mail_from"], r["stream"], r["raw"], r["content"], r["metadata"] or {}, r["source"]
+                )
+        for i in ids:
+            self._messages.move_to_end(i)
+        while len(self._messages) > 5000:
+            self._messages.popitem(last=False)
+
+    def _dispatch(self, rows: Sequence[asyncpg.Record]) -> None:
+        self.inflight += len(rows)
+        groups: dict[tuple[Any, str, int | None], list[asyncpg.Record]] = {}
+        for r in rows:
+            # Personalized copies (tokens, variables) need a transaction each; others share one per domain.
+            split = r["id"] if self.composer.personalized(self._messages[r["message_id"]]) else None
+            groups.setdefault((r["message_id"], r["domain"], split), []).append(r)
+        for key, group in groups.items():
+            domain = group[0]["domain"]
+            dest = self.dests.get(domain)
+            if dest is None:
+                dest = self.dests[domain] = Destination(domain)
+            job = Job(key[0], domain, group, self._messages[key[0]])
+            if dest.suspended(time.monotonic()):
+                self.inflight -= len(group)
+                self._settle_unsent(dest, job)
+                continue
+            dest.queue.append(job)
+            dest.queued_rows += len(group)
+            self._pump(dest)
+
+    def _pump(self, dest: Destination) -> None:
+        while dest.queue and dest.active < self.cfg.destination_concurrency:
+            job = dest.queue.popleft()
+            dest.queued_rows -= len(job.rows)
+            dest.active += 1
+            task = asyncio.create_task(self._deliver(dest, job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _gc_destinations(self) -> None:
+        now = time.monotonic()
+        if len(self.dests) > 10_000:
+            for domain in [d.domain for d in self.dests.values() if not d.queue and not d.active and not d.suspended(now)]:
+                del self.dests[domain]
+
+    # -- delivering -----------------------------------------------------------------------
+
+    async def _deliver(self, dest: Destination, job: Job) -> None:
+        started = time.monotonic()
+        try:
+            await self._attempt(dest, job, started)
+        except Exception as exc:  # never lose a job to a bug: defer it with the reason
+            log.exception("delivery_crashed", domain=dest.domain, message_id=str(job.message_id))
+            self._settle(job, "temporary", None, None, f"internal error: {type(exc).__name__}: {exc}", None, started)
+        finally:
+            dest.active -= 1
+            self.inflight -= len(job.rows)
+            self._pump(dest)
+            self._wake.set()
+
+    async def _attempt(self, dest: Destination, job: Job, started: float) -> None:
+        try:
+            route = await self.router.resolve(dest.domain)
+        except RouteError as exc:
+            kind = "permanent" if exc.permanent else "temporary"
+            status = ("5.1.2" if exc.permanent else "4.4.3")
+            self._settle(job, kind, None, status, f"{status} {exc.reason}", None, started)
+            if not exc.permanent:
+                self._suspend(dest, f"DNS: {exc.reason}")
+            return
+        rcpts = [r["address"] for r in job.rows]
+        try:
+            data = self.composer.compose(job.msg, job.rows[0]["id"], job.rows[0]["vars"])
+        except EngineError as exc:
+            self._settle(job, "permanent", None, "5.6.0", f"5.6.0 message could not be composed: {exc}", None, started)
+            return
+        source = self.pools.pick(job.msg.stream)
+        result = await self.smtp.send(
+            [(h.mx_host, h.address, h.port) for h in route.hops],
+            OutboundMessage(job.msg.mail_from, rcpts, data),
+            source=source.address,
+            ehlo_name=source.ehlo,
+            tls=self.cfg.tls_policy.get(dest.domain),
+            site=route.site,
+        )
+        by_rcpt = {r.recipient: r for r in result.results}
+        attempts = []
+        for row in job.rows:
+            r = by_rcpt[row["address"]]
+            attempts.append(self._attempt_row(job, row, r.kind, r.code, r.enhanced_status, r.reply, result.host, started))
+            log.info(
+                "delivery_attempt",
+                message_id=str(job.message_id),
+                domain=dest.domain,
+                mx=result.host,
+                outcome=r.kind,
+                reply=r.reply,
+                duration_ms=monotonic_ms(started),
+            )
+        self.writer.add(attempts)
+        self.delivered += sum(1 for a in attempts if a.kind == "delivered")
+        if all(r.kind == "temporary" and r.phase in _CONNECTION_PHASES for r in result.results):
+            self._suspend(dest, result.results[0].reply)
+
+    def _attempt_row(
+        self, job: Job, row: asyncpg.Record, kind: str, code: int | None, status: str | None, reply: str,
+        mx: str | None, started: float, counted: bool = True,
+    ) -> Attempt:
+        return Attempt(
+            recipient_id=row["id"],
+            address=row["address"],
+            attempts_before=row["attempts"],
+            expires_at=row["expires_at"],
+            kind=kind,
+            code=code,
+            status=status,
+            reply=reply,
+            mx=mx,
+            duration_ms=monotonic_ms(started),
+            message_id=job.message_id,
+            mail_from=job.msg.mail_from,
+            stream=job.msg.stream,
+            source=job.msg.source,
+            counted=counted,
+        )
+
+    def _settle(
+        self, job: Job, kind: str, code: int | None, status: str | None, reply: str, mx: str | None, started: float
+    ) -> None:
+        self.writer.add([self._attempt_row(job, row, kind, code, status, reply, mx, started) for row in job.rows])
+        for _ in job.rows:
+            log.info("delivery_attempt", message_id=str(job.message_id), domain=job.domain, mx=mx, outcome=kind, reply=reply)
+
+    def _suspend(self, dest: Destination, reason: str) -> None:
+        """Stop trying a destination that refuses connections; defer what waits for it, untried."""
+        dest.suspended_until = time.monotonic() + self.cfg.suspend_on_connection_failure
+        dest.suspend_reason = reason
+        log.info("destination_suspended", domain=dest.domain, reason=reason, seconds=self.cfg.suspend_on_connection_failure)
+        while dest.queue:
+            job = dest.queue.popleft()
+            dest.queued_rows -= len(job.rows)
+            self.inflight -= len(job.rows)
+            self._settle_unsent(dest, job)
+
+    def _settle_unsent(self, dest: Destination, job: Job) -> None:
+        """Defer a job of a suspended destination without counting an attempt."""
+        started = time.monotonic()
+        reply = f"not tried: destination suspended after: {dest.suspend_reason}"
+        self.writer.add(
+            [self._attempt_row(job, row, "temporary", None, None, reply, None, started, counted=False) for row in job.rows]
+        )
+
+    # -- wake-ups -------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """LISTEN for enqueue hints; reconnect when the connection drops. Polling covers any gap."""
+        if self.dsn is None:
+            return
+        while not self._stop.is_set():
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=5)
+                await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
+                while not self._stop.is_set() and not conn.is_closed():
+                    await asyncio.sleep(1)
+            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError, asyncpg.InterfaceError):
+                await asyncio.sleep(1)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await conn.close(timeout=2)
