@@ -146,7 +146,15 @@ class DeliveryWorker:
     async def _claim_loop(self) -> None:
         cfg = self.cfg
         delay = 0.2
+        next_reclaim = 0.0
         while not self._stop.is_set():
+            if time.monotonic() >= next_reclaim:
+                # Any worker puts back rows whose lease ran out (their worker died): no single point of failure.
+                next_reclaim = time.monotonic() + min(10.0, max(1.0, self.settings.queue.lease_duration / 4))
+                with contextlib.suppress(DatabaseUnavailable):
+                    n = await self.outbox.reclaim_expired_leases()
+                    if n:
+                        log.info("leases_reclaimed", count=n)
             free = cfg.max_inflight - self.inflight
             if free < min(cfg.claim_batch, cfg.max_inflight) // 4 + 1:
                 await self._sleep(cfg.poll_interval)
