@@ -25,7 +25,8 @@ from engine.feedback.report import Report, parse_report  # noqa: E402
 
 #: Sisimai reason -> our categories. The first is the natural mapping; the others
 #: are also accepted where Sisimai's reason spans two of ours (its "filtered" is
-#: "rejected after DATA", mostly user-unknown wording; "expired" bounces often only
+#: "rejected after DATA", mostly user-unknown wording: we call it policy, and keep
+#: unknown_user when the bounce does not show the stage; "expired" bounces often only
 #: say "connection timed out"). transient_other/permanent_other compare as "other".
 REASON_MAP: dict[str, tuple[str, ...]] = {
     "userunknown": ("unknown_user",),
@@ -165,7 +166,8 @@ def format_table(agg: Agreement) -> str:
         f"status code agrees:    {agg.status.ok}/{agg.status.n} = {agg.status.pct:.1f}%  (rows with a non-pseudo status)",
         f"hard/soft agrees:      {agg.hard_soft.ok}/{agg.hard_soft.n} = {agg.hard_soft.pct:.1f}%"
         f"  (without Sisimai's 'filtered' rows: {agg.hard_soft_no_filtered.ok}/{agg.hard_soft_no_filtered.n} = {agg.hard_soft_no_filtered.pct:.1f}%;"
-        " Sisimai calls a 'user unknown' given after DATA soft, we call it hard)",
+        " a 'user unknown' the bounce shows came after DATA is soft for both; Sisimai also calls it 'filtered' when the"
+        " stage is unknown and the reply has no X.1.1, we keep those hard)",
         f"category accepted:     {agg.category.ok}/{agg.category.n} = {agg.category.pct:.1f}%  (primary mapping only: {agg.category_primary.pct:.1f}%)",
         f"not-bounce samples:    {agg.not_bounces}",
         "",

@@ -420,3 +420,170 @@ def test_codes_inside_joined_multiline_replies_do_not_break_phrases() -> None:
 
     text = "550-5.7.1 [192.0.2.222 13] Messages with multiple 550 5.7.1 addresses in From: header are not accepted."
     assert classify(550, "5.7.1", text).category == "protocol_error"
+
+
+# --------------------------------------------------------------------------- SMTP stage: "user unknown" after DATA is not hard
+
+
+def _postfix_bounce(reply_lines: str) -> bytes:
+    """A Postfix bounce whose prose (not its Diagnostic-Code) names the SMTP stage, as Postfix does."""
+    return crlf(
+        f"""From: MAILER-DAEMON@mx.example.net (Mail Delivery System)
+To: bounces@mail.example.com
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+--B
+Content-Type: text/plain
+
+This is the mail system at host mx.example.net.
+
+<kijitora@example.net>: host mail.example.net[192.0.2.78] said: {reply_lines}
+
+--B
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.example.net
+
+Final-Recipient: rfc822; kijitora@example.net
+Action: failed
+Status: 5.0.0
+Diagnostic-Code: smtp; 550 Unknown user kijitora@example.net
+
+--B--
+"""
+    )
+
+
+def test_user_unknown_after_end_of_data_is_policy_not_hard() -> None:
+    row = parse_report(_postfix_bounce("550 Unknown user kijitora@example.net (in reply to end of DATA\n    command)")).recipients[0]
+    assert (row.category, row.permanent, row.hard, row.smtp_command) == ("policy", True, False, "DATA")
+
+
+def test_user_unknown_at_rcpt_stays_hard() -> None:
+    row = parse_report(_postfix_bounce("550 Unknown user kijitora@example.net (in reply to RCPT TO\n    command)")).recipients[0]
+    assert (row.category, row.hard, row.smtp_command) == ("unknown_user", True, "RCPT")
+
+
+def test_x11_after_data_stays_hard() -> None:
+    """The reply's own X.1.1 ("the mailbox does not exist") is a verdict on the address whatever the stage."""
+    raw = _postfix_bounce("550 5.1.1 Unknown user kijitora@example.net (in reply to end of DATA command)")
+    raw = raw.replace(b"smtp; 550 Unknown user", b"smtp; 550 5.1.1 Unknown user")
+    row = parse_report(raw).recipients[0]
+    assert (row.category, row.hard, row.smtp_command) == ("unknown_user", True, "DATA")
+
+
+def test_exim_after_end_of_data_is_not_hard() -> None:
+    raw = crlf(
+        """From: Mail Delivery System <Mailer-Daemon@mx.example.jp>
+To: sender@example.com
+Subject: Mail delivery failed: returning message to sender
+X-Failed-Recipients: neko@example.org
+
+This message was created automatically by mail delivery software.
+
+A message that you sent could not be delivered to one or more of its
+recipients. This is a permanent error. The following address(es) failed:
+
+  neko@example.org
+    SMTP error from remote mail server after end of data:
+    host mx.example.org [192.0.2.1]: 550 : User unknown
+"""
+    )
+    row = parse_report(raw).recipients[0]
+    assert (row.recipient, row.category, row.hard) == ("neko@example.org", "policy", False)
+
+
+def _sendmail_transcript(transcript: str) -> bytes:
+    return crlf(
+        f"""From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.jp>
+To: sender@example.jp
+Subject: Returned mail: see transcript for details
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="S"
+
+--S
+
+   ----- The following addresses had permanent fatal errors -----
+<kijitora@example.org>
+    (reason: 550 Unknown user kijitora@example.org)
+
+   ----- Transcript of session follows -----
+... while talking to mx.example.org.:
+{transcript}
+
+--S
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.example.jp
+
+Final-Recipient: RFC822; kijitora@example.org
+Action: failed
+Status: 5.0.0
+Diagnostic-Code: SMTP; 550 Unknown user kijitora@example.org
+
+--S--
+"""
+    )
+
+
+def test_sendmail_transcript_reply_to_data_is_not_hard() -> None:
+    raw = _sendmail_transcript(">>> DATA\n<<< 550 Unknown user kijitora@example.org\n554 5.0.0 Service unavailable")
+    row = parse_report(raw).recipients[0]
+    assert (row.category, row.hard, row.smtp_command) == ("policy", False, "DATA")
+
+
+def test_sendmail_pipelined_rcpt_reply_after_data_is_rcpt_and_hard() -> None:
+    """With PIPELINING the RCPT replies come after ">>> DATA"; the last reply ("503 Need RCPT") is DATA's."""
+    raw = _sendmail_transcript(">>> DATA\n<<< 550 Unknown user kijitora@example.org\n<<< 503 5.0.0 Need RCPT (recipient)")
+    row = parse_report(raw).recipients[0]
+    assert (row.category, row.hard, row.smtp_command) == ("unknown_user", True, "RCPT")
+
+
+def test_stage_helpers() -> None:
+    from engine.feedback.dsn import stage_in_text, transcript_stage
+
+    assert stage_in_text("550 5.1.1 no (in reply to RCPT TO command)") == "RCPT"
+    assert stage_in_text("SMTP error from remote mail server after end of data: 550") == "DATA"
+    assert stage_in_text("after RCPT TO:<a@b.c> ... and in reply to end of DATA command") is None  # two stages: no answer
+    assert stage_in_text("550 user unknown") is None
+    assert transcript_stage(">>> RCPT To:<a@example.org>\n<<< 550 no such user\n550 <a@example.org>... User unknown", "a@example.org") == "RCPT"
+    assert transcript_stage("no transcript here", "a@example.org") is None
+
+
+def test_user_unknown_with_policy_code_is_policy() -> None:
+    raw = _postfix_bounce("550 5.7.1 550 User Unknown: kijitora@example.net").replace(
+        b"smtp; 550 Unknown user kijitora@example.net", b"smtp; 550 5.7.1 550 User Unknown: kijitora@example.net"
+    )
+    row = parse_report(raw).recipients[0]
+    assert (row.category, row.hard) == ("policy", False)
+
+
+def test_mimecast_fields_with_space_before_colon() -> None:
+    raw = crlf(
+        """From: Mimecast <postmaster@mimecast.example>
+To: sender@example.com
+Subject: Mimecast delivery failure
+MIME-Version: 1.0
+Content-Type: text/plain
+
+This is a delivery failure notification message.
+
+Final-Recipient : rfc/822;sabatora@example.net
+Action : failed
+Status : 5.0.0
+Diagnostic-Code : smtp;550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain
+"""
+    )
+    row = parse_report(raw).recipients[0]
+    assert (row.recipient, row.status, row.category, row.hard) == ("sabatora@example.net", "5.7.54", "policy", False)
+
+
+def test_temporary_dns_failure_is_not_a_hard_bad_domain() -> None:
+    raw = _postfix_bounce("x").replace(
+        b"<kijitora@example.net>: host mail.example.net[192.0.2.78] said: x",
+        b"<kijitora@example.net>: Name service error for domain example.net: Host not\r\n    found, try again",
+    ).replace(b"Status: 5.0.0\r\nDiagnostic-Code: smtp; 550 Unknown user kijitora@example.net\r\n", b"")
+    row = parse_report(raw).recipients[0]
+    assert (row.category, row.hard) == ("network_error", False)

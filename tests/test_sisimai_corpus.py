@@ -53,21 +53,27 @@ def test_every_sisimai_reason_has_a_mapping() -> None:
 
 
 def test_recipients_found(agreement) -> None:  # type: ignore[no-untyped-def]
-    assert agreement.recipients.pct >= 95.0
+    # measured 97.5% (652/669); the misses are Sisimai reading addresses we do not
+    # see in the message (a truncated address, a recipient only in the original's headers)
+    assert agreement.recipients.pct >= 97.0
 
 
 def test_hard_soft_agreement(agreement) -> None:  # type: ignore[no-untyped-def]
-    # Sisimai's reason "filtered" ("rejected after DATA") is soft even when the
-    # server said "user unknown"; we call every permanent "user unknown" hard on
-    # purpose (the address is bad whatever the SMTP phase). Outside that one
-    # deliberate difference we agree on at least 95%; overall we measured 89%.
-    assert agreement.hard_soft_no_filtered.pct >= 95.0
-    assert agreement.hard_soft.pct >= 88.0
+    # A permanent "user unknown" that the bounce shows was given after DATA is
+    # policy and soft for us too (a content filter said it, not the recipient
+    # lookup). Sisimai goes further: "user unknown" wording at an unknown stage
+    # without an X.1.1 code is "filtered" (soft) for it; we keep those hard, since
+    # turning them soft costs more agreement on its own "userunknown" rows than it
+    # gains (measured: +29 / -32 rows). Measured 92.8% overall (576/621), 97.0%
+    # outside Sisimai's "filtered" rows; 95% overall is out of reach without that.
+    assert agreement.hard_soft_no_filtered.pct >= 96.5
+    assert agreement.hard_soft.pct >= 92.5
+    assert agreement.per_reason["filtered"]["hard_soft"].pct >= 40.0  # was 12% before stage detection
 
 
 def test_status_and_category_agreement(agreement) -> None:  # type: ignore[no-untyped-def]
-    assert agreement.status.pct >= 90.0
-    assert agreement.category.pct >= 85.0
+    assert agreement.status.pct >= 97.5  # measured 98.1%
+    assert agreement.category.pct >= 91.0  # measured 91.7%
 
 
 def test_not_bounces_are_not_reported_as_bounces(agreement) -> None:  # type: ignore[no-untyped-def]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 from email.message import Message
 
 from engine.feedback import mimeutil
@@ -39,6 +40,7 @@ class DsnRecipient:
     diagnostic_code: str | None = None
     remote_mta: str | None = None
     last_attempt_date: str | None = None
+    smtp_command: str | None = None  # the SMTP stage the reply answered (CONN/EHLO/MAIL/RCPT/DATA), when the bounce shows it
 
 
 @dataclass
@@ -73,7 +75,7 @@ def parse_field_blocks(text: str) -> list[dict[str, str]]:
         if line[:1] in (" ", "\t") and last is not None:
             cur[last] = (cur[last] + " " + line.strip()).strip()
             continue
-        m = re.match(r"^([A-Za-z][A-Za-z0-9-]{0,40}):\s*(.*)$", line)
+        m = re.match(r"^([A-Za-z][A-Za-z0-9-]{0,40}) ?:\s*(.*)$", line)  # Mimecast writes "Final-Recipient : ..."
         if m:
             key = m.group(1).lower()
             if key not in cur:
@@ -215,7 +217,7 @@ def anatomy(msg: Message) -> Anatomy:
         elif ctype.startswith("text/") or (ctype.startswith("multipart/") and not part.is_multipart()):
             # a multipart whose parts could not be found is read as text (its body is all we have)
             text = mimeutil.part_text(part)
-            if ctype == "text/plain" and a.human_texts and re.search(r"(?im)^final-recipient:", text) and re.search(r"(?im)^status:", text):
+            if ctype == "text/plain" and a.human_texts and re.search(r"(?im)^final-recipient ?:", text) and re.search(r"(?im)^status ?:", text):
                 a.status_texts.append(text)  # a delivery-status block sent as text/plain
             else:
                 a.human_texts.append(text)
@@ -281,7 +283,7 @@ def _block_after(text: str, start: int, limit: int = 1200) -> str:
 
 
 # A line that is (almost) only an address: the recipient list style of qmail, Exim, Gmail, Sendmail.
-_ADDR_LINE_RE = re.compile(rf"^\s*(?:RCPT TO:\s*)?<?({ADDR})>?\s*(?:\(.*\))?\s*:?\s*$")
+_ADDR_LINE_RE = re.compile(rf"^\s*(?:RCPT TO:\s*)?[<\"]?({ADDR})[>\"]?\s*(?:\(.*\))?\s*:?\s*$")
 # A line that starts with an address: the next recipient's entry begins.
 _ADDR_START_RE = re.compile(rf"^\s*(?:RCPT TO:\s*)?[\"<]?{ADDR}[\">]?(?::|\s|$)")
 # Exchange 2003 and others: "addr on <date>" then an indented reason.
@@ -392,7 +394,97 @@ def prose_diagnostic(text: str) -> str:
     return re.sub(r"\s+", " ", m.group(1)).strip() if m else ""
 
 
+# --------------------------------------------------------------------------- SMTP stage
+
+# Why: a "user unknown" given at RCPT comes from the recipient lookup (the address is bad);
+# the same words after end-of-data come from a content filter (the address may well exist).
+# Only what the bounce itself says counts; no stage is guessed from the MTA's name.
+_STAGE_PHRASES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("DATA", re.compile(
+        r"(?i)in\s+reply\s+to\s+(?:end\s+of\s+)?DATA\s+command|after\s+end\s+of\s+data|after\s+(?:the\s+)?DATA\b"
+        r"|during\s+DATA\b|in\s+reply\s+to\s+(?:the\s+)?end\s+of\s+data|(?m:^-+\s*SMTP\s+command\s*\n\s*DATA\s*$)"
+    )),
+    ("RCPT", re.compile(r"(?i)in\s+reply\s+to\s+RCPT\s+TO\s+command|after\s+RCPT\b|(?m:^-+\s*SMTP\s+command\s*\n\s*RCPT\b)")),
+    ("MAIL", re.compile(r"(?i)in\s+reply\s+to\s+MAIL\s+FROM\s+command|after\s+MAIL\s+FROM\b|(?m:^-+\s*SMTP\s+command\s*\n\s*MAIL\b)")),
+    ("EHLO", re.compile(r"(?i)in\s+reply\s+to\s+(?:EHLO|HELO)\s+command|after\s+(?:EHLO|HELO)\b")),
+    ("CONN", re.compile(r"(?i)after\s+initial\s+connection|in\s+reply\s+to\s+(?:the\s+)?initial\s+(?:greeting|connection)")),
+)
+_SENT_RE = re.compile(r"^\s*>>>\s*(\S+)")
+_RECV_RE = re.compile(r"^\s*<<<\s*([245]\d\d)")
+_CMD_NAMES = {"MAIL": "MAIL", "RCPT": "RCPT", "DATA": "DATA", ".": "DATA", "EHLO": "EHLO", "HELO": "EHLO", "LHLO": "EHLO", "STARTTLS": "EHLO"}
+
+
+def stage_in_text(text: str) -> str | None:
+    """The SMTP stage a reply answered, from MTA wording ("in reply to end of DATA command",
+    Exim's "after end of data", m-FILTER's "SMTP command: DATA"); None when no stage is
+    named, or when several different stages are (then the text is about several replies)."""
+    found = {name for name, rx in _STAGE_PHRASES if rx.search(text or "")}
+    return found.pop() if len(found) == 1 else None
+
+
+def transcript_stage(text: str, addr: str | None) -> str | None:
+    """The stage from a Sendmail/Courier-style session transcript (``>>> DATA`` / ``<<< 550 ...``).
+
+    With PIPELINING, RCPT replies arrive after ``>>> DATA`` was sent and the DATA reply
+    (often ``503 Need RCPT`` / ``554 no valid recipients``) comes last: so a reply that
+    is not the last one after a ``>>> DATA`` answered a RCPT, not the DATA.
+    """
+    if ">>>" not in text or "<<<" not in text:
+        return None
+    replies: list[list[Any]] = []  # [command, session number, code, the reply plus the MTA's own notes on it]
+    cmd: str | None = None
+    session = 0
+    for ln in text.splitlines()[:2000]:
+        m = _SENT_RE.match(ln)
+        if m:
+            word = m.group(1).rstrip(":").upper().split(":")[0]
+            cmd = _CMD_NAMES.get(word, None if "@" in word else word[:8])
+            session += 1
+            continue
+        m = _RECV_RE.match(ln)
+        if m:
+            replies.append([cmd, session, m.group(1), ln])
+        elif not ln.strip() or re.match(r"(?i)\s*(?:\.\.\.\s*)?while talking to\b", ln):
+            cmd, session = None, session + 1  # the end of this exchange
+        elif replies and replies[-1][1] == session and "\n" not in replies[-1][3]:
+            replies[-1][3] += "\n" + ln  # Sendmail's one line of its own about that reply names the recipient
+    errors = [i for i, r in enumerate(replies) if r[2][0] in "45"]
+    mine = [i for i in errors if addr and addr.lower() in replies[i][3].lower()]
+    if not mine and len(errors) == 1:
+        mine = errors
+    if not mine:
+        return None
+    command, sess = replies[mine[0]][0], replies[mine[0]][1]
+    if command == "DATA" and any(r[1] == sess for r in replies[mine[0] + 1 :]):
+        return "RCPT"  # pipelined: a later reply answered the DATA command
+    return command
+
+def recipient_stage(diagnostic: str | None, prose: str, addr: str | None, lone: bool = True) -> str | None:
+    """Which SMTP command the recipient's rejection answered, as far as the bounce shows it.
+
+    Looks at the diagnostic, then the prose right after the address, then a session
+    transcript; stage wording elsewhere in the prose counts only for a ``lone`` recipient.
+    """
+    stage = stage_in_text(diagnostic or "")
+    if stage:
+        return stage
+    if addr and prose:
+        low = prose.lower()
+        idx = low.find(addr.lower())
+        while idx >= 0:
+            stage = stage_in_text(_block_after(prose, idx + len(addr), 600))
+            if stage:
+                return stage
+            idx = low.find(addr.lower(), idx + len(addr))
+    stage = transcript_stage(prose, addr)
+    if stage:
+        return stage
+    # one recipient and one stage named anywhere in the prose: it is about this recipient
+    return stage_in_text(prose[:6000]) if lone else None
+
+
 # --------------------------------------------------------------------------- entry points
+
 
 
 def parse_dsn(msg: Message, an: Anatomy | None = None) -> Dsn | None:
@@ -411,7 +503,7 @@ def parse_dsn(msg: Message, an: Anatomy | None = None) -> Dsn | None:
         blocks.extend(parse_field_blocks(t))
     reporting, rcpts = recipients_from_blocks(blocks)
     fmt = "rfc3464" if an.status_texts else ""
-    if not rcpts and "final-recipient:" in bounce_text.lower():
+    if not rcpts and re.search(r"(?im)^final-recipient ?:", bounce_text):
         reporting, rcpts = recipients_from_blocks(parse_field_blocks(bounce_text))
         fmt = "inline-dsn" if rcpts else fmt
 
@@ -424,6 +516,7 @@ def parse_dsn(msg: Message, an: Anatomy | None = None) -> Dsn | None:
                     r.diagnostic_code = (r.diagnostic_code + " " + extra).strip() if r.diagnostic_code else extra
             if not r.diagnostic_code:
                 r.diagnostic_code = _smtp_lines(bounce_text) or prose_diagnostic(bounce_text) or None
+            r.smtp_command = recipient_stage(r.diagnostic_code, bounce_text, r.final_recipient, lone=len(rcpts) == 1)
         return Dsn(fmt, rcpts, reporting, orig_headers, bounce_text[:4000], hint)
 
     if not looks_like_bounce(msg, an, bounce_text):
@@ -446,7 +539,8 @@ def parse_dsn(msg: Message, an: Anatomy | None = None) -> Dsn | None:
         if not diag:
             diag = prose_diagnostic(bounce_text) or _paragraph_with(bounce_text, addr)
         code, enhanced = find_codes(diag)
-        out.append(DsnRecipient(final_recipient=addr, action="failed" if hint is not False else "delayed", status=enhanced, diagnostic_code=diag or None))
+        stage = recipient_stage(diag, bounce_text, addr, lone=len(rows) == 1)
+        out.append(DsnRecipient(final_recipient=addr, action="failed" if hint is not False else "delayed", status=enhanced, diagnostic_code=diag or None, smtp_command=stage))
     return Dsn("heuristic", out, None, orig_headers, bounce_text[:4000], hint)
 
 
@@ -456,7 +550,7 @@ _BOUNCE_SUBJECT = re.compile(
     r"bounce|mail system error|nondeliverable|unzustellbar|returned to sender|delayed mail|warning: could not send|"
     r"failed delivery|message not delivered|error sending message|delivery notification"
 )
-_BOUNCE_FROM = re.compile(r"(?i)mailer-daemon|postmaster|mail delivery|mail-daemon|maildaemon|mdaemon|delivery subsystem|mail administrator|system administrator|mailer_daemon")
+_BOUNCE_FROM = re.compile(r"(?i)mailer-daemon|post_?master|mail delivery|mail-daemon|maildaemon|mdaemon|delivery subsystem|mail administrator|system administrator|mailer_daemon")
 
 
 def looks_like_bounce(msg: Message, an: Anatomy, bounce_text: str) -> bool:
@@ -469,7 +563,12 @@ def looks_like_bounce(msg: Message, an: Anatomy, bounce_text: str) -> bool:
     sender = mimeutil.header(msg, "From")
     if _BOUNCE_FROM.search(sender) or _BOUNCE_SUBJECT.search(subject):
         return True
-    return bool(re.search(r"(?i)this is the (qmail-send|mail delivery|postfix) program|delivery status notification", bounce_text[:3000]))
+    return bool(
+        re.search(
+            r"(?i)this is the (qmail-send|mail delivery|postfix) program|delivery status notification|could not be delivered to:\s*<",
+            bounce_text[:3000],
+        )
+    )
 
 
 def _own_addresses(msg: Message) -> set[str]:

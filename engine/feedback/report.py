@@ -36,6 +36,7 @@ class RecipientResult:
     remote_mta: str | None = None
     rule: str | None = None
     hard: bool = False
+    smtp_command: str | None = None  # the SMTP stage the reply answered, when the bounce shows it
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -233,20 +234,24 @@ def _row(r: dsn_mod.DsnRecipient, clf: Classifier, prose: str, hint: bool | None
         c = clf.classify(code, enhanced or status, diag)
         if c.rule.startswith(("default:", "rfc", "rfc3463", "rfc5321")) and prose:
             # the server's words were missing or generic: try the bounce's own prose
-            extra = dsn_mod.prose_diagnostic(prose)
-            if extra:
+            # (its diagnostic sentence; with no diagnostic at all, its opening text)
+            for extra in (dsn_mod.prose_diagnostic(prose), "" if diag else prose[:_PROSE_CLASSIFY_CHARS]):
+                if not extra:
+                    continue
                 c2 = clf.classify(code, enhanced or status, diag + " " + extra)
                 if not c2.rule.startswith(("default:", "rfc")):
                     c = c2
+                    break
         if code is None and enhanced is None and status is None:
             perm = True if action == "failed" else False if action == "delayed" else hint
             if perm is not None and perm != c.permanent:
                 c = Classification(_flip(c.category, perm), perm, c.rule)
         elif action == "delayed" and c.permanent:
             c = Classification(_flip(c.category, False), False, c.rule)
-    if _AT_MAIL_FROM.search(diag) and c.category in _RECIPIENT_CATEGORIES:
+    if (r.smtp_command == "MAIL" or _AT_MAIL_FROM.search(diag)) and c.category in _RECIPIENT_CATEGORIES:
         # rejected at MAIL FROM: the problem is our sender (domain, address), not this recipient
         c = Classification("policy", c.permanent, c.rule + "+mail_from")
+    c = _weigh_unknown_user(c, enhanced, r.smtp_command)
     return RecipientResult(
         recipient=r.final_recipient,
         status=status,
@@ -258,9 +263,37 @@ def _row(r: dsn_mod.DsnRecipient, clf: Classifier, prose: str, hint: bool | None
         remote_mta=r.remote_mta,
         rule=c.rule,
         hard=c.hard,
+        smtp_command=r.smtp_command,
     )
 
 
+def _weigh_unknown_user(c: Classification, reply_enhanced: str | None, stage: str | None) -> Classification:
+    """Keep "user unknown" (a hard bounce: the address gets suppressed) only when nothing contradicts it.
+
+    Why: suppression is forever, so a false hard bounce loses a real customer. The
+    words "user unknown" say the address does not exist when the recipient lookup
+    said them, i.e. at RCPT. Said after end-of-data they come from a content filter
+    rejecting a message, not an address (Sisimai's "filtered"): policy, not hard.
+    Exceptions that stay hard: the reply's own X.1.1 code (RFC 3463 "the mailbox
+    does not exist", a machine-readable verdict on the address) and provider rules
+    (their wording is known to come from the provider's account lookup, e.g. Yahoo's
+    "dd This user doesn't have a yahoo.com account", which it gives after DATA).
+    A reply whose own code is X.7.x is the server's policy decision unless it came at RCPT.
+    """
+    if c.category != "unknown_user" or not c.permanent:
+        return c
+    generic = c.rule.startswith(_GENERIC_RULES)
+    if stage == "DATA" and generic and reply_enhanced not in ("5.1.1", "4.1.1"):
+        return Classification("policy", c.permanent, c.rule + "+after_data")
+    if stage != "RCPT" and reply_enhanced and reply_enhanced[1:4] == ".7.":
+        return Classification("policy", c.permanent, c.rule + "+x.7")
+    return c
+
+
+_GENERIC_RULES = ("generic.", "weak.", "rfc", "default:")
+
+
+_PROSE_CLASSIFY_CHARS = 1500  # a bounce's reason is in its first paragraphs; the rest is boilerplate
 _AT_MAIL_FROM = re.compile(r"(?i)after MAIL FROM:|in reply to MAIL FROM command|>>> MAIL FROM:")
 _RECIPIENT_CATEGORIES = frozenset({"unknown_user", "bad_domain", "mailbox_disabled", "mailbox_full", "transient_other", "permanent_other"})
 
