@@ -160,9 +160,58 @@ def cmd_queue_stats(args: argparse.Namespace) -> int:
         totals[r["state"]] = totals.get(r["state"], 0) + r["n"]
     print("by state: " + (", ".join(f"{k}={v}" for k, v in sorted(totals.items())) or "queue is empty"))
     if rows:
-        print(f"{'STATE':<11} {'STREAM':<14} {'DOMAIN':<32} {'COUNT':>8}")
+        print(f"{'STATE':<11} {'STREAM':<14} {'DOMAIN':<32} {'COUNT':>8}  NEXT ATTEMPT")
         for r in rows:
-            print(f"{r['state']:<11} {r['stream']:<14} {r['domain']:<32} {r['n']:>8}")
+            nxt = f"{r['next_attempt_at']:%Y-%m-%d %H:%M:%S}" if r["next_attempt_at"] else ""
+            print(f"{r['state']:<11} {r['stream']:<14} {r['domain']:<32} {r['n']:>8}  {nxt}")
+    return 0
+
+
+def _selector(args: argparse.Namespace) -> dict[str, Any]:
+    import uuid as _uuid
+
+    from engine.addresses import normalize_domain
+
+    sel: dict[str, Any] = {"domain": normalize_domain(args.domain) if args.domain else None, "message_id": None}
+    if args.message:
+        try:
+            sel["message_id"] = _uuid.UUID(args.message)
+        except ValueError:
+            raise EngineError(f"--message {args.message!r} is not a message id (a UUID)") from None
+    return sel
+
+
+def cmd_queue_list(args: argparse.Namespace) -> int:
+    from engine.outbox import STATES, Outbox
+
+    if args.state and args.state not in STATES:
+        raise EngineError(f"--state must be one of {', '.join(STATES)}")
+
+    async def go() -> list[Any]:
+        async with database(args.settings) as pool:
+            return await Outbox(pool, 0).list(state=args.state, limit=args.limit, **_selector(args))
+
+    for r in run_async(go()):
+        _print_json(dict(r))
+    return 0
+
+
+def cmd_queue_action(args: argparse.Namespace) -> int:
+    from engine.outbox import Outbox
+
+    sel = _selector(args)
+    if args.action in ("hold", "purge") and not (sel["domain"] or sel["message_id"] or args.all):
+        raise EngineError(f"queue {args.action} needs --domain, --message or --all")
+    extra: dict[str, Any] = {}
+    if args.action == "purge":
+        extra["states"] = args.states.split(",")
+
+    async def go() -> int:
+        async with database(args.settings) as pool:
+            return await Outbox(pool, 0).manage(args.action, **sel, **extra)
+
+    n = run_async(go())
+    print(f"{args.action}: {n} recipient(s)")
     return 0
 
 
@@ -200,6 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = queue.add_parser("stats", help="recipient counts by state, stream and domain")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_queue_stats)
+    p = queue.add_parser("list", help="list recipients (JSON lines)")
+    p.add_argument("--state")
+    p.add_argument("--domain")
+    p.add_argument("--message", help="a message id")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=cmd_queue_list)
+    for action, text in (
+        ("retry", "make deferred recipients ready now"),
+        ("hold", "hold queued/deferred recipients (not delivered until released)"),
+        ("release", "release held recipients"),
+        ("purge", "end queued/deferred/held recipients as bounced ('purged by operator')"),
+    ):
+        p = queue.add_parser(action, help=text)
+        p.add_argument("--domain")
+        p.add_argument("--message", help="a message id")
+        p.add_argument("--all", action="store_true", help="every matching recipient (hold/purge need a filter or --all)")
+        if action == "purge":
+            p.add_argument("--states", default="held", help="comma-separated states to purge (default: held)")
+        p.set_defaults(func=cmd_queue_action, action=action)
 
     for name in COMMAND_MODULES:
         module = importlib.import_module(name)

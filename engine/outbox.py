@@ -263,6 +263,24 @@ class Outbox:
             raw: bytes | None = await conn.fetchval(*q("get_message_raw", id=message_id))
         return raw
 
+    async def manage(
+        self, action: str, *, domain: str | None = None, message_id: uuid.UUID | None = None,
+        states: Sequence[str] = ("queued", "deferred", "held"),
+    ) -> int:
+        """Ops actions on non-final rows: ``retry``, ``hold``, ``release``, ``purge``; returns rows changed."""
+        params: dict[str, Any] = {"domain": domain, "message_id": message_id}
+        if action == "purge":
+            params["states"] = list(states)
+        async with acquire(self.pool) as conn:
+            rows = await conn.fetch(*q(f"queue_{action}", **params))
+        return len(rows)
+
+    async def list(
+        self, *, state: str | None = None, domain: str | None = None, message_id: uuid.UUID | None = None, limit: int = 100
+    ) -> list[asyncpg.Record]:
+        async with acquire(self.pool) as conn:
+            return await conn.fetch(*q("queue_list", state=state, domain=domain, message_id=message_id, limit=limit))
+
     async def stats(self) -> list[asyncpg.Record]:
         async with acquire(self.pool) as conn:
             return await conn.fetch(*q("queue_stats"))

@@ -47,3 +47,35 @@ def test_migrate_reports_versions(db_dsn, tmp_path) -> None:
 def test_unreachable_database_is_a_clear_error(tmp_path) -> None:
     out = engine(f"postgresql://nobody@127.0.0.1:1/none", tmp_path, "queue", "stats")
     assert out.returncode == 1 and "database unavailable" in out.stderr
+
+
+async def test_queue_management(db_dsn, tmp_path, pool) -> None:
+    from engine.ids import uuid7
+    from engine.outbox import NewMessage, NewRecipient, Outbox
+
+    ob = Outbox(pool, 3600)
+    msgs = [NewMessage(id=uuid7(), source="http", mail_from="a@x.test", stream="default", priority=5,
+                       recipients=[NewRecipient(f"u{i}@{d}", d)], content={"subject": "s", "text": "t"})
+            for i, d in enumerate(["a.test", "a.test", "b.test"])]
+    await ob.enqueue(msgs)
+    await pool.execute("UPDATE recipients SET state = 'deferred', attempts = 1, next_attempt_at = now() + interval '1 hour'")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        out = engine(db_dsn, tmp_path, "queue", *args)
+        assert out.returncode == 0, out.stderr
+        return out
+
+    stats = run("stats").stdout
+    assert "deferred=3" in stats and "a.test" in stats and "b.test" in stats
+    assert "hold: 2" in run("hold", "--domain", "A.test").stdout
+    assert engine(db_dsn, tmp_path, "queue", "hold").returncode == 1  # refuses without a filter
+    listed = [json.loads(line) for line in run("list", "--state", "held").stdout.splitlines()]
+    assert {r["address"] for r in listed} == {"u0@a.test", "u1@a.test"}
+    assert "release: 2" in run("release", "--domain", "a.test").stdout
+    assert "retry: 3" in run("retry").stdout
+    assert await pool.fetchval("SELECT count(*) FROM recipients WHERE next_attempt_at <= now()") == 3
+    assert "purge: 1" in run("purge", "--domain", "b.test", "--states", "deferred").stdout
+    row = await pool.fetchrow("SELECT state, last_reply FROM recipients WHERE domain = 'b.test'")
+    assert row["state"] == "bounced" and "purged" in row["last_reply"]
+    bad = engine(db_dsn, tmp_path, "queue", "list", "--message", "nope")
+    assert bad.returncode == 1 and "UUID" in bad.stderr

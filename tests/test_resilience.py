@@ -69,7 +69,7 @@ async def test_kill_9_right_after_202_and_250_loses_nothing(db_dsn, tmp_path) ->
     settings = load_settings(cfg, env=env)
     pool = await create_pool(db_dsn, settings)
     key, _ = await ApiKeys(pool).create("k", ["send"])
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "--config", str(cfg), "run"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "--config", str(cfg), "run", "--workers", "0"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     accepted: list[str] = []
     try:
@@ -110,7 +110,7 @@ async def test_sigterm_stops_cleanly(db_dsn, tmp_path) -> None:
     cfg = tmp_path / "engine.toml"
     cfg.write_text(f'[http]\nlisten = "127.0.0.1:{port}"\n[smtp]\nenabled = false\n')
     env = {**os.environ, "DATABASE_URL": db_dsn, "ENGINE_HOME": str(tmp_path / "home")}
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "--config", str(cfg), "run"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "--config", str(cfg), "run", "--workers", "0"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30

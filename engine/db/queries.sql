@@ -106,8 +106,46 @@ WHERE r.message_id = :id ORDER BY a.id;
 SELECT raw FROM messages WHERE id = :id;
 
 -- name: queue_stats
-SELECT state, stream, domain, count(*)::bigint AS n
+SELECT state, stream, domain, count(*)::bigint AS n,
+       min(next_attempt_at) FILTER (WHERE state IN ('queued', 'deferred')) AS next_attempt_at
 FROM recipients GROUP BY state, stream, domain ORDER BY state, stream, domain;
+
+-- name: queue_list
+SELECT r.id, r.message_id, r.address, r.domain, r.stream, r.state, r.attempts, r.next_attempt_at,
+       r.last_reply, r.created_at
+FROM recipients r
+WHERE (:state::text IS NULL OR r.state = :state) AND (:domain::text IS NULL OR r.domain = :domain)
+  AND (:message_id::uuid IS NULL OR r.message_id = :message_id)
+ORDER BY r.id LIMIT :limit;
+
+-- name: queue_retry
+-- Deferred (or queued) rows become ready now: ops override of the backoff.
+UPDATE recipients SET next_attempt_at = now(), updated_at = now()
+WHERE state IN ('queued', 'deferred') AND (:domain::text IS NULL OR domain = :domain)
+  AND (:message_id::uuid IS NULL OR message_id = :message_id)
+RETURNING id;
+
+-- name: queue_hold
+UPDATE recipients SET state = 'held', updated_at = now()
+WHERE state IN ('queued', 'deferred') AND (:domain::text IS NULL OR domain = :domain)
+  AND (:message_id::uuid IS NULL OR message_id = :message_id)
+RETURNING id;
+
+-- name: queue_release
+UPDATE recipients SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END,
+       next_attempt_at = now(), updated_at = now()
+WHERE state = 'held' AND (:domain::text IS NULL OR domain = :domain)
+  AND (:message_id::uuid IS NULL OR message_id = :message_id)
+RETURNING id;
+
+-- name: queue_purge
+-- Final, but kept for the record: purged rows end as bounced with the operator's reason.
+UPDATE recipients SET state = 'bounced', last_code = NULL, last_status = '5.0.0',
+       last_reply = '5.0.0 purged by operator', updated_at = now()
+WHERE state IN ('queued', 'deferred', 'held') AND state = ANY(:states::text[])
+  AND (:domain::text IS NULL OR domain = :domain)
+  AND (:message_id::uuid IS NULL OR message_id = :message_id)
+RETURNING id;
 
 -- name: insert_api_key
 INSERT INTO api_keys (name, prefix, key_hash, scopes) VALUES (:name, :prefix, :key_hash, :scopes)
