@@ -83,3 +83,33 @@ def test_engine_refuses_to_start_on_bad_config(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "engine", "--config", str(p), "run"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "queue.max_age" in out.stderr and "negative" in out.stderr
+
+
+def _leaf_keys(model: type, prefix: str = "") -> list[str]:
+    import typing
+
+    from pydantic import BaseModel
+
+    keys = []
+    for name, field in model.model_fields.items():
+        if name in ("home", "config_path"):
+            continue
+        sub = None
+        for t in (field.annotation, *typing.get_args(field.annotation)):
+            for cand in (t, *typing.get_args(t)):
+                if isinstance(cand, type) and issubclass(cand, BaseModel):
+                    sub = cand
+        keys += _leaf_keys(sub, f"{prefix}{name}.") if sub else [f"{prefix}{name}"]
+    return keys
+
+
+def test_example_config_documents_every_key() -> None:
+    import re
+
+    from engine.config import Settings
+
+    text = (REPO / "deploy" / "engine.example.toml").read_text()
+    missing = [k for k in _leaf_keys(Settings)
+               if not re.search(rf"^\s*#?\s*\[*{re.escape(k.rsplit('.', 1)[-1])}\]*\s*(=|$)", text, re.M)
+               and not re.search(rf"^\s*\[+{re.escape(k)}\]+", text, re.M)]
+    assert not missing, f"deploy/engine.example.toml does not document: {missing}"
