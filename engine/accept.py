@@ -18,6 +18,7 @@ import structlog
 
 from engine.addresses import normalize_domain, split_address
 from engine.apikeys import ApiKey
+from engine.compose.render import Renderer, TemplateError
 from engine.config import Settings
 from engine.db.pool import acquire
 from engine.db.queries import q
@@ -25,6 +26,8 @@ from engine.errors import EngineError, ValidationFailed
 from engine.ids import uuid7
 from engine.outbox import EnqueuedRecipient, NewMessage, NewRecipient, Outbox
 from engine.submit.models import AddressIn, MessageIn, as_mailbox
+from engine.suppression import Suppressions
+from engine.templates_db import DbTemplateStore
 
 log = structlog.get_logger(__name__)
 
@@ -68,9 +71,20 @@ def _dedupe(recipients: list[NewRecipient]) -> list[NewRecipient]:
 
 
 class Acceptor:
-    def __init__(self, settings: Settings, outbox: Outbox) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        outbox: Outbox,
+        *,
+        renderer: Renderer | None = None,
+        templates: DbTemplateStore | None = None,
+        suppressions: Suppressions | None = None,
+    ) -> None:
         self.settings = settings
         self.outbox = outbox
+        self.renderer = renderer
+        self.templates = templates
+        self.suppressions = suppressions
 
     # -- building rows -------------------------------------------------------------------
 
@@ -156,7 +170,93 @@ class Acceptor:
         ]
 
     async def commit(self, messages: Sequence[NewMessage]) -> list[list[EnqueuedRecipient]]:
-        return await self.outbox.enqueue(messages)
+        if self.suppressions is None:
+            return await self.outbox.enqueue(messages)
+        # One connection for the suppression lookup and the enqueue transaction.
+        async with acquire(self.outbox.pool) as conn, conn.transaction():
+            await self.apply_suppressions(messages, conn=conn)
+            return await self.outbox.enqueue(messages, conn=conn)
+
+    # -- policy: templates and suppressions ----------------------------------------------
+
+    async def check_templates(self, items: Sequence[MessageIn], messages: Sequence[NewMessage], prefix: str) -> None:
+        """Resolve and pin each message's template, and refuse missing variables (422).
+
+        ``name`` is pinned to ``name@N`` (the latest upload now), so sending and
+        click re-rendering later use this exact version. Compiled templates and
+        their variable sets are cached by the Renderer: no re-parsing per message.
+        """
+        refs = [it.template for it in items if it.template]
+        if not refs or self.renderer is None:
+            return
+        if self.templates is not None:
+            await self.templates.prepare(refs)
+        for i, (item, msg) in enumerate(zip(items, messages)):
+            if not item.template or msg.content is None:
+                continue
+            p = prefix.format(i)
+            try:
+                pinned = self.renderer.resolve(item.template)
+                required = self.renderer.required_variables(pinned)
+            except TemplateError as exc:
+                raise ValidationFailed(exc.message, f"{p}template") from None
+            msg.content["template"] = pinned
+            self._check_vars(item, pinned, required, p)
+
+    @staticmethod
+    def _check_vars(item: MessageIn, pinned: str, required: set[str], p: str) -> None:
+        missing = required - set(item.vars)
+        if not missing:
+            return
+        # Each recipient row (first mention of an address wins, as in _dedupe) with its own vars.
+        seen: set[str] = set()
+        mentions: list[tuple[str, set[str]]] = []
+        for group_name, group in (("to", item.to), ("cc", item.cc), ("bcc", item.bcc)):
+            for idx, value in enumerate(group):
+                mb = as_mailbox(value)
+                address = _recipient(mb.email, group_name).address
+                if address not in seen:
+                    seen.add(address)
+                    mentions.append((f"{group_name}[{idx}]", set(mb.vars or {})))
+        for var in sorted(missing):
+            lacking = [loc for loc, keys in mentions if var not in keys]
+            if not lacking:
+                continue
+            if len(lacking) == len(mentions):
+                raise ValidationFailed(
+                    f"template {pinned!r} needs variable {var!r}: give it in vars (or in every recipient's vars)",
+                    f"{p}vars.{var}",
+                )
+            raise ValidationFailed(
+                f"template {pinned!r} needs variable {var!r}: recipient {lacking[0]} has no such var "
+                "and the message's vars do not give it",
+                f"{p}{lacking[0]}.vars.{var}",
+            )
+
+    async def apply_suppressions(
+        self, messages: Sequence[NewMessage], conn: asyncpg.Connection | None = None
+    ) -> None:
+        """Mark recipients suppressed for their stream (or globally) as ``suppressed``: one query per batch.
+
+        They are still stored (so GET /v1/messages/{id} shows them) but never claimed.
+        """
+        if self.suppressions is None:
+            return
+        by_stream: dict[str, set[str]] = {}
+        for m in messages:
+            by_stream.setdefault(m.stream, set()).update(r.address for r in m.recipients if r.state == "queued")
+        found = await self.suppressions.suppressed_pairs(by_stream, conn=conn)
+        if not found:
+            return
+        count = 0
+        for m in messages:
+            hit = found.get(m.stream)
+            if hit:
+                for r in m.recipients:
+                    if r.address in hit:
+                        r.state = "suppressed"
+                        count += 1
+        log.info("recipients_suppressed", count=count)
 
     async def accept_http(
         self,
@@ -170,6 +270,7 @@ class Acceptor:
         """Validate, enqueue in one transaction, and answer; replays the first answer for a reused key."""
         prefix = "messages[{}]." if batch else ""
         messages = [self.build_http_message(it, key, prefix.format(i)) for i, it in enumerate(items)]
+        await self.check_templates(items, messages, prefix)
         if idempotency_key is None:
             rows = await self.commit(messages)
             body = self._wrap(self._body(messages, rows), batch)
@@ -187,6 +288,7 @@ class Acceptor:
             )
             if claimed is None:
                 return await self._replay(conn, key, idempotency_key, request_hash)
+            await self.apply_suppressions(messages, conn=conn)
             rows = await self.outbox.enqueue(messages, conn=conn)
             body = self._wrap(self._body(messages, rows), batch)
             await conn.execute(

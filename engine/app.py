@@ -307,7 +307,12 @@ async def run_worker(settings: Settings) -> None:
     engine = Engine(settings)
     await engine.connect()
     assert engine.pool is not None
-    worker = DeliveryWorker(settings, engine.pool, dsn=engine.dsn)
+    from engine.compose.pipeline import Composer
+
+    # The renderer reads uploaded templates through the engine's DB-backed store.
+    worker = DeliveryWorker(
+        settings, engine.pool, dsn=engine.dsn, composer=Composer(settings, renderer=engine.renderer)
+    )
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)
     orphan_watch = None

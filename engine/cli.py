@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.compose.render",
     "engine.compose.tracking",
     "engine.feedback.commands",
+    "engine.suppression",
 )
 
 

@@ -273,3 +273,134 @@ SELECT address, scope, reason, source, created_at FROM suppressions
 WHERE (:address::text IS NULL OR address = :address)
 ORDER BY created_at DESC, address, scope
 LIMIT :limit;
+
+-- ==== shaping ====
+
+-- name: throttle_take
+-- Refill a token bucket by the time since its last take (Postgres' clock, the same for every host)
+-- and hand out up to :want whole tokens in one statement. granted = 0 means empty: the caller waits
+-- (1 - tokens) / rate seconds. The caller's rate and burst win, so a reload takes effect at once.
+INSERT INTO throttles AS t (key, tokens, rate, burst, granted, updated_at)
+VALUES (:key, :burst::float8 - least(:want::float8, floor(:burst::float8)), :rate::float8, :burst::float8,
+        least(:want::float8, floor(:burst::float8)), clock_timestamp())
+ON CONFLICT (key) DO UPDATE SET
+    granted = least(:want::float8, floor(least(:burst::float8,
+                  t.tokens + t.rate * extract(epoch FROM clock_timestamp() - t.updated_at)::float8))),
+    tokens = least(:burst::float8, t.tokens + t.rate * extract(epoch FROM clock_timestamp() - t.updated_at)::float8)
+             - least(:want::float8, floor(least(:burst::float8,
+                  t.tokens + t.rate * extract(epoch FROM clock_timestamp() - t.updated_at)::float8))),
+    rate = :rate::float8, burst = :burst::float8, updated_at = clock_timestamp()
+RETURNING granted, tokens, rate;
+
+-- name: throttle_state
+SELECT key, rate, burst,
+       least(burst, tokens + rate * extract(epoch FROM clock_timestamp() - updated_at)::float8) AS tokens,
+       updated_at
+FROM throttles WHERE key = ANY(:keys::text[]) OR :all::boolean ORDER BY key;
+
+-- name: connection_lease_acquire
+-- The lowest free slot below :limit (free = absent or expired). Two workers racing for one slot:
+-- the loser's insert conflicts, its update finds the lease live, and it gets no row (tries later).
+INSERT INTO connection_leases AS l (key, slot, owner, expires_at)
+SELECT :key::text, s, :owner::text, clock_timestamp() + make_interval(secs => :ttl)
+FROM generate_series(0, :limit::int - 1) AS s
+WHERE NOT EXISTS (SELECT 1 FROM connection_leases c
+                  WHERE c.key = :key AND c.slot = s AND c.expires_at > clock_timestamp())
+ORDER BY s LIMIT 1
+ON CONFLICT (key, slot) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
+    WHERE l.expires_at <= clock_timestamp()
+RETURNING slot;
+
+-- name: connection_lease_renew
+-- Keep this worker's live leases; a slot at or above its key's current limit (lowered by a reload)
+-- is not renewed, so the caller gives it up.
+UPDATE connection_leases l SET expires_at = clock_timestamp() + make_interval(secs => :ttl)
+FROM unnest(:keys::text[], :slots::int[], :limits::int[]) AS u(key, slot, lim)
+WHERE l.key = u.key AND l.slot = u.slot AND l.owner = :owner AND u.slot < u.lim
+  AND l.expires_at > clock_timestamp()
+RETURNING l.key, l.slot;
+
+-- name: connection_lease_release
+DELETE FROM connection_leases l
+USING unnest(:keys::text[], :slots::int[]) AS u(key, slot)
+WHERE l.key = u.key AND l.slot = u.slot AND l.owner = :owner;
+
+-- name: connection_lease_release_owner
+DELETE FROM connection_leases WHERE owner = :owner;
+
+-- name: connection_lease_counts
+SELECT key, count(*)::int AS open, array_agg(DISTINCT owner) AS owners
+FROM connection_leases
+WHERE expires_at > clock_timestamp() AND (key = ANY(:keys::text[]) OR :all::boolean)
+GROUP BY key ORDER BY key;
+
+-- name: warmup_take
+-- Reserve up to :want units of today's cap (schedule[step + 1]) for a ramp. No row comes back when
+-- the stored day is not :today: the caller rolls the day (warmup_roll) and asks again.
+INSERT INTO warmup_state AS w (key, step, day, sent, granted)
+VALUES (:key, 0, :today::date, least(:want::int, (:schedule::int[])[1]), least(:want::int, (:schedule::int[])[1]))
+ON CONFLICT (key) DO UPDATE SET
+    granted = least(:want::int, greatest(0, (:schedule::int[])[least(w.step + 1, cardinality(:schedule::int[]))] - w.sent)),
+    sent = w.sent + least(:want::int, greatest(0, (:schedule::int[])[least(w.step + 1, cardinality(:schedule::int[]))] - w.sent)),
+    updated_at = now()
+    WHERE w.day = :today::date
+RETURNING granted, step, sent, (:schedule::int[])[least(step + 1, cardinality(:schedule::int[]))] AS cap;
+
+-- name: warmup_roll
+-- A new day: advance one step when the stored day was healthy (enough volume, delivered ratio and
+-- complaint rate within bounds; complaints are 'complained' events naming the ramp's subject), else
+-- hold the step (complaint events carry data.source = egress source name or data.sending_domain).
+-- Then start the new day's counters. Only one worker's roll wins (day < :today).
+UPDATE warmup_state w SET
+    step = CASE WHEN h.healthy THEN least(w.step + 1, cardinality(:schedule::int[]) - 1) ELSE w.step END,
+    last_health = CASE WHEN h.healthy THEN 'advanced after ' ELSE 'held after ' END
+                  || w.day::text || ': delivered ' || w.delivered || '/' || (w.delivered + w.failed)
+                  || ', complaints ' || h.complaints,
+    day = :today::date, sent = 0, delivered = 0, failed = 0, granted = 0, updated_at = now()
+FROM (
+    SELECT w2.key,
+           (w2.delivered + w2.failed) >= greatest(1, :min_volume::int)
+           AND w2.delivered::float8 / greatest(1, w2.delivered + w2.failed) >= :min_delivered_ratio::float8
+           AND c.n::float8 / greatest(1, w2.delivered) <= :max_complaint_rate::float8 AS healthy,
+           c.n AS complaints
+    FROM warmup_state w2,
+         LATERAL (SELECT count(*)::int AS n FROM events e
+                  WHERE e.type = 'complained'
+                    AND (e.data->>'source' = :subject::text OR e.data->>'sending_domain' = :subject::text)
+                    AND e.created_at >= w2.day::timestamptz AND e.created_at < (w2.day + 1)::timestamptz) c
+    WHERE w2.key = :key
+) h
+WHERE w.key = h.key AND w.day < :today::date
+RETURNING w.step, w.last_health;
+
+-- name: warmup_record
+-- Outcomes of today's sends, added in batches by each worker.
+UPDATE warmup_state SET delivered = delivered + u.delivered, failed = failed + u.failed, updated_at = now()
+FROM unnest(:keys::text[], :delivered::int[], :failed::int[]) AS u(key, delivered, failed)
+WHERE warmup_state.key = u.key AND warmup_state.day = :today::date;
+
+-- name: warmup_state
+SELECT key, step, day, sent, delivered, failed, last_health, updated_at FROM warmup_state
+WHERE key = ANY(:keys::text[]) OR :all::boolean ORDER BY key;
+
+-- name: suspension_record
+INSERT INTO suspensions (domain, until, reason, owner)
+VALUES (:domain, clock_timestamp() + make_interval(secs => :seconds), :reason, :owner)
+ON CONFLICT (domain) DO UPDATE SET until = excluded.until, reason = excluded.reason, owner = excluded.owner;
+
+-- name: suspension_list
+SELECT domain, until, reason, owner FROM suspensions
+WHERE until > clock_timestamp() AND (domain = ANY(:domains::text[]) OR :all::boolean) ORDER BY domain;
+
+-- name: shaping_postpone
+-- Hand throttled rows back without counting an attempt, ready again at :next_attempt_at
+-- (a warm-up cap reached for today, or a token wait longer than [shaping] max_hold).
+UPDATE recipients
+SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END, next_attempt_at = :next_attempt_at,
+    lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+WHERE id = ANY(:ids::bigint[]) AND state = 'leased' AND lease_owner = :owner
+RETURNING id;
+
+-- name: shaping_reload_notify
+-- Every worker LISTENs on engine_reload and re-reads its shaping file.
+SELECT pg_notify('engine_reload', :payload::text);

@@ -21,7 +21,7 @@ CREATE INDEX events_created_idx ON events (created_at);
 CREATE INDEX events_message_idx ON events (message_id);
 
 CREATE TABLE suppressions (
-    address         text NOT NULL,                  -- local@lower-cased-domain, like recipients.address
+    address         text NOT NULL,                  -- wholly lower-cased (engine.suppression.normalize_address)
     scope           text NOT NULL,                  -- a stream name, or '*' for every stream
     reason          text NOT NULL,
     source          text NOT NULL,

@@ -1,0 +1,99 @@
+"""Event rows: what happened to which recipient, as an append-only log.
+
+Webhooks, ``GET /v1/events`` and metrics read this table. Writes are batched
+(:meth:`EventStore.record` is one statement for any number of events) so the
+delivery path pays one round trip per batch. Every payload is versioned
+(``{"v": 1, ...}``) so consumers can tell old rows from new ones when fields
+are added.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from engine.db.pool import acquire
+from engine.db.queries import q
+from engine.errors import EngineError
+
+PAYLOAD_VERSION = 1
+EVENT_TYPES = frozenset(
+    {"delivered", "deferred", "bounced", "expired", "suppressed", "complained", "opened", "clicked", "unsubscribed"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: str
+    recipient_id: int | None = None
+    message_id: uuid.UUID | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    """None means the database's now()."""
+
+
+def payload(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The stored form: the caller's fields plus the payload version (``v``)."""
+    return {"v": PAYLOAD_VERSION, **(data or {})}
+
+
+def _check(event_type: str) -> str:
+    if event_type not in EVENT_TYPES:
+        raise EngineError(f"unknown event type {event_type!r}; known: {', '.join(sorted(EVENT_TYPES))}")
+    return event_type
+
+
+class EventStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def record(self, events: Sequence[Event], *, conn: asyncpg.Connection | None = None) -> int:
+        """Insert events in one statement; returns how many were written."""
+        if not events:
+            return 0
+        args = q(
+            "events_insert",
+            types=[_check(e.type) for e in events],
+            recipient_ids=[e.recipient_id for e in events],
+            message_ids=[e.message_id for e in events],
+            datas=[payload(e.data) for e in events],
+            created_ats=[e.created_at for e in events],
+        )
+        if conn is not None:
+            await conn.execute(*args)
+        else:
+            async with acquire(self.pool) as c:
+                await c.execute(*args)
+        return len(events)
+
+    async def record_for_recipient(
+        self, event_type: str, recipient_id: int, data: Mapping[str, Any] | None = None,
+        *, conn: asyncpg.Connection | None = None,
+    ) -> bool:
+        """One event whose message id is looked up from the recipient row in the same statement.
+
+        False when the recipient row no longer exists (nothing is written).
+        """
+        args = q("event_insert_for_recipient", type=_check(event_type), recipient_id=recipient_id, data=payload(data))
+        if conn is not None:
+            return await conn.fetchval(*args) is not None
+        async with acquire(self.pool) as c:
+            return await c.fetchval(*args) is not None
+
+    async def exists_for_recipient(
+        self, event_type: str, message_id: uuid.UUID, recipient_id: int, *, conn: asyncpg.Connection | None = None
+    ) -> bool:
+        args = q("event_exists_for_recipient", type=_check(event_type), message_id=message_id, recipient_id=recipient_id)
+        if conn is not None:
+            return bool(await conn.fetchval(*args))
+        async with acquire(self.pool) as c:
+            return bool(await c.fetchval(*args))
+
+    async def for_message(self, message_id: uuid.UUID) -> list[asyncpg.Record]:
+        async with acquire(self.pool) as conn:
+            return await conn.fetch(*q("events_for_message", message_id=message_id))

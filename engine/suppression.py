@@ -1,0 +1,188 @@
+"""Suppressions: addresses that must not receive mail, per stream or everywhere.
+
+A suppression is ``(address, scope)``: scope is a stream name (an unsubscribe
+from ``bulk`` mail stops bulk mail only) or ``*`` for every stream (a hard
+bounce, a complaint, an operator's block). Addresses are keyed wholly
+lower-cased (in Python, so the folding never depends on the database's
+locale): RFC 5321 lets a local part be case-sensitive, but no mailbox provider
+uses that, and an unsubscribe must not be dodged by ``Ann@`` vs ``ann@``. A
+lookup is an exact, indexed equality.
+
+The accept layer asks about a whole submission in one query
+(:meth:`Suppressions.suppressed_pairs`); the tracking endpoints and, later,
+the feedback loop add rows. Adding is idempotent: the first reason recorded
+for ``(address, scope)`` stays.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from engine.addresses import AddressError, normalize_domain, split_address
+from engine.db.pool import acquire
+from engine.db.queries import q
+from engine.errors import ValidationFailed
+
+GLOBAL = "*"
+_SCOPE_RE = re.compile(r"^(?:\*|[a-z0-9_-]{1,64})$")
+_MAX_TEXT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    address: str
+    scope: str
+    reason: str
+    source: str
+    created_at: datetime
+
+
+def normalize_address(address: str) -> str:
+    """``Ann@Example.COM.`` -> ``ann@example.com``, the suppression key; raises ValidationFailed."""
+    try:
+        local, domain = split_address(address.strip())
+    except AddressError as exc:
+        raise ValidationFailed(str(exc), "address") from None
+    return f"{local}@{normalize_domain(domain)}".lower()
+
+
+def _scope(scope: str) -> str:
+    if not isinstance(scope, str) or not _SCOPE_RE.match(scope):
+        raise ValidationFailed("scope must be a stream name ([a-z0-9_-]{1,64}) or '*' for every stream", "scope")
+    return scope
+
+
+def _text(value: str, field: str) -> str:
+    value = (value or "").strip()
+    if not value or len(value) > _MAX_TEXT or not value.isprintable():
+        raise ValidationFailed(f"{field} must be 1-{_MAX_TEXT} printable characters", field)
+    return value
+
+
+class Suppressions:
+    """The ``suppressions`` table. Methods take ``conn`` to join a caller's transaction."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def add(
+        self, address: str, scope: str, reason: str, source: str, *, conn: asyncpg.Connection | None = None
+    ) -> bool:
+        """Suppress ``address`` for ``scope``; True when the row is new (False: already suppressed)."""
+        args = q(
+            "suppression_add",
+            address=normalize_address(address),
+            scope=_scope(scope),
+            reason=_text(reason, "reason"),
+            source=_text(source, "source"),
+        )
+        if conn is not None:
+            return await conn.fetchval(*args) is not None
+        async with acquire(self.pool) as c:
+            return await c.fetchval(*args) is not None
+
+    async def remove(self, address: str, scope: str | None = None) -> list[str]:
+        """Lift a suppression (every scope when ``scope`` is None); returns the scopes removed."""
+        async with acquire(self.pool) as conn:
+            rows = await conn.fetch(
+                *q("suppression_remove", address=normalize_address(address), scope=None if scope is None else _scope(scope))
+            )
+        return sorted(r["scope"] for r in rows)
+
+    async def is_suppressed(self, addresses: Iterable[str], stream: str) -> set[str]:
+        """Which of ``addresses`` (valid addresses, as in recipients.address) may not get ``stream`` mail."""
+        found = await self.suppressed_pairs({stream: addresses})
+        return found.get(stream, set())
+
+    async def suppressed_pairs(
+        self, by_stream: Mapping[str, Iterable[str]], *, conn: asyncpg.Connection | None = None
+    ) -> dict[str, set[str]]:
+        """stream -> suppressed addresses (as given), for a whole submission in one query."""
+        addrs: list[str] = []
+        streams: list[str] = []
+        given: dict[tuple[str, str], list[str]] = {}  # (key, stream) -> the spellings asked about
+        for stream, group in by_stream.items():
+            for a in set(group):
+                key = a.lower()
+                if (key, stream) not in given:
+                    addrs.append(key)
+                    streams.append(stream)
+                given.setdefault((key, stream), []).append(a)
+        if not addrs:
+            return {}
+        args = q("suppression_match", addresses=addrs, streams=streams)
+        if conn is not None:
+            rows = await conn.fetch(*args)
+        else:
+            async with acquire(self.pool) as c:
+                rows = await c.fetch(*args)
+        out: dict[str, set[str]] = {}
+        for r in rows:
+            out.setdefault(r["stream"], set()).update(given[(r["address"], r["stream"])])
+        return out
+
+    async def list(self, address: str | None = None, limit: int = 100) -> list[Suppression]:
+        async with acquire(self.pool) as conn:
+            rows = await conn.fetch(
+                *q("suppression_list", address=None if address is None else normalize_address(address), limit=limit)
+            )
+        return [Suppression(**dict(r)) for r in rows]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cli(args: Any, work: Any) -> Any:
+    from engine.cli import database, run_async
+
+    async def go() -> Any:
+        async with database(args.settings) as pool:
+            return await work(Suppressions(pool))
+
+    return run_async(go())
+
+
+def cmd_suppress_add(args: Any) -> int:
+    new = _cli(args, lambda s: s.add(args.address, args.scope, args.reason, "cli"))
+    print(f"{'suppressed' if new else 'already suppressed'}: {args.address} ({args.scope})")
+    return 0
+
+
+def cmd_suppress_remove(args: Any) -> int:
+    scopes = _cli(args, lambda s: s.remove(args.address, args.scope))
+    if not scopes:
+        print(f"{args.address} was not suppressed")
+        return 1
+    print(f"removed {args.address} from: {', '.join(scopes)}")
+    return 0
+
+
+def cmd_suppress_list(args: Any) -> int:
+    rows = _cli(args, lambda s: s.list(args.address, args.limit))
+    for r in rows:
+        print(f"{r.created_at:%Y-%m-%d %H:%M:%S}  {r.scope:<16} {r.address:<40} {r.reason} ({r.source})")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """``engine suppress add|remove|list``."""
+    grp = sub.add_parser("suppress", help="manage the suppression list").add_subparsers(dest="suppress_cmd", required=True)
+    p = grp.add_parser("add", help="stop mail to an address (for one stream, or '*' for all)")
+    p.add_argument("address")
+    p.add_argument("--scope", default=GLOBAL, help="stream name, or '*' (default) for every stream")
+    p.add_argument("--reason", default="manual")
+    p.set_defaults(func=cmd_suppress_add)
+    p = grp.add_parser("remove", help="lift a suppression")
+    p.add_argument("address")
+    p.add_argument("--scope", default=None, help="only this scope (default: every scope)")
+    p.set_defaults(func=cmd_suppress_remove)
+    p = grp.add_parser("list", help="recent suppressions")
+    p.add_argument("--address", default=None)
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=cmd_suppress_list)
