@@ -8,8 +8,9 @@ delivers: "accepted" means committed in Postgres, nothing more.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,56 @@ def _dedupe(recipients: list[NewRecipient]) -> list[NewRecipient]:
     return out
 
 
+class GroupCommitter:
+    """Coalesce concurrent commits into one transaction, like a database's group commit.
+
+    Twenty SMTP sessions each committing one message would cost twenty
+    transactions and ~100 round trips; while one commit is in flight, the
+    others queue and the next transaction takes them all. A lone caller waits
+    for nothing extra. If the shared transaction fails, every caller in it gets
+    the error (and answers "try later"); none is told "accepted" without a commit.
+    """
+
+    def __init__(
+        self, commit: Callable[[Sequence[NewMessage]], Awaitable[list[list[EnqueuedRecipient]]]], max_messages: int = 1000
+    ) -> None:
+        self._commit = commit
+        self._max = max_messages
+        self._waiting: list[tuple[Sequence[NewMessage], asyncio.Future[list[list[EnqueuedRecipient]]]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, messages: Sequence[NewMessage]) -> list[list[EnqueuedRecipient]]:
+        fut: asyncio.Future[list[list[EnqueuedRecipient]]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((messages, fut))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain(), name="group-commit")
+        return await asyncio.shield(fut)
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch: list[tuple[Sequence[NewMessage], asyncio.Future[list[list[EnqueuedRecipient]]]]] = []
+            count = 0
+            while self._waiting and (not batch or count + len(self._waiting[0][0]) <= self._max):
+                item = self._waiting.pop(0)
+                batch.append(item)
+                count += len(item[0])
+            messages = [m for ms, _ in batch for m in ms]
+            try:
+                rows = await self._commit(messages)
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            i = 0
+            for ms, fut in batch:
+                if not fut.done():
+                    fut.set_result(rows[i : i + len(ms)])
+                i += len(ms)
+
+
 class Acceptor:
     def __init__(
         self,
@@ -85,6 +136,7 @@ class Acceptor:
         self.renderer = renderer
         self.templates = templates
         self.suppressions = suppressions
+        self._group = GroupCommitter(self._commit_now)
 
     # -- building rows -------------------------------------------------------------------
 
@@ -170,6 +222,10 @@ class Acceptor:
         ]
 
     async def commit(self, messages: Sequence[NewMessage]) -> list[list[EnqueuedRecipient]]:
+        """Durably enqueue; concurrent callers share one transaction (group commit)."""
+        return await self._group.submit(messages)
+
+    async def _commit_now(self, messages: Sequence[NewMessage]) -> list[list[EnqueuedRecipient]]:
         if self.suppressions is None:
             return await self.outbox.enqueue(messages)
         # One connection for the suppression lookup and the enqueue transaction.

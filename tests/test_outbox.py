@@ -87,3 +87,19 @@ async def test_stats(pool) -> None:
     rows = await ob.stats()
     assert sum(r["n"] for r in rows) == 3
     assert {r["domain"] for r in rows} == {"d0.example", "d1.example", "d2.example"}
+
+
+async def test_group_commit_shares_transactions_and_keeps_results_apart(pool, settings) -> None:
+    from engine.accept import Acceptor
+
+    acc = Acceptor(settings, Outbox(pool, 3600))
+    msgs = [acc.build_smtp_message("s@example.com", [f"r{i}@example.net", f"q{i}@example.org"], b"Subject: x\r\n\r\nx\r\n", None)
+            for i in range(50)]
+    results = await asyncio.gather(*(acc.commit([m]) for m in msgs))
+    # Rows written by one transaction share its xmin: count the transactions that wrote them.
+    transactions = await pool.fetchval("SELECT count(DISTINCT xmin::text) FROM messages")
+    for m, rows in zip(msgs, results):
+        assert [r.address for r in rows[0]] == [r.address for r in m.recipients]
+    assert await pool.fetchval("SELECT count(*) FROM recipients") == 100
+    # 50 concurrent commits were coalesced into far fewer transactions.
+    assert 1 <= transactions <= 5, transactions
