@@ -106,3 +106,77 @@ def proc_peak_rss_mb(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+# --------------------------------------------------------------------------- process trees, extra databases
+# (added for bench_e2e: the engine runs its delivery workers as child processes, Postgres and
+# Postfix are process trees too, so per-pid figures would miss most of the work)
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and all its live descendants, from the ppid field of /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User+system CPU of a process tree, including its reaped children (cutime/cstime), so
+    short-lived processes (Postfix's smtpd, cleanup...) are counted once their parent reaps them."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                f = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return total / ticks
+
+
+def tree_peak_rss_mb(root: int) -> dict[int, float]:
+    """Peak RSS (VmHWM) of each live process of a tree, by pid; sum it for the tree's upper bound."""
+    out = {}
+    for pid in tree_pids(root):
+        try:
+            out[pid] = proc_peak_rss_mb(pid)
+        except OSError:
+            continue
+    return out
+
+
+def postgres_pid(name: str) -> int | None:
+    """The postmaster of the embedded Postgres started by :func:`postgres` (first line of postmaster.pid)."""
+    try:
+        return int((OUT / f"pg-{name}" / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def create_database(dsn: str, name: str) -> str:
+    """A new empty database on the server of ``dsn``; returns its DSN (one server, many fresh engines)."""
+    import asyncpg
+    from urllib.parse import urlsplit, urlunsplit
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + name))

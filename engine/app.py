@@ -64,6 +64,8 @@ class Engine:
     keyring: Keyring | None = None
     http_address: tuple[str, int] | None = None
     smtp_addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
+    inbound_address: tuple[str, int] | None = None
+    inbound: Any = None  # engine.feedback.inbound.InboundListener when [feedback.inbound] is enabled
     _embedded: Any = None
     _http: _QuietServer | None = None
     _http_task: asyncio.Task[None] | None = None
@@ -115,6 +117,11 @@ class Engine:
 
             self._smtp = await start_smtp_listeners(self.settings, self.acceptor, self.apikeys)
             self.smtp_addresses = {h.name: h.address for h in self._smtp}
+        if self.settings.feedback.inbound.enabled:
+            from engine.feedback.inbound import start_inbound
+
+            self.inbound = await start_inbound(self.settings, self.pool)  # type: ignore[arg-type]
+            self.inbound_address = self.inbound.address
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         if self.templates is not None:
             self._tasks.append(asyncio.create_task(self.templates.run_refresh(self._stopping), name="templates-refresh"))
@@ -190,6 +197,10 @@ class Engine:
             with contextlib.suppress(Exception):
                 await handle.close()
         self._smtp = []
+        if self.inbound is not None:
+            with contextlib.suppress(Exception):
+                await self.inbound.close()
+            self.inbound = None
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             with contextlib.suppress(Exception):
@@ -238,6 +249,7 @@ async def serve(settings: Settings, workers: int | None = None) -> None:
     async with running(settings) as engine:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, engine.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: _spawn_reload(engine))
         supervisor = WorkerSupervisor(settings, engine.dsn or "", n)
         await supervisor.start()
         try:
@@ -245,6 +257,34 @@ async def serve(settings: Settings, workers: int | None = None) -> None:
             log.info("shutdown_requested")
         finally:
             await supervisor.stop(settings.server.shutdown_timeout + 5)
+
+
+_reload_tasks: set[asyncio.Task[None]] = set()
+
+
+def _spawn_reload(engine: Engine) -> None:
+    task = asyncio.get_running_loop().create_task(_reload(engine))
+    _reload_tasks.add(task)
+    task.add_done_callback(_reload_tasks.discard)
+
+
+async def _reload(engine: Engine) -> None:
+    """SIGHUP: validate the shaping file here, then tell every worker (on every host) to re-read it."""
+    from engine.deliver.shaping import ShapingError
+    from engine.deliver.shaping_cli import check_configured, notify_reload
+    from engine.errors import ConfigError
+
+    try:
+        shaping = check_configured(engine.settings)
+    except (ShapingError, ConfigError) as exc:
+        log.error("shaping_reload_refused", error=str(exc))
+        return
+    if engine.pool is not None:
+        try:
+            await notify_reload(engine.pool, shaping.source)
+            log.info("shaping_reload_sent", file=shaping.source)
+        except DatabaseUnavailable as exc:
+            log.error("shaping_reload_not_sent", error=str(exc))
 
 
 class WorkerSupervisor:
@@ -315,6 +355,7 @@ async def run_worker(settings: Settings) -> None:
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, worker.request_reload)
     orphan_watch = None
     if os.environ.get("ENGINE_WORKER_SLOT") is not None:
         orphan_watch = asyncio.create_task(_stop_when_orphaned(worker.request_stop), name="orphan-watch")

@@ -30,6 +30,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.compose.tracking",
     "engine.feedback.commands",
     "engine.suppression",
+    "engine.feedback.reputation",
+    "engine.deliver.shaping_cli",
 )
 
 

@@ -33,6 +33,8 @@ from engine.compose.tracking import TrackingConfig
 from engine.deliver.config import DeliveryConfig
 from engine.deliver.pools import PoolConfig
 from engine.deliver.routing import RoutingConfig
+from engine.deliver.shaping import ShapingSettings
+from engine.feedback.config import FeedbackConfig
 from engine.errors import ConfigError
 
 class ServerConfig(_Section):
@@ -162,11 +164,13 @@ class Settings(_Section):
     api: ApiConfig = ApiConfig()
     routing: RoutingConfig = RoutingConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    shaping: ShapingSettings = ShapingSettings()
     pools: list[PoolConfig] = Field(default_factory=list, description="Egress pools; none = one implicit 'default'.")
     domains: list[DomainDkimConfig] = Field(default_factory=list, description="Sending domains and their DKIM keys.")
     templates: TemplateConfig = TemplateConfig()
     mime: MimeConfig = MimeConfig()
     tracking: TrackingConfig = TrackingConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
 
     # Resolved from the environment, not from the file.
     home: Path = Path("var")

@@ -237,6 +237,11 @@ class Outbox:
             rows = await conn.fetch(*q("release", owner=owner, ids=list(ids)))
         return len(rows)
 
+    async def extend_leases(self, owner: str, lease_seconds: float) -> None:
+        """Renew every lease ``owner`` holds (its heartbeat): rows waiting in a busy worker stay its own."""
+        async with acquire(self.pool) as conn:
+            await conn.execute(*q("extend_leases", owner=owner, lease_seconds=lease_seconds))
+
     async def reclaim_expired_leases(self, limit: int = 1000) -> int:
         async with acquire(self.pool) as conn:
             rows = await conn.fetch(*q("reclaim_expired_leases", limit=limit))

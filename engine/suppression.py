@@ -74,18 +74,29 @@ class Suppressions:
     async def add(
         self, address: str, scope: str, reason: str, source: str, *, conn: asyncpg.Connection | None = None
     ) -> bool:
-        """Suppress ``address`` for ``scope``; True when the row is new (False: already suppressed)."""
-        args = q(
-            "suppression_add",
-            address=normalize_address(address),
-            scope=_scope(scope),
-            reason=_text(reason, "reason"),
-            source=_text(source, "source"),
-        )
+        """Suppress ``address`` for ``scope``; True when the row is new (False: already suppressed).
+
+        Mail already queued for the address (in that stream, or every stream for ``*``) is
+        stopped in the same transaction (:func:`suppress_pending`).
+        """
+        new, _ = await self.suppress(address, scope, reason, source, conn=conn)
+        return new
+
+    async def suppress(
+        self, address: str, scope: str, reason: str, source: str, *, conn: asyncpg.Connection | None = None
+    ) -> tuple[bool, int]:
+        """:meth:`add`, returning (new, how many pending recipient rows became 'suppressed')."""
+        key, scope, reason = normalize_address(address), _scope(scope), _text(reason, "reason")
+        args = q("suppression_add", address=key, scope=scope, reason=reason, source=_text(source, "source"))
         if conn is not None:
-            return await conn.fetchval(*args) is not None
-        async with acquire(self.pool) as c:
-            return await c.fetchval(*args) is not None
+            async with conn.transaction():  # a savepoint inside the caller's transaction
+                new = await conn.fetchval(*args) is not None
+                moved = await suppress_pending(conn, key, scope, reason)
+            return new, len(moved)
+        async with acquire(self.pool) as c, c.transaction():
+            new = await c.fetchval(*args) is not None
+            moved = await suppress_pending(c, key, scope, reason)
+        return new, len(moved)
 
     async def remove(self, address: str, scope: str | None = None) -> list[str]:
         """Lift a suppression (every scope when ``scope`` is None); returns the scopes removed."""
@@ -135,6 +146,32 @@ class Suppressions:
         return [Suppression(**dict(r)) for r in rows]
 
 
+async def suppress_pending(conn: asyncpg.Connection, address: str, scope: str, reason: str = "suppressed") -> list[int]:
+    """Queued, deferred or held rows of ``address`` (stream ``scope``, or all for ``*``) become 'suppressed'.
+
+    Why: a suppression must also stop mail accepted before it, not only later submissions.
+    Call it in the transaction that inserts the suppression; each row moved gets a
+    ``suppressed`` event. Leased rows (a worker is sending them right now) finish their attempt.
+    Returns the recipient ids moved.
+    """
+    return await suppress_pending_many(conn, [(address, scope, reason)])
+
+
+async def suppress_pending_many(conn: asyncpg.Connection, items: Iterable[tuple[str, str, str]]) -> list[int]:
+    """:func:`suppress_pending` for many (address, scope, reason) at once: one statement."""
+    addrs: list[str] = []
+    scopes: list[str] = []
+    reasons: list[str] = []
+    for address, scope, reason in items:
+        addrs.append(normalize_address(address))
+        scopes.append(_scope(scope))
+        reasons.append(reason)
+    if not addrs:
+        return []
+    rows = await conn.fetch(*q("suppress_pending", addresses=addrs, scopes=scopes, reasons=reasons))
+    return [r["recipient_id"] for r in rows]
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -149,8 +186,10 @@ def _cli(args: Any, work: Any) -> Any:
 
 
 def cmd_suppress_add(args: Any) -> int:
-    new = _cli(args, lambda s: s.add(args.address, args.scope, args.reason, "cli"))
+    new, moved = _cli(args, lambda s: s.suppress(args.address, args.scope, args.reason, "cli"))
     print(f"{'suppressed' if new else 'already suppressed'}: {args.address} ({args.scope})")
+    if moved:
+        print(f"{moved} queued recipient(s) will not be sent")
     return 0
 
 

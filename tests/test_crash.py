@@ -92,8 +92,9 @@ async def test_kill_9_worker_mid_run_then_restart(db_dsn, tmp_path: Path, smtp_r
             first.kill()
         await pool.close()
     assert {m.rcpt_tos[0] for m in rx.messages} == {f"u{i}@example.net" for i in range(n)}
-    # Only recipients inside a transaction (or whose 250 was not yet written) at the kill repeat.
-    assert _duplicates(rx) <= 2 * CONCURRENCY, _duplicates(rx)
+    # Only recipients inside a transaction at the kill, or whose 250 was received but not yet
+    # written (one outcome flush, 20 ms here, longer on a loaded machine), are sent twice.
+    assert _duplicates(rx) <= 3 * CONCURRENCY, _duplicates(rx)
 
 
 async def test_postgres_stop_and_start_mid_run(private_pg, tmp_path: Path, smtp_receiver) -> None:

@@ -269,3 +269,19 @@ async def test_message_status_shows_each_attempt(harness, smtp_receiver, engine_
     assert [a["outcome"] for a in rcpt["history"]] == ["deferred", "delivered"]
     assert rcpt["history"][0]["code"] == 451 and "Greylisted" in rcpt["history"][0]["reply"]
     assert rcpt["history"][1]["mx"]
+
+
+async def test_leases_of_a_busy_worker_do_not_lapse(harness, smtp_receiver) -> None:
+    # 30 messages through one connection at ~0.1 s each take ~3 s: three times the lease. The
+    # worker's heartbeat keeps its leases; without it, its own reclaim would resend them.
+    rx = smtp_receiver(Behaviour(delay={"data": 0.1}))
+    h = await harness(routes(example_net=rx) + '[queue]\nlease_duration = "1s"\n', delivery="destination_concurrency = 1\n")
+    for i in range(30):
+        await h.submit([f"u{i}@example.net"])
+    h.start_worker()
+    st = await h.wait(final, timeout=30)
+    assert set(st.values()) == {"delivered"}
+    await asyncio.sleep(0.5)  # a lapsed lease would be re-claimed and sent again meanwhile
+    await h.stop()
+    sent = [m.rcpt_tos[0] for m in rx.messages]
+    assert len(sent) == len(set(sent)) == 30

@@ -55,7 +55,11 @@ def translate_errors() -> Iterator[None]:
 
 def embedded_server(home: Path) -> Any:
     """Start (or attach to) the embedded Postgres under ``home/pg``; returns the pgserver handle."""
-    import pgserver  # imported lazily: only needed without DATABASE_URL
+    import warnings
+
+    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset (servers, CI)
+        warnings.simplefilter("ignore")
+        import pgserver  # imported lazily: only needed without DATABASE_URL
 
     pgdata = (home / "pg").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,11 @@ SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END,
 WHERE id = ANY(:ids::bigint[]) AND state = 'leased' AND lease_owner = :owner
 RETURNING id;
 
+-- name: extend_leases
+-- Heartbeat: a live worker keeps every row it still holds; only a dead worker's leases run out.
+UPDATE recipients SET lease_expires_at = now() + make_interval(secs => :lease_seconds)
+WHERE state = 'leased' AND lease_owner = :owner;
+
 -- name: reclaim_expired_leases
 -- Leases of dead workers run out; their rows become ready again.
 UPDATE recipients
@@ -328,6 +333,20 @@ WHERE l.key = u.key AND l.slot = u.slot AND l.owner = :owner;
 -- name: connection_lease_release_owner
 DELETE FROM connection_leases WHERE owner = :owner;
 
+-- name: connection_wait
+-- This worker wants a slot of :key and has none: holders will shrink to a fair share.
+INSERT INTO connection_waiters (key, owner, until)
+VALUES (:key, :owner, clock_timestamp() + make_interval(secs => :seconds))
+ON CONFLICT (key, owner) DO UPDATE SET until = excluded.until;
+
+-- name: connection_sharers
+-- How many workers hold or want each key right now (fair share = ceil(limit / sharers)).
+SELECT u.key, count(DISTINCT o.owner)::int AS sharers
+FROM unnest(:keys::text[]) AS u(key)
+JOIN (SELECT key, owner FROM connection_leases WHERE expires_at > clock_timestamp()
+      UNION SELECT key, owner FROM connection_waiters WHERE until > clock_timestamp()) o ON o.key = u.key
+GROUP BY u.key;
+
 -- name: connection_lease_counts
 SELECT key, count(*)::int AS open, array_agg(DISTINCT owner) AS owners
 FROM connection_leases
@@ -375,9 +394,9 @@ RETURNING w.step, w.last_health;
 
 -- name: warmup_record
 -- Outcomes of today's sends, added in batches by each worker.
-UPDATE warmup_state SET delivered = delivered + u.delivered, failed = failed + u.failed, updated_at = now()
+UPDATE warmup_state w SET delivered = w.delivered + u.delivered, failed = w.failed + u.failed, updated_at = now()
 FROM unnest(:keys::text[], :delivered::int[], :failed::int[]) AS u(key, delivered, failed)
-WHERE warmup_state.key = u.key AND warmup_state.day = :today::date;
+WHERE w.key = u.key AND w.day = :today::date;
 
 -- name: warmup_state
 SELECT key, step, day, sent, delivered, failed, last_health, updated_at FROM warmup_state
@@ -404,3 +423,84 @@ RETURNING id;
 -- name: shaping_reload_notify
 -- Every worker LISTENs on engine_reload and re-reads its shaping file.
 SELECT pg_notify('engine_reload', :payload::text);
+
+-- ==== feedback ====
+
+-- name: feedback_recipient
+-- The recipient row a VERP token or a Message-ID names, with what the feedback loop needs to know.
+SELECT r.id, r.message_id, r.address, r.domain, r.stream, r.state, m.mail_from
+FROM recipients r JOIN messages m ON m.id = r.message_id
+WHERE r.id = :recipient_id;
+
+-- name: feedback_recipient_in_message
+-- A sibling row of the same message, by address (one SMTP transaction served several recipients).
+SELECT r.id, r.message_id, r.address, r.domain, r.stream, r.state, m.mail_from
+FROM recipients r JOIN messages m ON m.id = r.message_id
+WHERE r.message_id = :message_id AND lower(r.address) = :address;
+
+-- name: feedback_mark_bounced
+-- An asynchronous permanent failure after acceptance (or for a row still waiting): final 'bounced'.
+-- Leased rows are left to their worker, whose ack must still find them leased.
+UPDATE recipients r
+SET state = 'bounced', last_status = u.status, last_reply = u.reply, updated_at = now()
+FROM unnest(:ids::bigint[], :statuses::text[], :replies::text[]) AS u(id, status, reply)
+WHERE r.id = u.id AND r.state IN ('delivered', 'queued', 'deferred', 'held')
+RETURNING r.id;
+
+-- name: suppressions_add_many
+-- Batched suppression inserts; the first reason recorded for (address, scope) stays.
+INSERT INTO suppressions (address, scope, reason, source)
+SELECT DISTINCT ON (u.address, u.scope) u.address, u.scope, u.reason, u.source
+FROM unnest(:addresses::text[], :scopes::text[], :reasons::text[], :sources::text[]) AS u(address, scope, reason, source)
+ORDER BY u.address, u.scope
+ON CONFLICT (address, scope) DO NOTHING
+RETURNING address, scope;
+
+-- name: suppress_pending
+-- Mail waiting for newly suppressed addresses (scope '*' = every stream) is never sent: its rows
+-- become 'suppressed' and each gets a 'suppressed' event, in the caller's transaction. Leased rows
+-- are in a worker's hands and finish their attempt.
+WITH moved AS (
+    UPDATE recipients r
+    SET state = 'suppressed', last_reply = 'suppressed: ' || u.reason, updated_at = now()
+    FROM unnest(:addresses::text[], :scopes::text[], :reasons::text[]) AS u(address, scope, reason)
+    WHERE lower(r.address) = u.address AND r.state IN ('queued', 'deferred', 'held')
+      AND (u.scope = '*' OR r.stream = u.scope)
+    RETURNING r.id, r.message_id, r.stream, u.reason, u.scope
+)
+INSERT INTO events (type, recipient_id, message_id, data)
+SELECT 'suppressed', id, message_id,
+       jsonb_build_object('v', 1, 'reason', reason, 'scope', scope, 'stream', stream, 'pending', true)
+FROM moved
+RETURNING recipient_id;
+
+-- name: reputation_add
+-- Per-minute counters, added in one statement per batch (rows pre-summed and sorted by the caller,
+-- so concurrent writers lock keys in the same order).
+INSERT INTO reputation_counters AS c (bucket, provider, source, sending_domain, outcome, category, n)
+SELECT date_trunc('minute', coalesce(u.at, now())), u.provider, u.source, u.sending_domain, u.outcome,
+       u.category, u.n
+FROM unnest(:ats::timestamptz[], :providers::text[], :sources::text[], :sending_domains::text[],
+            :outcomes::text[], :categories::text[], :ns::bigint[])
+     AS u(at, provider, source, sending_domain, outcome, category, n)
+ON CONFLICT (provider, bucket, source, sending_domain, outcome, category) DO UPDATE SET n = c.n + excluded.n;
+
+-- name: reputation_window
+-- Sums over the last :seconds for one provider (source / sending domain optional), by outcome and category.
+SELECT outcome, category, sum(n)::bigint AS n
+FROM reputation_counters
+WHERE provider = :provider AND bucket >= date_trunc('minute', now() - make_interval(secs => :seconds))
+  AND (:source::text IS NULL OR source = :source) AND (:sending_domain::text IS NULL OR sending_domain = :sending_domain)
+GROUP BY outcome, category;
+
+-- name: reputation_summary
+-- Every (provider, source, sending domain) seen in the last :seconds, for `engine reputation show`.
+SELECT provider, source, sending_domain, outcome, category, sum(n)::bigint AS n
+FROM reputation_counters
+WHERE bucket >= date_trunc('minute', now() - make_interval(secs => :seconds))
+  AND (:provider::text IS NULL OR provider = :provider)
+GROUP BY provider, source, sending_domain, outcome, category
+ORDER BY provider, source, sending_domain, outcome, category;
+
+-- name: reputation_prune
+DELETE FROM reputation_counters WHERE bucket < now() - make_interval(secs => :keep_seconds);

@@ -134,6 +134,14 @@ CREATE TABLE connection_leases (
 );
 CREATE INDEX connection_leases_owner_idx ON connection_leases (owner);
 
+-- Workers that found no free slot: holders shrink to a fair share so no worker starves.
+CREATE TABLE connection_waiters (
+    key             text NOT NULL,
+    owner           text NOT NULL,
+    until           timestamptz NOT NULL,
+    PRIMARY KEY (key, owner)
+);
+
 -- Warm-up ramps: today's count and the current step of each (ramp, source or sending domain).
 CREATE TABLE warmup_state (
     key             text PRIMARY KEY,
@@ -154,3 +162,25 @@ CREATE TABLE suspensions (
     reason          text NOT NULL,
     owner           text NOT NULL
 );
+
+-- from 0005_feedback
+
+-- Suppressing an address stops its pending mail (engine.suppression.suppress_pending): only rows
+-- that can still be sent are indexed, keyed like suppressions.address (lower-cased).
+CREATE INDEX recipients_pending_address_idx ON recipients (lower(address))
+    WHERE state IN ('queued', 'deferred', 'held');
+
+-- Rolling reputation windows (engine.feedback.reputation): one row per minute and
+-- (provider, source, sending domain, outcome, category), upserted in batches by the outcome writer
+-- and the inbound listener; a window is a sum over its buckets.
+CREATE TABLE reputation_counters (
+    bucket          timestamptz NOT NULL,           -- the minute (date_trunc('minute', ...))
+    provider        text NOT NULL,                  -- shaping provider name, else the recipient domain
+    source          text NOT NULL DEFAULT '',       -- egress source name; '' when unknown (inbound reports)
+    sending_domain  text NOT NULL DEFAULT '',
+    outcome         text NOT NULL CHECK (outcome IN ('delivered', 'deferred', 'bounced', 'complained')),
+    category        text NOT NULL DEFAULT '',
+    n               bigint NOT NULL CHECK (n >= 0),
+    PRIMARY KEY (provider, bucket, source, sending_domain, outcome, category)
+);
+CREATE INDEX reputation_counters_bucket_idx ON reputation_counters (bucket);

@@ -29,6 +29,8 @@ import structlog
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.errors import DatabaseUnavailable
+from engine.feedback.classify import Classifier
+from engine.feedback.outcomes import DeliveryResult, apply_delivery_feedback
 from engine.outbox import Deferral, NewMessage, Outbox, Outcome
 
 log = structlog.get_logger(__name__)
@@ -53,6 +55,8 @@ class Attempt:
     mail_from: str = ""
     stream: str = ""
     counted: bool = True  # False: not really tried (destination suspended); no attempt is counted
+    provider: str = ""  # shaping provider of the destination ('' = the recipient's domain)
+    egress: str = ""  # egress source name the attempt left from
 
 
 @dataclass
@@ -61,6 +65,7 @@ class _Pending:
     deferrals: list[Deferral] = field(default_factory=list)
     attempts: list[tuple[int, str, int | None, str | None, str, str | None, int]] = field(default_factory=list)
     dsn_failures: list[Attempt] = field(default_factory=list)
+    feedback: list[DeliveryResult] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.outcomes) + len(self.deferrals)
@@ -89,6 +94,9 @@ class OutcomeWriter:
         flush_interval: float = 0.05,
         max_batch: int = 1000,
         dsn_builder: Any = None,
+        feedback: bool = True,
+        suppress_scope: str = "global",
+        classifier: Classifier | None = None,
     ) -> None:
         self.outbox = outbox
         self.owner = owner
@@ -96,6 +104,9 @@ class OutcomeWriter:
         self.flush_interval = flush_interval
         self.max_batch = max_batch
         self.dsn_builder = dsn_builder
+        self.feedback = feedback
+        self.suppress_scope = suppress_scope
+        self.classifier = classifier
         self._pending = _Pending()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -128,6 +139,14 @@ class OutcomeWriter:
                     outcome = "deferred"
             if a.counted:
                 p.attempts.append((a.recipient_id, outcome, a.code, a.status, a.reply, a.mx, a.duration_ms))
+            if self.feedback:
+                p.feedback.append(
+                    DeliveryResult(
+                        a.recipient_id, a.address, a.stream, outcome, a.reply, a.code, a.status,
+                        message_id=a.message_id, permanent=(a.kind == "permanent"), provider=a.provider,
+                        source=a.egress, mail_from=a.mail_from, mx=a.mx, counted=a.counted,
+                    )
+                )
         if len(p) >= self.max_batch:
             self._wake.set()
 
@@ -164,7 +183,11 @@ class OutcomeWriter:
             # Keep everything for the next try, ahead of what arrived meanwhile.
             n = self._pending
             self._pending = _Pending(
-                p.outcomes + n.outcomes, p.deferrals + n.deferrals, p.attempts + n.attempts, p.dsn_failures + n.dsn_failures
+                p.outcomes + n.outcomes,
+                p.deferrals + n.deferrals,
+                p.attempts + n.attempts,
+                p.dsn_failures + n.dsn_failures,
+                p.feedback + n.feedback,
             )
             raise
         self.written += len(p)
@@ -192,6 +215,9 @@ class OutcomeWriter:
             dsns: list[NewMessage] = self.dsn_builder(p.dsn_failures)
             if dsns:
                 await self.outbox.enqueue(dsns, conn=conn)
+        if p.feedback:
+            # Events, hard-bounce suppression and reputation counters, in the same transaction.
+            await apply_delivery_feedback(conn, p.feedback, suppress_scope=self.suppress_scope, classifier=self.classifier)
 
     async def close(self, timeout: float) -> None:
         """Flush what is left; keep trying until ``timeout`` (the database may be coming back)."""

@@ -13,6 +13,14 @@ by claims too, so memory stays bounded whatever the backlog.
 Claims are batched (one statement for up to ``claim_batch`` rows), results are
 written in batches by :class:`OutcomeWriter`, and LISTEN/NOTIFY only wakes an
 idle worker early: polling is the contract.
+
+Traffic shaping (when ``[shaping] file`` is set): right before a transaction
+the worker asks its :class:`~engine.deliver.admission.Gate` for a warm-up
+unit, a connection slot and the rate tokens that apply. A no comes with a
+wait: only that destination's task waits (and claims skip the destination
+meanwhile), so a capped provider never slows an uncapped one; a wait longer
+than ``[shaping] max_hold`` hands the rows back to the queue untried. A
+changed shaping file is picked up on SIGHUP or a NOTIFY on ``engine_reload``.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import os
 import socket
 import time
 from collections import OrderedDict, deque
+from datetime import datetime, timedelta, timezone
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,11 +39,17 @@ from typing import Any
 import asyncpg
 import structlog
 from engine.compose.pipeline import Composer, MessageRow
+from engine.db.pool import acquire
+from engine.db.queries import q
+from engine.deliver import shaping as shaping_mod
+from engine.deliver.admission import Admission, Gate
 from engine.deliver.bounce_report import DsnBuilder
+from engine.feedback.classify import load_rules
+from engine.feedback.verp import Verp
 from engine.deliver.config import DeliveryConfig
 from engine.deliver.outcomes import Attempt, Backoff, OutcomeWriter, monotonic_ms
-from engine.deliver.pools import EgressPools
-from engine.deliver.routing import RouteError, Router
+from engine.deliver.pools import EgressPools, Source
+from engine.deliver.routing import Route, RouteError, Router
 from engine.deliver.smtp_client import ConnectionPool, OutboundMessage
 from engine.errors import DatabaseUnavailable, EngineError
 from engine.outbox import NOTIFY_CHANNEL, Outbox
@@ -42,6 +57,7 @@ from engine.outbox import NOTIFY_CHANNEL, Outbox
 log = structlog.get_logger(__name__)
 
 _CONNECTION_PHASES = frozenset({"connect", "greeting", "ehlo", "starttls"})
+RELOAD_CHANNEL = "engine_reload"
 
 
 @dataclass(slots=True)
@@ -60,6 +76,8 @@ class Destination:
     queued_rows: int = 0
     suspended_until: float = 0.0
     suspend_reason: str = ""
+    throttled_until: float = 0.0  # shaping: a token or slot is not expected before then
+    queue_cap: int = 0  # shaping: rows worth holding for this destination (0 = the configured maximum)
 
     def suspended(self, now: float) -> bool:
         return self.suspended_until > now
@@ -78,6 +96,7 @@ class DeliveryWorker:
         router: Router | None = None,
         smtp: ConnectionPool | None = None,
         composer: Composer | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.settings = settings
         self.cfg: DeliveryConfig = settings.delivery
@@ -95,13 +114,37 @@ class DeliveryWorker:
             Backoff(self.cfg.retry_schedule, self.cfg.retry_jitter),
             flush_interval=self.cfg.flush_interval,
             dsn_builder=DsnBuilder(settings, self._messages.get) if self.cfg.dsn else None,
+            suppress_scope=settings.feedback.suppress_scope,
+            classifier=load_rules(settings.feedback.classifier_rules),
         )
+        self.verp = Verp.from_settings(settings)
         self.dests: dict[str, Destination] = {}
         self.inflight = 0
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self.delivered = 0
+        self.gate = gate if gate is not None else self._make_gate(settings, pool)
+        # Spill-over picks a source from a named pool, through EgressPools' public API.
+        self._spill = EgressPools(
+            settings.pools, {f"spill:{p.name}": p.name for p in settings.pools}, settings.server.hostname
+        )
+        self._unstarted: list[int] = []
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def _make_gate(self, settings: Any, pool: asyncpg.Pool) -> Gate | None:
+        """The shaping gate when ``[shaping] file`` is set; a bad file stops the worker at start."""
+        shaping = shaping_mod.load(settings)
+        if shaping is None:
+            return None
+        return Gate(
+            pool, self.owner, shaping, settings.shaping,
+            default_connection_limit=self.cfg.smtp.connection_limit, path=shaping_mod.resolve_path(settings),
+        )
+
+    def request_reload(self) -> bool:
+        """Apply a changed shaping file (SIGHUP, NOTIFY engine_reload); an invalid one is refused."""
+        return self.gate.reload() if self.gate is not None else False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -113,14 +156,30 @@ class DeliveryWorker:
         """Claim and deliver until :meth:`request_stop`; then drain within the shutdown timeout."""
         self.writer.start()
         listener = asyncio.create_task(self._listen(), name="notify-listener")
-        log.info("delivery_worker_started", owner=self.owner)
+        finished = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(finished), name="lease-heartbeat")
+        maintenance = None
+        if self.gate is not None:
+            maintenance = asyncio.create_task(
+                self.gate.maintain(self._stop, lambda path: self.smtp.open_for(path)), name="shaping-maintenance"
+            )
+        log.info("delivery_worker_started", owner=self.owner, shaping=self.gate.shaping.source if self.gate else None)
         try:
             await self._claim_loop()
         finally:
             listener.cancel()
             await self._drain()
+            finished.set()  # leases were kept alive through the drain; now nothing is held
+            with contextlib.suppress(BaseException):
+                await heartbeat
             with contextlib.suppress(BaseException):
                 await listener
+            if maintenance is not None:
+                with contextlib.suppress(BaseException):
+                    await maintenance
+            if self.gate is not None:
+                with contextlib.suppress(Exception):
+                    await self.gate.close()
             log.info("delivery_worker_stopped", owner=self.owner, delivered=self.delivered)
 
     async def _drain(self) -> None:
@@ -135,6 +194,8 @@ class DeliveryWorker:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self.writer.close(timeout)
+        waiting += self._unstarted  # jobs that were waiting for a shaping token when asked to stop
+        self._unstarted = []
         if waiting:
             with contextlib.suppress(DatabaseUnavailable):
                 n = await self.outbox.release(self.owner, waiting)
@@ -146,15 +207,7 @@ class DeliveryWorker:
     async def _claim_loop(self) -> None:
         cfg = self.cfg
         delay = 0.2
-        next_reclaim = 0.0
         while not self._stop.is_set():
-            if time.monotonic() >= next_reclaim:
-                # Any worker puts back rows whose lease ran out (their worker died): no single point of failure.
-                next_reclaim = time.monotonic() + min(10.0, max(1.0, self.settings.queue.lease_duration / 4))
-                with contextlib.suppress(DatabaseUnavailable):
-                    n = await self.outbox.reclaim_expired_leases()
-                    if n:
-                        log.info("leases_reclaimed", count=n)
             free = cfg.max_inflight - self.inflight
             if free < min(cfg.claim_batch, cfg.max_inflight) // 4 + 1:
                 await self._sleep(cfg.poll_interval)
@@ -163,7 +216,9 @@ class DeliveryWorker:
             skip = [
                 d.domain
                 for d in self.dests.values()
-                if d.suspended(now) or d.queued_rows >= cfg.max_queued_per_destination
+                if d.suspended(now)
+                or d.queued_rows >= (d.queue_cap or cfg.max_queued_per_destination)
+                or d.throttled_until > now
             ]
             try:
                 rows = await self.outbox.claim(
@@ -186,6 +241,24 @@ class DeliveryWorker:
                 await self._sleep(cfg.poll_interval)
             self._gc_destinations()
 
+    async def _heartbeat(self, finished: asyncio.Event) -> None:
+        """Renew our own leases, then put back rows whose lease ran out (their worker died).
+
+        Its own task, so a slow claim or a full worker never lets our leases lapse; any
+        worker does the reclaiming, so there is no single point of failure.
+        """
+        lease = self.settings.queue.lease_duration
+        while not finished.is_set():
+            try:
+                await self.outbox.extend_leases(self.owner, lease)
+                n = await self.outbox.reclaim_expired_leases()
+                if n:
+                    log.info("leases_reclaimed", count=n)
+            except DatabaseUnavailable as exc:
+                log.warning("lease_heartbeat_failed", error=str(exc))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(finished.wait(), timeout=min(10.0, max(0.2, lease / 4)))
+
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
@@ -198,6 +271,11 @@ class DeliveryWorker:
                 self._messages[r["id"]] = MessageRow(
                     r["id"], r["mail_from"], r["stream"], r["raw"], r["content"], r["metadata"] or {}, r["source"]
                 )
+            # Uploaded templates pinned by these messages must be in the renderer's mirror before rendering.
+            store = getattr(self.composer.renderer, "store", None)
+            refs = [m.content["template"] for i in missing if (m := self._messages.get(i)) and m.content and m.content.get("template")]
+            if refs and hasattr(store, "prepare"):
+                await store.prepare(refs)
         for i in ids:
             self._messages.move_to_end(i)
         while len(self._messages) > 5000:
@@ -271,19 +349,49 @@ class DeliveryWorker:
             self._settle(job, "permanent", None, "5.6.0", f"5.6.0 message could not be composed: {exc}", None, started)
             return
         source = self.pools.pick(job.msg.stream)
-        result = await self.smtp.send(
-            [(h.mx_host, h.address, h.port) for h in route.hops],
-            OutboundMessage(job.msg.mail_from, rcpts, data),
-            source=source.address,
-            ehlo_name=source.ehlo,
-            tls=self.cfg.tls_policy.get(dest.domain),
-            site=route.site,
-        )
+        tls = self.cfg.tls_policy.get(dest.domain)
+        adm: Admission | None = None
+        if self.gate is not None:
+            admitted = await self._admit(dest, job, route, source)
+            if admitted is None:
+                return  # handed back to the queue, or stopping
+            adm, source, shaped_tls = admitted
+            tls = tls or shaped_tls
+        mail_from = job.msg.mail_from
+        if self.verp is not None and mail_from:  # the null sender (our DSNs) stays <>
+            # One token per transaction; the inbound side finds co-recipients by address within the message.
+            mail_from = self.verp.return_path(job.rows[0]["id"])
+        provider = ""
+        if self.gate is not None:
+            provider = self.gate.limits(dest.domain, route.site, route.mx_hosts, source.name).group
+        try:
+            result = await self.smtp.send(
+                [(h.mx_host, h.address, h.port) for h in route.hops],
+                OutboundMessage(mail_from, rcpts, data),
+                source=source.address,
+                ehlo_name=source.ehlo,
+                tls=tls,
+                site=route.site,
+                connection_limit=adm.connection_limit if adm else None,
+                max_deliveries_per_connection=adm.max_deliveries_per_connection if adm else None,
+            )
+        except BaseException:
+            if adm is not None and self.gate is not None:
+                self.gate.done(adm, 0, 0)
+            raise
+        if adm is not None and self.gate is not None:
+            ok = sum(1 for r in result.results if r.kind == "delivered")
+            self.gate.done(adm, ok, len(result.results) - ok)
         by_rcpt = {r.recipient: r for r in result.results}
         attempts = []
         for row in job.rows:
             r = by_rcpt[row["address"]]
-            attempts.append(self._attempt_row(job, row, r.kind, r.code, r.enhanced_status, r.reply, result.host, started))
+            attempts.append(
+                self._attempt_row(
+                    job, row, r.kind, r.code, r.enhanced_status, r.reply, result.host, started,
+                    provider=provider, egress=source.name,
+                )
+            )
             log.info(
                 "delivery_attempt",
                 message_id=str(job.message_id),
@@ -298,9 +406,59 @@ class DeliveryWorker:
         if all(r.kind == "temporary" and r.phase in _CONNECTION_PHASES for r in result.results):
             self._suspend(dest, result.results[0].reply)
 
+    async def _admit(
+        self, dest: Destination, job: Job, route: Route, source: Source
+    ) -> tuple[Admission, Source, str | None] | None:
+        """Wait (this destination only) until shaping admits the transaction; None: the job was handed back."""
+        gate = self.gate
+        assert gate is not None
+        sending_domain = job.msg.mail_from.rpartition("@")[2].lower()
+        deadline = time.monotonic() + gate.config.max_hold
+        spilled = False
+        while True:
+            lim = gate.limits(dest.domain, route.site, route.mx_hosts, source.name)
+            rates = [r.per_second for r in (lim.max_message_rate, lim.provider_max_message_rate) if r is not None]
+            if rates:
+                # Hold about half a max_hold of traffic: enough to keep busy, never enough for leases to run out.
+                dest.queue_cap = max(self.cfg.destination_concurrency, int(min(rates) * gate.config.max_hold / 2))
+            else:
+                dest.queue_cap = 0
+            adm = await gate.admit(lim, (route.site, source.address), sending_domain)
+            if adm.ok:
+                return adm, source, lim.enable_tls
+            if adm.spill_pool and not spilled:
+                spilled = True
+                source = self._spill.pick(f"spill:{adm.spill_pool}")
+                continue
+            now = time.monotonic()
+            if adm.postpone or now + adm.wait > deadline:
+                await self._postpone(job, adm.wait, adm.reason)
+                return None
+            if adm.wait > 0.05:
+                dest.throttled_until = max(dest.throttled_until, now + adm.wait)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=adm.wait)
+            if self._stop.is_set():
+                self._unstarted.extend(row["id"] for row in job.rows)
+                return None
+
+    async def _postpone(self, job: Job, wait: float, reason: str) -> None:
+        """Hand a throttled job back untried, ready again within ``[shaping] recheck``."""
+        assert self.gate is not None
+        delay = max(0.05, min(wait, self.gate.config.recheck))
+        when = datetime.now(timezone.utc) + timedelta(seconds=delay)
+        ids = [row["id"] for row in job.rows]
+        try:
+            async with acquire(self.outbox.pool) as conn:
+                await conn.execute(*q("shaping_postpone", owner=self.owner, ids=ids, next_attempt_at=when))
+        except DatabaseUnavailable:
+            self._unstarted.extend(ids)  # released at shutdown, or their lease runs out
+        log.info("delivery_postponed", domain=job.domain, message_id=str(job.message_id), reason=reason,
+                 retry_in=round(delay, 3))
+
     def _attempt_row(
         self, job: Job, row: asyncpg.Record, kind: str, code: int | None, status: str | None, reply: str,
-        mx: str | None, started: float, counted: bool = True,
+        mx: str | None, started: float, counted: bool = True, provider: str = "", egress: str = "",
     ) -> Attempt:
         return Attempt(
             recipient_id=row["id"],
@@ -318,6 +476,8 @@ class DeliveryWorker:
             stream=job.msg.stream,
             source=job.msg.source,
             counted=counted,
+            provider=provider,
+            egress=egress,
         )
 
     def _settle(
@@ -332,6 +492,10 @@ class DeliveryWorker:
         dest.suspended_until = time.monotonic() + self.cfg.suspend_on_connection_failure
         dest.suspend_reason = reason
         log.info("destination_suspended", domain=dest.domain, reason=reason, seconds=self.cfg.suspend_on_connection_failure)
+        if self.gate is not None:  # shared so `engine shaping show` can tell
+            task = asyncio.create_task(self._record_suspension(dest.domain, reason))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         while dest.queue:
             job = dest.queue.popleft()
             dest.queued_rows -= len(job.rows)
@@ -346,6 +510,12 @@ class DeliveryWorker:
             [self._attempt_row(job, row, "temporary", None, None, reply, None, started, counted=False) for row in job.rows]
         )
 
+    async def _record_suspension(self, domain: str, reason: str) -> None:
+        with contextlib.suppress(DatabaseUnavailable):
+            async with acquire(self.outbox.pool) as conn:
+                await conn.execute(*q("suspension_record", domain=domain, reason=reason[:500], owner=self.owner,
+                                      seconds=self.cfg.suspend_on_connection_failure))
+
     # -- wake-ups -------------------------------------------------------------------------
 
     async def _listen(self) -> None:
@@ -357,6 +527,8 @@ class DeliveryWorker:
             try:
                 conn = await asyncpg.connect(self.dsn, timeout=5)
                 await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
+                if self.gate is not None:
+                    await conn.add_listener(RELOAD_CHANNEL, lambda *_: self.request_reload())
                 while not self._stop.is_set() and not conn.is_closed():
                     await asyncio.sleep(1)
             except (OSError, asyncpg.PostgresError, asyncio.TimeoutError, asyncpg.InterfaceError):

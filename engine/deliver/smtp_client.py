@@ -384,12 +384,15 @@ def _hop_label(hop: Hop) -> str:
 class _Site:
     """Pool state for one (site, source) key."""
 
-    __slots__ = ("idle", "open", "waiters")
+    __slots__ = ("idle", "open", "waiters", "limit", "max_deliveries")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 10, max_deliveries: int = 100) -> None:
         self.idle: list[_Connection] = []
         self.open = 0  # connecting + in use + idle + quitting
         self.waiters: deque[asyncio.Future[None]] = deque()
+        # The latest caller's limits (shaping may change them per call; see ConnectionPool.send).
+        self.limit = limit
+        self.max_deliveries = max_deliveries
 
     def wake_one(self) -> None:
         while self.waiters:
@@ -453,6 +456,11 @@ class ConnectionPool:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def open_for(self, key: tuple[str, str | None]) -> int:
+        """Connections counted against the limit of one ``(site, source)`` key."""
+        s = self._sites.get(key)
+        return s.open if s is not None else 0
+
     def open_connections(self, site: str | None = None) -> int:
         """Connections counted against the limits (all keys, or one site's)."""
         return sum(s.open for (k, _), s in self._sites.items() if site is None or k == site)
@@ -477,6 +485,8 @@ class ConnectionPool:
         ehlo_name: str | None = None,
         tls: TlsPolicy | None = None,
         site: str | None = None,
+        connection_limit: int | None = None,
+        max_deliveries_per_connection: int | None = None,
     ) -> TransactionResult:
         """Deliver ``message`` to the first hop that takes a connection.
 
@@ -485,6 +495,9 @@ class ConnectionPool:
         banner, STARTTLS required but missing) the next hop is tried, like an
         MTA walks its MX list. ``source`` binds the local address and is part
         of the pool key with ``site`` (default: the hop list itself).
+        ``connection_limit`` and ``max_deliveries_per_connection`` override
+        the settings for this key from now on (traffic shaping sets them per
+        destination and source; a lower limit is reached as connections retire).
         """
         started = time.monotonic()
         hop_list = [Hop(*h) for h in hops]
@@ -497,6 +510,14 @@ class ConnectionPool:
         if not hop_list:
             return _all(message, None, "no MX host to deliver to", "local", started=started)
         key = (site or ",".join(f"{h.address}:{h.port}" for h in hop_list), source)
+        pool_site = self._sites.get(key)
+        if pool_site is None:
+            pool_site = self._sites[key] = _Site(self.settings.connection_limit, self.settings.max_deliveries_per_connection)
+        new_limit = connection_limit or self.settings.connection_limit
+        for _ in range(max(0, new_limit - pool_site.limit)):
+            pool_site.wake_one()  # callers waiting for a slot may now open one
+        pool_site.limit = new_limit
+        pool_site.max_deliveries = max_deliveries_per_connection or self.settings.max_deliveries_per_connection
         if self._default_ehlo is None:
             self._default_ehlo = await asyncio.to_thread(socket.getfqdn)
         helo = ehlo_name or self._default_ehlo
@@ -546,7 +567,7 @@ class ConnectionPool:
     async def _acquire(
         self, key: tuple[str, str | None], hops: list[Hop], source: str | None, helo: str, policy: TlsPolicy
     ) -> tuple[_Connection, bool]:
-        site = self._sites.setdefault(key, _Site())
+        site = self._sites[key]
         loop = asyncio.get_running_loop()
         while True:
             while site.idle:
@@ -560,7 +581,7 @@ class ConnectionPool:
                     self._retire(conn)
                 else:
                     self._drop(conn)
-            if site.open < self.settings.connection_limit:
+            if site.open < site.limit:
                 site.open += 1
                 break
             fut: asyncio.Future[None] = loop.create_future()
@@ -584,7 +605,8 @@ class ConnectionPool:
         site = self._sites[conn.key]
         if not conn.alive:
             self._drop(conn)
-        elif self._closing or conn.deliveries >= self.settings.max_deliveries_per_connection:
+        elif self._closing or conn.deliveries >= site.max_deliveries or site.open > site.limit:
+            # (over the limit: shaping lowered it, by a reload or to share slots with other workers)
             self._retire(conn)
         else:
             loop = asyncio.get_running_loop()

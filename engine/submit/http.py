@@ -291,6 +291,10 @@ def create_app(ctx: HttpContext) -> FastAPI:
         from engine.templates_http import templates_router
 
         app.include_router(templates_router(ctx.templates, ctx.renderer, require))
+    if ctx.acceptor.suppressions is not None:
+        from engine.suppression_http import suppressions_router
+
+        app.include_router(suppressions_router(ctx.acceptor.suppressions, require))
     if ctx.tracking is not None:
         from engine.events.tracking_http import tracking_router
 

@@ -20,6 +20,14 @@ CREATE TABLE connection_leases (
 );
 CREATE INDEX connection_leases_owner_idx ON connection_leases (owner);
 
+-- Workers that found no free slot: holders shrink to a fair share so no worker starves.
+CREATE TABLE connection_waiters (
+    key             text NOT NULL,
+    owner           text NOT NULL,
+    until           timestamptz NOT NULL,
+    PRIMARY KEY (key, owner)
+);
+
 -- Warm-up ramps: today's count and the current step of each (ramp, source or sending domain).
 CREATE TABLE warmup_state (
     key             text PRIMARY KEY,

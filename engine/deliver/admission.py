@@ -1,0 +1,165 @@
+"""Admission: may this worker start a transaction to this (destination, source) now?
+
+The scheduler asks :meth:`Gate.admit` right before each SMTP transaction. A
+yes means every limit that applies holds a unit for it: today's warm-up cap,
+a connection slot, and one token of each rate (per (site, source), per
+provider or destination overall, the warm-up's spread). A no carries how long
+to wait, so the scheduler parks only that destination (no head-of-line
+blocking) and claims skip it meanwhile; a long wait (a warm-up cap reached
+for today) tells the scheduler to give the job back to the queue untried.
+
+The shaping file can be swapped at any time (:meth:`Gate.reload`); the next
+admission uses the new limits. Open connections are never dropped by a
+reload: a lowered connection limit is reached as connections retire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import structlog
+
+from engine.deliver.shaping import EffectiveLimits, Shaping, ShapingError, ShapingSettings, load_shaping
+from engine.deliver.throttle import ConnectionSlots, PathId, TokenBuckets
+from engine.deliver.warmup import Clock, Unit, WarmupCounters, units_for, utc_now
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Admission:
+    ok: bool
+    wait: float = 0.0
+    reason: str = ""
+    postpone: bool = False  # the wait is long: hand the job back to the queue
+    path: PathId = ("", None)
+    units: list[Unit] = field(default_factory=list)
+    connection_limit: int | None = None
+    max_deliveries_per_connection: int | None = None
+    spill_pool: str | None = None  # a warm-up cap was reached and names a pool to send from instead
+
+
+class Gate:
+    """Shaping for one worker process: limits from the file, live state in Postgres."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        owner: str,
+        shaping: Shaping,
+        config: ShapingSettings | None = None,
+        *,
+        default_connection_limit: int = 10,
+        path: Path | None = None,
+        clock: Clock = utc_now,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config or ShapingSettings()
+        self.shaping = shaping
+        self.path = path
+        self.default_connection_limit = default_connection_limit
+        self.buckets = TokenBuckets(pool, self.config.token_horizon, monotonic)
+        self.slots = ConnectionSlots(pool, owner, self.config.connection_lease_ttl, monotonic)
+        self.warmup = WarmupCounters(pool, clock)
+        self.reloads = 0
+
+    # -- limits ---------------------------------------------------------------------------
+
+    def limits(self, domain: str, site: str, mx_hosts: tuple[str, ...], source: str) -> EffectiveLimits:
+        return self.shaping.limits(domain, site, mx_hosts, source)
+
+    def reload(self) -> bool:
+        """Re-read the shaping file; an invalid file is refused (logged) and the old one stays."""
+        if self.path is None:
+            return False
+        try:
+            new = Shaping(load_shaping(self.path), str(self.path))
+        except ShapingError as exc:
+            log.error("shaping_reload_refused", file=str(self.path), problems=exc.problems)
+            return False
+        self.shaping = new
+        self.reloads += 1
+        log.info("shaping_reloaded", file=str(self.path), providers=len(new.file.provider))
+        return True
+
+    # -- admission ------------------------------------------------------------------------
+
+    async def admit(self, lim: EffectiveLimits, path: PathId, sending_domain: str) -> Admission:
+        units = units_for(self.shaping, lim.source, sending_domain, lim.provider)
+        spread: list[tuple[str, float]] = []
+        for unit in units:
+            v = await self.warmup.ensure(unit)
+            if not v.ok:
+                return Admission(
+                    False, v.wait, v.reason, postpone=v.wait > self.config.max_hold, spill_pool=unit.block.spill_pool
+                )
+            spread.append((f"warm:{unit.key}", v.rate))
+        keys = [(lim.conn_key, lim.connection_limit or self.default_connection_limit)]
+        if lim.provider_connection_limit:
+            keys.append((lim.group_conn_key, lim.provider_connection_limit))
+        before = None
+        if lim.max_connection_rate is not None:
+            rate = lim.max_connection_rate.per_second
+            key = lim.conn_rate_key
+
+            async def before() -> float:
+                return await self.buckets.take_all([(key, rate)])
+
+        wait = await self.slots.ensure(path, keys, want_more=True, before_acquire=before)
+        if wait > 0:
+            return Admission(False, wait, "connection limit reached")
+        needs = list(spread)
+        if lim.max_message_rate is not None:
+            needs.append((lim.rate_key, lim.max_message_rate.per_second))
+        if lim.provider_max_message_rate is not None:
+            needs.append((lim.group_rate_key, lim.provider_max_message_rate.per_second))
+        if needs:
+            wait = await self.buckets.ensure_all(needs)
+            if wait > 0:
+                return Admission(False, wait, "message rate", postpone=wait > self.config.max_hold)
+        # Everything above awaited: check and spend without yielding, so two tasks never spend one unit.
+        if not self.buckets.ready(needs) or not all(self.warmup.available(u) for u in units):
+            return Admission(False, 0.005, "raced for the last unit")
+        for key, _ in needs:
+            self.buckets.spend(key)
+        for unit in units:
+            self.warmup.spend(unit)
+        self.slots.begin(path)
+        return Admission(
+            True, path=path, units=units, connection_limit=self.slots.usable(path),
+            max_deliveries_per_connection=lim.max_deliveries_per_connection,
+        )
+
+    def done(self, adm: Admission, delivered: int, failed: int) -> None:
+        """The transaction ended: free its busy mark, count its outcome for the warm-up's health."""
+        self.slots.end(adm.path)
+        for unit in adm.units:
+            self.warmup.record(unit, delivered, failed)
+
+    # -- background -----------------------------------------------------------------------
+
+    async def maintain(self, stop: asyncio.Event, open_counts: Callable[[PathId], int], every: float = 2.0) -> None:
+        """Renew or give back connection leases and write warm-up outcome counts, until ``stop``."""
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=every)
+            try:
+                await self.slots.maintain(open_counts)
+                await self.warmup.flush()
+            except Exception:  # never let the maintenance loop die: leases would run out
+                log.exception("shaping_maintenance_failed")
+
+    async def close(self) -> None:
+        await self.warmup.flush()
+        await self.slots.release_all()
+
+
+def describe(adm: Admission) -> dict[str, Any]:
+    return {"ok": adm.ok, "wait": round(adm.wait, 3), "reason": adm.reason, "postpone": adm.postpone}

@@ -1,0 +1,151 @@
+"""``engine shaping validate|show`` and ``engine reload``: the operator's view of traffic shaping.
+
+``validate FILE`` checks a shaping file without touching anything (exit 0/1),
+for CI and before a reload. ``show [DOMAIN]`` prints the effective limits of a
+destination (its MX resolved by the engine's router, its provider matched) for
+every egress source, with the live state every worker shares in Postgres:
+tokens left in each bucket, open connection leases, warm-up steps and today's
+counts, suspensions. ``reload`` validates the configured file and sends a
+NOTIFY on ``engine_reload``: every worker on every host re-reads its file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import asyncpg
+
+from engine.db.pool import acquire
+from engine.db.queries import q
+from engine.deliver.routing import RouteError, Router
+from engine.deliver.shaping import EffectiveLimits, Shaping, ShapingError, load_shaping, resolve_path
+from engine.deliver.warmup import units_for
+from engine.errors import ConfigError
+
+RELOAD_CHANNEL = "engine_reload"
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    sp = sub.add_parser("shaping", help="traffic shaping: validate a file, show effective limits and live state")
+    ssub = sp.add_subparsers(dest="shaping_cmd", required=True)
+    p = ssub.add_parser("validate", help="check a shaping file (unknown keys, bad rates, overlapping matches)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_validate)
+    p = ssub.add_parser("show", help="effective limits for DOMAIN (or the whole file) and their live state")
+    p.add_argument("domain", nargs="?")
+    p.add_argument("--file", help="shaping file (default: [shaping] file of the config)")
+    p.add_argument("--json", action="store_true", help="one JSON object on one line")
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("reload", help="apply a changed shaping file to every running worker (validated first)")
+    p.set_defaults(func=cmd_reload)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        f = load_shaping(args.file)
+    except ShapingError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok ({len(f.provider)} providers, {len(f.domain)} domains, {len(f.warmup)} warm-ups)")
+    return 0
+
+
+def _shaping_from(args: argparse.Namespace) -> Shaping:
+    path = args.file if getattr(args, "file", None) else resolve_path(args.settings)
+    if path is None:
+        raise ConfigError("no shaping file: set [shaping] file in the config or pass --file")
+    return Shaping(load_shaping(path), str(path))
+
+
+def _sources(settings: Any) -> list[str]:
+    names = [s.name for p in settings.pools for s in p.sources]
+    return names or ["default"]
+
+
+async def cmd_show(args: argparse.Namespace) -> int:
+    from engine.cli import database
+
+    shaping = _shaping_from(args)
+    settings = args.settings
+    out: dict[str, Any] = {"file": shaping.source}
+    limits: list[EffectiveLimits] = []
+    if args.domain:
+        try:
+            route = await Router(settings.routing).resolve(args.domain)
+            out["route"] = {"site": route.site, "mx_hosts": list(route.mx_hosts), "kind": route.kind}
+            site, mx = route.site, route.mx_hosts
+        except RouteError as exc:
+            out["route"] = {"error": exc.reason, "permanent": exc.permanent}
+            site, mx = args.domain.lower(), ()
+        limits = [shaping.limits(args.domain, site, mx, src) for src in _sources(settings)]
+        out["limits"] = [lim.to_dict() for lim in limits]
+    else:
+        out["file_contents"] = shaping.file.model_dump(mode="json", exclude_none=True)
+    async with database(settings) as pool:
+        out["live"] = await live_state(pool, shaping, limits, args.domain)
+    if args.json:
+        print(json.dumps(out, default=str))
+    else:
+        print(json.dumps(out, default=str, indent=2))
+    return 0
+
+
+async def live_state(
+    pool: asyncpg.Pool, shaping: Shaping, limits: list[EffectiveLimits], domain: str | None
+) -> dict[str, Any]:
+    """Buckets, leases, warm-ups and suspensions for these limits (all of them when ``limits`` is empty)."""
+    every = not limits
+    rate_keys = sorted({k for lim in limits for k in (lim.rate_key, lim.group_rate_key, lim.conn_rate_key)})
+    conn_keys = sorted({k for lim in limits for k in (lim.conn_key, lim.group_conn_key)})
+    warm_keys = sorted({u.key for lim in limits for d in _sending_domains(shaping)
+                        for u in units_for(shaping, lim.source, d, lim.provider)})
+    rate_keys += [f"warm:{k}" for k in warm_keys]
+    async with acquire(pool) as conn:
+        buckets = await conn.fetch(*q("throttle_state", keys=rate_keys, all=every))
+        leases = await conn.fetch(*q("connection_lease_counts", keys=conn_keys, all=every))
+        warm = await conn.fetch(*q("warmup_state", keys=warm_keys, all=every))
+        susp = await conn.fetch(*q("suspension_list", domains=[domain.lower()] if domain else [], all=every))
+    return {
+        "tokens": {r["key"]: {"tokens": round(r["tokens"], 2), "rate_per_s": r["rate"], "burst": r["burst"]}
+                   for r in buckets},
+        "open_connections": {r["key"]: {"open": r["open"], "workers": r["owners"]} for r in leases},
+        "warmup": {r["key"]: {"step": r["step"], "day": str(r["day"]), "sent_today": r["sent"],
+                              "delivered": r["delivered"], "failed": r["failed"], "last_health": r["last_health"]}
+                   for r in warm},
+        "suspensions": {r["domain"]: {"until": str(r["until"]), "reason": r["reason"], "by": r["owner"]} for r in susp},
+    }
+
+
+def _sending_domains(shaping: Shaping) -> list[str]:
+    return sorted({d for w in shaping.file.warmup.values() for d in w.sending_domains}) or [""]
+
+
+async def notify_reload(pool: asyncpg.Pool, payload: str = "") -> None:
+    async with acquire(pool) as conn:
+        await conn.execute(*q("shaping_reload_notify", payload=payload))
+
+
+def check_configured(settings: Any) -> Shaping:
+    """The configured shaping file, validated; raises ShapingError / ConfigError."""
+    path = resolve_path(settings)
+    if path is None:
+        raise ConfigError("no shaping file to reload: set [shaping] file in the config")
+    return Shaping(load_shaping(path), str(path))
+
+
+async def cmd_reload(args: argparse.Namespace) -> int:
+    from engine.cli import database
+
+    try:
+        shaping = check_configured(args.settings)
+    except ShapingError as exc:
+        print(f"reload refused, the running engine keeps its current limits:\n{exc}", file=sys.stderr)
+        return 1
+    async with database(args.settings) as pool:
+        await notify_reload(pool, shaping.source)
+    print(f"reload sent: workers re-read {shaping.source} "
+          f"({len(shaping.file.provider)} providers, {len(shaping.file.domain)} domains)")
+    return 0

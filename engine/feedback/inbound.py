@@ -1,0 +1,327 @@
+"""The inbound bounce / FBL listener: an aiosmtpd server on its own port.
+
+Receivers send asynchronous bounces (DSNs to our VERP return paths) and
+feedback-loop complaints (ARF, to the address registered with the provider)
+here. It is never a relay and never a mailbox: ``RCPT`` is accepted only for
+``[feedback] bounce_domain`` and ``[feedback.inbound] accept_domains``
+(anything else gets ``550 5.7.1``), the message is size-limited, nothing raw
+is stored, and a message only changes state through the results it parses to.
+
+``handle_DATA``:
+
+1. parse with :func:`engine.feedback.parse_report` in a worker thread (bounded
+   by ``parse_concurrency``: a hostile 10 MB message must not stall the loop);
+2. find the recipient row each result is about: the VERP token of the
+   envelope recipient, else a VERP address inside the report (its To, the
+   original message's Return-Path, an ARF's Original-Mail-From...), else our
+   own Message-ID (``<{message uuid}.{recipient id}@...>`` names the row;
+   ``<{message uuid}@...>`` plus the reported address finds it). One token
+   names one row; its siblings in the same SMTP transaction are found by
+   address within that message;
+3. apply everything in one transaction (:func:`engine.feedback.outcomes.apply_report_results`)
+   and answer ``250`` after the commit.
+
+A report carrying a forged VERP token changes nothing (logged). Reports that
+map to nothing, auto-replies and unparseable mail are answered ``250`` (so the
+sender does not retry or bounce the bounce) and logged; only a database outage
+gets ``451`` so the sender tries again later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import structlog
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from engine.config import Settings
+from engine.db.pool import acquire
+from engine.db.queries import q
+from engine.errors import DatabaseUnavailable
+from engine.feedback.classify import Classifier, load_rules
+from engine.feedback.outcomes import MappedResult, ProviderOf, apply_report_results
+from engine.feedback.report import Report, parse_report
+from engine.feedback.verp import Verp
+from engine.submit.smtp import COMMAND_CALL_LIMITS, ListenerError, RelaySMTP, _peer, _reply
+
+log = structlog.get_logger(__name__)
+
+NULL_SENDER = "<>"
+_SCAN_CHARS = 256 * 1024  # how much of a report is searched for a VERP address when nothing else names one
+_MSGID_RE = re.compile(
+    r"<?\s*([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:\.(\d{1,19}))?@[^>\s]+", re.I
+)
+
+
+@dataclass
+class InboundHandler:
+    """Policy (``handle_RCPT``) and processing (``handle_DATA``) of the bounce/FBL listener."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    verp: Verp | None
+    classifier: Classifier
+    provider_of: ProviderOf | None = None
+    closing: bool = False
+    inflight: set[asyncio.Task[Any]] = field(default_factory=set)
+    connections: dict[Any, asyncio.Future[None]] = field(default_factory=dict)
+    stats: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Counts by outcome (applied, auto_reply, unmapped, forged, not_a_report, ...), for tests and metrics."""
+
+    def __post_init__(self) -> None:
+        fb = self.settings.feedback
+        self.domains = frozenset(([fb.bounce_domain] if fb.bounce_domain else []) + list(fb.inbound.accept_domains))
+        self._parse_slots = asyncio.Semaphore(fb.inbound.parse_concurrency)
+
+    # -- aiosmtpd hooks ------------------------------------------------------------------
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:1], "250-PIPELINING", *responses[1:]]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        """Any sender: bounces come from the null sender, FBL reports from the provider's address."""
+        if self.closing:
+            return "421 4.3.2 Service shutting down, try again later"
+        envelope.mail_from = address or NULL_SENDER
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        """Only our bounce and report domains: this server is never a relay and never a mailbox."""
+        domain = address.rpartition("@")[2].strip().rstrip(".").lower() if "@" in address else ""
+        if domain not in self.domains:
+            self.stats["rcpt_refused"] += 1
+            log.info("inbound_rcpt_refused", rcpt=address[:200], peer=_peer(session))
+            return "550 5.7.1 Relaying denied: this server only takes bounces and feedback reports"
+        limit = self.settings.feedback.inbound.max_recipients
+        if len(envelope.rcpt_tos) >= limit:
+            return f"452 4.5.3 Too many recipients (at most {limit})"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.closing:
+            return "421 4.3.2 Service shutting down, try again later"
+        data = envelope.original_content
+        if not isinstance(data, bytes):
+            data = bytes(data or b"")
+        async with self._parse_slots:
+            report = await asyncio.to_thread(parse_report, data, self.classifier)
+        # Own task: a client hanging up must not cancel a transaction half-way; shutdown waits for it.
+        task = asyncio.ensure_future(self.process(list(envelope.rcpt_tos), report, data, _peer(session)))
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+        try:
+            outcome = await asyncio.shield(task)
+        except DatabaseUnavailable as exc:
+            log.warning("inbound_database_unavailable", error=str(exc))
+            return "451 4.3.0 Database unavailable, report not processed; try again later"
+        except Exception:  # a bug must not bounce the bounce: logged, answered, counted
+            log.exception("inbound_report_failed", peer=_peer(session))
+            self.stats["failed"] += 1
+            return "250 2.0.0 Report received (not processed)"
+        return _reply("250 2.0.0", f"Report received: {outcome}")
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("inbound_session_error", error=f"{type(error).__name__}: {error}")
+        return "451 4.3.0 Local error in processing; try again later"
+
+    # -- processing ----------------------------------------------------------------------
+
+    async def process(self, rcpts: Sequence[str], report: Report, raw: bytes, peer: str | None = None) -> str:
+        """Map a parsed report to recipient rows and apply it in one transaction; returns a word for the reply."""
+        info = dict(kind=report.kind, format=report.format, peer=peer, results=len(report.recipients))
+        if report.kind == "auto_reply":
+            self.stats["auto_reply"] += 1
+            log.info("inbound_auto_reply_ignored", **info)
+            return "auto-reply ignored"
+        if report.kind not in ("dsn", "arf") or not report.recipients:
+            self.stats["not_a_report"] += 1
+            log.info("inbound_not_a_report", error=report.error, **info)
+            return "not a report"
+        ids, forged = self._verp_ids(rcpts, report, raw)
+        if forged:
+            self.stats["forged"] += 1
+            log.warning("inbound_verp_forged", forged=forged, **info)
+            return "ignored"
+        fb = self.settings.feedback
+        async with acquire(self.pool) as conn, conn.transaction():
+            mapped, unmapped = await self._map(conn, report, ids)
+            if not mapped:
+                self.stats["unmapped"] += 1
+                log.info("inbound_report_unmapped", verp_ids=ids, message_id=report.original_message_id, **info)
+                return "no matching message"
+            stats = await apply_report_results(
+                conn,
+                report.kind,
+                mapped,
+                report_format=report.format,
+                suppress_scope=fb.suppress_scope,
+                provider_of=self.provider_of,
+            )
+        self.stats["applied"] += 1
+        log.info(
+            "inbound_report_applied",
+            recipients=[m.row["id"] for m in mapped],
+            unmapped=unmapped,
+            events=stats.events,
+            suppressed=stats.suppressed,
+            pending_stopped=stats.pending_stopped,
+            bounced_rows=stats.bounced_rows,
+            **info,
+        )
+        return "applied"
+
+    def _verp_ids(self, rcpts: Sequence[str], report: Report, raw: bytes) -> tuple[list[int], int]:
+        """Genuine VERP recipient ids (envelope first, then the report's text) and how many were forged."""
+        if self.verp is None:
+            return [], 0
+        ids: list[int] = []
+        forged = 0
+        for rcpt in rcpts:
+            if self.verp.is_ours(rcpt):
+                rid = self.verp.parse(rcpt)
+                if rid is None:
+                    forged += 1
+                elif rid not in ids:
+                    ids.append(rid)
+        if ids or forged:
+            return ids, forged
+        ids, forged = self.verp.find([report.report_to, *report.original_headers.values()])
+        if ids or forged:
+            return ids, forged
+        return self.verp.find([raw[:_SCAN_CHARS].decode("latin-1")])
+
+    async def _map(self, conn: asyncpg.Connection, report: Report, ids: list[int]) -> tuple[list[MappedResult], int]:
+        anchors = []
+        for rid in ids[:20]:
+            row = await conn.fetchrow(*q("feedback_recipient", recipient_id=rid))
+            if row is None:
+                log.info("inbound_verp_recipient_gone", recipient_id=rid)
+            else:
+                anchors.append(row)
+        by_msgid = None if ids else _parse_message_id(report)
+        mapped: list[MappedResult] = []
+        unmapped = 0
+        single = len(report.recipients) == 1
+        for res in report.recipients[:1000]:
+            addr = (res.recipient or res.original_recipient or "").strip().lower()
+            row = None
+            if anchors:
+                row = next((a for a in anchors if addr and a["address"].lower() == addr), None)
+                if row is None and addr:
+                    for a in anchors:
+                        row = await conn.fetchrow(*q("feedback_recipient_in_message", message_id=a["message_id"], address=addr))
+                        if row is not None:
+                            break
+                if row is None and len(anchors) == 1 and (single or not addr):
+                    row = anchors[0]  # the token names the row; the report shows a rewritten address
+            elif by_msgid is not None:
+                msg_uuid, rid = by_msgid
+                if rid is not None:
+                    cand = await conn.fetchrow(*q("feedback_recipient", recipient_id=rid))
+                    if cand is not None and cand["message_id"] == msg_uuid:
+                        row = cand
+                elif addr:
+                    row = await conn.fetchrow(*q("feedback_recipient_in_message", message_id=msg_uuid, address=addr))
+            if row is None:
+                unmapped += 1
+            else:
+                mapped.append(MappedResult(row, res))
+        return mapped, unmapped
+
+
+def _parse_message_id(report: Report) -> tuple[uuid.UUID, int | None] | None:
+    """Our Message-ID in the report: (message uuid, recipient id or None)."""
+    candidates = [report.original_message_id]
+    candidates += [v for k, v in report.original_headers.items() if k.lower() == "message-id"]
+    for text in candidates:
+        m = _MSGID_RE.search(text or "")
+        if m:
+            try:
+                return uuid.UUID(m.group(1)), int(m.group(2)) if m.group(2) else None
+            except ValueError:
+                continue
+    return None
+
+
+# -- listener --------------------------------------------------------------------------
+
+
+@dataclass
+class InboundListener:
+    """The running listener: ``address`` (the real port when the config said 0), ``close()``."""
+
+    server: asyncio.Server
+    handler: InboundHandler
+    shutdown_timeout: float
+    address: tuple[str, int] = ("", 0)
+
+    def __post_init__(self) -> None:
+        if self.server.sockets:
+            sockname = self.server.sockets[0].getsockname()
+            self.address = (str(sockname[0]), int(sockname[1]))
+
+    async def close(self) -> None:
+        """Stop accepting, let in-flight reports commit (bounded), then drop open connections."""
+        self.handler.closing = True
+        self.server.close()
+        pending = set(self.handler.inflight)
+        if pending:
+            await asyncio.wait(pending, timeout=self.shutdown_timeout)
+        conns = dict(self.handler.connections)
+        for proto in conns:
+            proto.close_connection()
+        if conns:
+            await asyncio.wait(list(conns.values()), timeout=min(5.0, self.shutdown_timeout))
+        await self.server.wait_closed()
+        log.info("inbound_listener_stopped")
+
+
+async def start_inbound(
+    settings: Settings, pool: asyncpg.Pool, *, provider_of: ProviderOf | None = None
+) -> InboundListener:
+    """Start the bounce/FBL listener on the running loop (``[feedback.inbound] listen``)."""
+    loop = asyncio.get_running_loop()
+    cfg = settings.feedback.inbound
+    classifier = await asyncio.to_thread(load_rules, settings.feedback.classifier_rules)
+    handler = InboundHandler(settings, pool, Verp.from_settings(settings), classifier, provider_of)
+
+    def factory() -> RelaySMTP:
+        return RelaySMTP(
+            handler,  # type: ignore[arg-type]  # duck-typed: RelaySMTP needs .connections only
+            data_size_limit=cfg.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=settings.server.hostname,
+            ident="ESMTP feedback",
+            timeout=cfg.data_timeout,
+            auth_required=False,
+            auth_require_tls=True,  # no TLS here: AUTH is never offered
+            command_call_limit=COMMAND_CALL_LIMITS,
+            loop=loop,
+        )
+
+    host, port = cfg.listen
+    try:
+        server = await loop.create_server(factory, host, port, reuse_address=True)
+    except OSError as exc:
+        raise ListenerError(f"feedback inbound listener cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    listener = InboundListener(server, handler, settings.server.shutdown_timeout)
+    log.info("inbound_listener_started", address="%s:%d" % listener.address, domains=sorted(handler.domains))
+    return listener
