@@ -323,7 +323,7 @@ def test_required_variables_are_cached_and_follow_file_edits(tmp_path: Path) -> 
     (tmp_path / "note").mkdir()
     (tmp_path / "note" / "subject.txt").write_text("{{ title }}")
     (tmp_path / "note" / "html.html").write_text('{% extends "base/html.html" %}{% block content %}{{ body }}{% endblock %}')
-    r = Renderer(TemplateConfig(directory=tmp_path))
+    r = Renderer(TemplateConfig(directory=tmp_path, reload_check_interval=0))
     assert r.required_variables("note") == {"title", "body", "footer"}
     parsed = r.env.parse_count
     assert r.required_variables("note") == {"title", "body", "footer"}

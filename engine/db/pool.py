@@ -84,6 +84,16 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """Release hook: skip asyncpg's server-side reset (``RESET ALL; UNLISTEN *; ...``).
+
+    The engine keeps no session state on pooled connections: no SET, LISTEN only on
+    dedicated connections, advisory locks released explicitly. asyncpg still rolls
+    back an open transaction locally before calling this, so the only thing saved is
+    one round trip per release (about 6% of a delivery worker's time).
+    """
+
+
 async def create_pool(dsn: str, settings: Settings, **overrides: Any) -> asyncpg.Pool:
     """Create the pool; raises DatabaseUnavailable when the server cannot be reached."""
     kwargs: dict[str, Any] = dict(
@@ -92,6 +102,7 @@ async def create_pool(dsn: str, settings: Settings, **overrides: Any) -> asyncpg
         timeout=settings.database.connect_timeout,
         command_timeout=settings.database.command_timeout,
         init=init_connection,
+        reset=keep_session,
         server_settings={"application_name": f"engine:{os.getpid()}"},
     )
     kwargs.update(overrides)
