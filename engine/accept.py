@@ -178,6 +178,10 @@ class Acceptor:
                 "template": item.template,
                 "vars": item.vars,
             }
+            if item.inline_images:
+                content["inline_images"] = [i.model_dump() for i in item.inline_images]
+            if item.attachments:
+                content["attachments"] = [a.model_dump() for a in item.attachments]
             if item.reply_to is not None:
                 content["reply_to"] = _mailbox_json(item.reply_to)
         limit = self.settings.api.max_recipients_per_message

@@ -108,3 +108,48 @@ async def test_templated_message_arrives_signed_tracked_and_unsubscribable(engin
         again = await c.post("/v1/messages", headers=h, json={
             "from": "shop@example.com", "to": ["ann@example.net"], "subject": "x", "text": "y", "stream": "bulk"})
         assert again.json()["recipients"][0]["state"] == "suppressed"
+
+
+async def test_inline_image_attachment_and_mailto_unsubscribe(engine_factory, smtp_receiver) -> None:
+    import base64
+
+    rx = smtp_receiver()
+    eng = await engine_factory(
+        f'[routing.static]\n"example.net" = "{rx.address}:{rx.port}"\n'
+        '[mime]\nlist_unsubscribe_mailto = "unsubscribe@bounces.example.com"\n'
+        '[tracking]\ntrack_opens = false\n[[tracking.keys]]\nid = 1\nsecret = "0123456789abcdef0123456789abcdef-test"\n'
+        "[delivery]\npoll_interval = \"100ms\"\nflush_interval = \"20ms\"\n"
+    )
+    key, _ = await eng.apikeys.create("k", ["send"])
+    host, port = eng.http_address
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as c:
+        bad = await c.post("/v1/messages", headers={"Authorization": f"Bearer {key}"}, json={
+            "from": "shop@example.com", "to": ["ann@example.net"], "subject": "x", "text": "t",
+            "attachments": [{"filename": "a\r\nb.txt", "content": "eA=="}]})
+        assert bad.status_code == 422 and bad.json()["field"].startswith("attachments")
+        r = await c.post("/v1/messages", headers={"Authorization": f"Bearer {key}"}, json={
+            "from": "shop@example.com", "to": ["ann@example.net"], "subject": "Logo", "stream": "bulk",
+            "html": '<p>Our logo: <img src="cid:logo@shop"></p>', "text": "Our logo",
+            "inline_images": [{"content_id": "logo@shop", "content_type": "image/png", "content": base64.b64encode(png).decode()}],
+            "attachments": [{"filename": "terms.txt", "content_type": "text/plain", "content": base64.b64encode(b"terms").decode()}]})
+        assert r.status_code == 202, r.text
+    worker = DeliveryWorker(eng.settings, eng.pool, owner="e2e2", dsn=eng.dsn,
+                            composer=Composer(eng.settings, renderer=eng.renderer, keyring=eng.keyring))
+    task = asyncio.create_task(worker.run())
+    try:
+        deadline = time.monotonic() + 20
+        while not rx.messages and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 30)
+    msg = email.message_from_bytes(rx.messages[0].data, policy=policy.default)
+    assert msg.get_content_type() == "multipart/mixed"
+    related = next(p for p in msg.walk() if p.get_content_type() == "multipart/related")
+    image = next(p for p in related.walk() if p.get_content_type() == "image/png")
+    assert image["Content-ID"] == "<logo@shop>" and image.get_content() == png
+    attachment = next(p for p in msg.iter_attachments() if p.get_filename() == "terms.txt")
+    assert attachment.get_content() == "terms"
+    unsub = msg["List-Unsubscribe"]
+    assert "<mailto:unsubscribe@bounces.example.com?subject=unsubscribe%20" in unsub and "/u/" in unsub

@@ -98,6 +98,10 @@ class MimeConfig(BaseModel):
         default_factory=lambda: ["bulk"],
         description="Streams that must carry List-Unsubscribe (RFC 8058 one-click).",
     )
+    list_unsubscribe_mailto: str | None = Field(
+        default=None,
+        description="Mailbox for mailto: List-Unsubscribe (e.g. the bounce domain's unsubscribe address); unset = https only.",
+    )
     max_custom_headers: int = Field(default=50, ge=0)
     max_header_value_length: int = Field(default=2000, ge=16)
 

@@ -17,12 +17,13 @@ message, at zero cost on the sending hot path.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.compose.dkim import DkimSigner
-from engine.compose.mime import ListUnsubscribe, Mailbox, MessageContent, build_message
+from engine.compose.mime import Attachment, InlineImage, ListUnsubscribe, Mailbox, MessageContent, build_message
 from engine.compose.render import Renderer, merge_vars
 from engine.compose.tracking import Keyring, rewrite_links, track_html, unsubscribe_url
 
@@ -82,7 +83,12 @@ class Composer:
         if html is not None and self.keyring is not None and (self.settings.tracking.track_clicks or self.settings.tracking.track_opens):
             html, _ = track_html(html, recipient_id, self.keyring, self.settings.tracking, self.base_url)
         if msg.stream in self.settings.mime.bulk_streams and self.keyring is not None:
-            list_unsub = ListUnsubscribe(url=unsubscribe_url(self.base_url, recipient_id, self.keyring))
+            url = unsubscribe_url(self.base_url, recipient_id, self.keyring)
+            mailto = None
+            if self.settings.mime.list_unsubscribe_mailto:
+                # The same signed token in the subject identifies the recipient without personal data.
+                mailto = f"mailto:{self.settings.mime.list_unsubscribe_mailto}?subject=unsubscribe%20{url.rsplit('/', 1)[1]}"
+            list_unsub = ListUnsubscribe(url=url, mailto=mailto)
         domain = sender.address.rpartition("@")[2]
         built = build_message(
             MessageContent(
@@ -96,6 +102,14 @@ class Composer:
                 headers=content.get("headers") or {},
                 stream=msg.stream,
                 list_unsubscribe=list_unsub,
+                inline_images=[
+                    InlineImage(i["content_id"], i["content_type"], base64.b64decode(i["content"]), i.get("filename"))
+                    for i in content.get("inline_images") or ()
+                ],
+                attachments=[
+                    Attachment(a["filename"], a["content_type"], base64.b64decode(a["content"]))
+                    for a in content.get("attachments") or ()
+                ],
                 feedback={k: str(v) for k, v in msg.metadata.items() if k in ("campaign", "customer", "sender_id")},
             ),
             sending_domain=domain,

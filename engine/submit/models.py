@@ -100,6 +100,52 @@ class Envelope(_Model):
         return [_address(a) for a in v]
 
 
+def _base64(value: str, what: str) -> str:
+    import base64
+    import binascii
+
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{what} must be base64") from None
+    return value
+
+
+class InlineImageIn(_Model):
+    """An image the HTML shows as ``<img src="cid:CONTENT_ID">`` (sent as multipart/related)."""
+
+    content_id: str = Field(pattern=r"^[A-Za-z0-9._@+-]{1,100}$")
+    content_type: str = Field(pattern=r"^image/[a-z0-9.+-]{1,50}$")
+    content: str = Field(description="base64")
+    filename: str | None = Field(default=None, max_length=200)
+
+    @field_validator("content")
+    @classmethod
+    def _b64(cls, v: str) -> str:
+        return _base64(v, "content")
+
+    @field_validator("filename")
+    @classmethod
+    def _fname(cls, v: str | None) -> str | None:
+        return None if v is None else _no_crlf(v, "filename")
+
+
+class AttachmentIn(_Model):
+    filename: str = Field(min_length=1, max_length=200)
+    content_type: str = Field(default="application/octet-stream", pattern=r"^[a-z0-9.+-]{1,50}/[a-z0-9.+-]{1,100}$")
+    content: str = Field(description="base64")
+
+    @field_validator("content")
+    @classmethod
+    def _b64(cls, v: str) -> str:
+        return _base64(v, "content")
+
+    @field_validator("filename")
+    @classmethod
+    def _fname(cls, v: str) -> str:
+        return _no_crlf(v, "filename")
+
+
 class MessageIn(_Model):
     """One message: structured (from/to/subject/parts or template) or raw RFC 5322 with an envelope."""
 
@@ -119,6 +165,8 @@ class MessageIn(_Model):
     vars: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
     send_at: datetime | None = None
+    inline_images: list[InlineImageIn] = Field(default_factory=list, max_length=50)
+    attachments: list[AttachmentIn] = Field(default_factory=list, max_length=50)
     raw: str | None = Field(default=None, description="A complete RFC 5322 message; needs `envelope`.")
     envelope: Envelope | None = None
 
@@ -147,7 +195,8 @@ class MessageIn(_Model):
     def _shape(self) -> "MessageIn":
         if self.raw is not None:
             structured = [
-                k for k in ("from_", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "template")
+                k for k in ("from_", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "template",
+                            "inline_images", "attachments")
                 if getattr(self, k)
             ]
             if structured:
@@ -168,6 +217,8 @@ class MessageIn(_Model):
             raise ValueError("no content: give text and/or html, a template, or a raw message")
         if self.template is None and self.subject is None:
             raise ValueError("subject is required unless a template provides it")
+        if self.inline_images and self.template is None and not self.html:
+            raise ValueError("inline_images need an html part (or a template with one)")
         return self
 
 
