@@ -82,6 +82,14 @@ class Behaviour:
     tls_broken: bool = False
     #: Advertise PIPELINING in the EHLO reply (aiosmtpd handles pipelined input anyway).
     pipelining: bool = True
+    #: (max recipients, per seconds): beyond that many accepted RCPTs in a sliding window, RCPT gets
+    #: ``rate_limit_reply`` (a provider's rate limit). None: no limit.
+    rate_limit: tuple[int, float] | None = None
+    rate_limit_reply: str = (
+        "421 4.7.28 [127.0.0.1] Our system has detected an unusual rate of unsolicited mail originating "
+        "from your IP address. To protect our users from spam, mail sent from your IP address has been "
+        "temporarily rate limited."
+    )
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,9 @@ class Receiver:
         #: MAIL commands that arrived with more commands already buffered behind them (PIPELINING).
         self.pipelined_mail = 0
         self._greylisted: set[tuple[str, str]] = set()
+        self._accepted_at: list[float] = []  # RCPT accept times, for Behaviour.rate_limit
+        #: RCPTs answered with the rate-limit reply.
+        self.rate_limited = 0
         self._drops_left = self.behaviour.drop_data
         self._session_ids = itertools.count(1)
         self._protocols: set[_ReceiverSMTP] = set()
@@ -391,6 +402,15 @@ class _Handler:
                 self.rx._greylisted.add(key)
             if first:
                 return self.b.greylist_reply
+        if self.b.rate_limit is not None:
+            most, per = self.b.rate_limit
+            now = time.monotonic()
+            with self.rx._lock:
+                self.rx._accepted_at = [t for t in self.rx._accepted_at if t > now - per]
+                if len(self.rx._accepted_at) >= most:
+                    self.rx.rate_limited += 1
+                    return self.b.rate_limit_reply
+                self.rx._accepted_at.append(now)
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 

@@ -504,3 +504,61 @@ ORDER BY provider, source, sending_domain, outcome, category;
 
 -- name: reputation_prune
 DELETE FROM reputation_counters WHERE bucket < now() - make_interval(secs => :keep_seconds);
+
+-- ==== automation ====
+
+-- name: automation_hit
+-- Count :n matches of a rule in its current fixed window (a new window when the old one ended); returns the count.
+INSERT INTO shaping_rule_hits AS h (rule, provider, source, window_start, n)
+VALUES (:rule, :provider, :source, now(), :n)
+ON CONFLICT (rule, provider, source) DO UPDATE SET
+    window_start = CASE WHEN h.window_start + make_interval(secs => :period) <= now() THEN now() ELSE h.window_start END,
+    n = CASE WHEN h.window_start + make_interval(secs => :period) <= now() THEN excluded.n ELSE h.n + excluded.n END
+RETURNING n;
+
+-- name: automation_hit_reset
+DELETE FROM shaping_rule_hits WHERE rule = :rule AND provider = :provider AND source = :source;
+
+-- name: automation_decide
+-- Start or extend a decision. fresh: a new episode (none was in force), so the caller records an event.
+-- :extend false: a decision still in force is left alone (health pauses are re-checked, not extended).
+INSERT INTO shaping_decisions AS d (rule, provider, source, campaign, action, params, reason, started_at, expires_at, ramp_until)
+VALUES (:rule, :provider, :source, :campaign, :action, :params::jsonb, :reason, now(),
+        now() + make_interval(secs => :duration), now() + make_interval(secs => :duration + :ramp))
+ON CONFLICT (rule, provider, source, campaign) DO UPDATE SET
+    action = excluded.action, params = excluded.params,
+    reason = CASE WHEN d.expires_at <= now() THEN excluded.reason ELSE d.reason END,
+    started_at = CASE WHEN d.expires_at <= now() THEN now() ELSE d.started_at END,
+    expires_at = excluded.expires_at, ramp_until = excluded.ramp_until
+WHERE :extend::boolean OR d.expires_at <= now()
+RETURNING started_at = now() AS fresh, started_at, expires_at, ramp_until;
+
+-- name: automation_active
+-- Decisions in force or still ramping back, with the database's clock for the caller's arithmetic.
+SELECT rule, provider, source, campaign, action, params, reason, started_at, expires_at, ramp_until,
+       clock_timestamp() AS now
+FROM shaping_decisions WHERE ramp_until > clock_timestamp() ORDER BY provider, rule;
+
+-- name: automation_campaign_add
+INSERT INTO campaign_counters AS c (campaign, bucket, final, hard)
+SELECT u.campaign, date_trunc('minute', now()), u.final, u.hard
+FROM unnest(:campaigns::text[], :finals::bigint[], :hards::bigint[]) AS u(campaign, final, hard)
+ORDER BY u.campaign
+ON CONFLICT (campaign, bucket) DO UPDATE SET final = c.final + excluded.final, hard = c.hard + excluded.hard;
+
+-- name: automation_campaign_breaches
+-- Campaigns whose hard bounce rate over the window is above :rate with at least :min_volume final outcomes.
+SELECT campaign, sum(final)::bigint AS final, sum(hard)::bigint AS hard
+FROM campaign_counters WHERE bucket > now() - make_interval(secs => :seconds)
+GROUP BY campaign
+HAVING sum(final) >= :min_volume AND sum(hard)::float8 / sum(final) > :rate;
+
+-- name: automation_complaint_breaches
+-- Providers whose complaint rate (complaints / delivered) over the window is above :rate.
+SELECT provider, sum(n) FILTER (WHERE outcome = 'delivered')::bigint AS delivered,
+       sum(n) FILTER (WHERE outcome = 'complained')::bigint AS complaints
+FROM reputation_counters WHERE bucket > now() - make_interval(secs => :seconds)
+GROUP BY provider
+HAVING sum(n) FILTER (WHERE outcome = 'delivered') >= :min_delivered
+   AND sum(n) FILTER (WHERE outcome = 'complained')::float8
+       / sum(n) FILTER (WHERE outcome = 'delivered') > :rate;

@@ -26,6 +26,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from engine.deliver.automation import Decisions, evaluate_health
 from engine.deliver.shaping import EffectiveLimits, Shaping, ShapingError, ShapingSettings, load_shaping
 from engine.deliver.throttle import ConnectionSlots, PathId, TokenBuckets
 from engine.deliver.warmup import Clock, Unit, WarmupCounters, units_for, utc_now
@@ -68,12 +69,17 @@ class Gate:
         self.buckets = TokenBuckets(pool, self.config.token_horizon, monotonic)
         self.slots = ConnectionSlots(pool, owner, self.config.connection_lease_ttl, monotonic)
         self.warmup = WarmupCounters(pool, clock)
+        self.pool = pool
+        self.decisions = Decisions(pool, shaping.file.default.health.refresh)
         self.reloads = 0
+        self._health_at = 0.0
+        self._first_health: asyncio.Future[None] | None = None
 
     # -- limits ---------------------------------------------------------------------------
 
     def limits(self, domain: str, site: str, mx_hosts: tuple[str, ...], source: str) -> EffectiveLimits:
-        return self.shaping.limits(domain, site, mx_hosts, source)
+        """The file's limits under the automation decisions in force (reduced rates, capped connections)."""
+        return self.decisions.apply(self.shaping.limits(domain, site, mx_hosts, source)).limits
 
     def reload(self) -> bool:
         """Re-read the shaping file; an invalid file is refused (logged) and the old one stays."""
@@ -85,13 +91,24 @@ class Gate:
             log.error("shaping_reload_refused", file=str(self.path), problems=exc.problems)
             return False
         self.shaping = new
+        self.decisions.refresh = new.file.default.health.refresh
         self.reloads += 1
         log.info("shaping_reloaded", file=str(self.path), providers=len(new.file.provider))
         return True
 
     # -- admission ------------------------------------------------------------------------
 
-    async def admit(self, lim: EffectiveLimits, path: PathId, sending_domain: str) -> Admission:
+    async def admit(
+        self, lim: EffectiveLimits, path: PathId, sending_domain: str, stream: str = "", campaign: str = ""
+    ) -> Admission:
+        if self._first_health is None:  # a fresh worker knows the pauses in force before it sends anything
+            self._first_health = asyncio.ensure_future(self._safe_health())
+        await asyncio.shield(self._first_health)
+        await self.decisions.maybe_refresh()
+        verdict = self.decisions.apply(lim, stream, campaign, self.shaping.file.default.health.bulk_streams)
+        if verdict.blocked:
+            # Suspended provider, paused bulk, held campaign: hand the rows back untried (like a warm-up cap).
+            return Admission(False, max(verdict.wait, 0.05), verdict.blocked, postpone=True)
         units = units_for(self.shaping, lim.source, sending_domain, lim.provider)
         spread: list[tuple[str, float]] = []
         for unit in units:
@@ -148,13 +165,30 @@ class Gate:
     async def maintain(self, stop: asyncio.Event, open_counts: Callable[[PathId], int], every: float = 2.0) -> None:
         """Renew or give back connection leases and write warm-up outcome counts, until ``stop``."""
         while not stop.is_set():
+            every_now = min(every, self.shaping.file.default.health.evaluate_every)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=every)
+                await asyncio.wait_for(stop.wait(), timeout=every_now)
             try:
                 await self.slots.maintain(open_counts)
                 await self.warmup.flush()
+                await self.check_health()
             except Exception:  # never let the maintenance loop die: leases would run out
                 log.exception("shaping_maintenance_failed")
+
+    async def check_health(self, force: bool = False) -> None:
+        """Complaint-rate and campaign bounce-rate pauses, every ``[default.health] evaluate_every``."""
+        cfg = self.shaping.file.default.health
+        if not force and time.monotonic() - self._health_at < cfg.evaluate_every:
+            return
+        self._health_at = time.monotonic()
+        for d in await evaluate_health(self.pool, cfg):
+            self.decisions.add(d)
+
+    async def _safe_health(self) -> None:
+        try:
+            await self.check_health(force=True)
+        except Exception:  # the periodic check retries; admission must not fail on it
+            log.exception("automation_health_check_failed")
 
     async def close(self) -> None:
         await self.warmup.flush()

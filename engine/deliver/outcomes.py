@@ -18,8 +18,9 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -29,7 +30,8 @@ import structlog
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.errors import DatabaseUnavailable
-from engine.feedback.classify import Classifier
+from engine.deliver.automation import Signal, evaluate_campaign_signals, evaluate_results, record_campaigns
+from engine.feedback.classify import HARD_CATEGORIES, Classifier, default_classifier
 from engine.feedback.outcomes import DeliveryResult, apply_delivery_feedback
 from engine.outbox import Deferral, NewMessage, Outbox, Outcome
 
@@ -57,6 +59,7 @@ class Attempt:
     counted: bool = True  # False: not really tried (destination suspended); no attempt is counted
     provider: str = ""  # shaping provider of the destination ('' = the recipient's domain)
     egress: str = ""  # egress source name the attempt left from
+    campaign: str = ""  # metadata.campaign ('' = none): automation holds campaigns by it
 
 
 @dataclass
@@ -66,6 +69,7 @@ class _Pending:
     attempts: list[tuple[int, str, int | None, str | None, str, str | None, int]] = field(default_factory=list)
     dsn_failures: list[Attempt] = field(default_factory=list)
     feedback: list[DeliveryResult] = field(default_factory=list)
+    campaigns: list[str] = field(default_factory=list)  # aligned with feedback
 
     def __len__(self) -> int:
         return len(self.outcomes) + len(self.deferrals)
@@ -108,6 +112,8 @@ class OutcomeWriter:
         self.suppress_scope = suppress_scope
         self.classifier = classifier
         self._pending = _Pending()
+        #: () -> (Shaping, on_decision) | None: set by the scheduler when shaping is on.
+        self.automation: Callable[[], tuple[Any, Callable[[Any], None]] | None] | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -147,6 +153,7 @@ class OutcomeWriter:
                         source=a.egress, mail_from=a.mail_from, mx=a.mx, counted=a.counted,
                     )
                 )
+                p.campaigns.append(a.campaign)
         if len(p) >= self.max_batch:
             self._wake.set()
 
@@ -188,6 +195,7 @@ class OutcomeWriter:
                 p.attempts + n.attempts,
                 p.dsn_failures + n.dsn_failures,
                 p.feedback + n.feedback,
+                p.campaigns + n.campaigns,
             )
             raise
         self.written += len(p)
@@ -216,8 +224,51 @@ class OutcomeWriter:
             if dsns:
                 await self.outbox.enqueue(dsns, conn=conn)
         if p.feedback:
+            feedback = self._classified(p.feedback)
             # Events, hard-bounce suppression and reputation counters, in the same transaction.
-            await apply_delivery_feedback(conn, p.feedback, suppress_scope=self.suppress_scope, classifier=self.classifier)
+            await apply_delivery_feedback(conn, feedback, suppress_scope=self.suppress_scope, classifier=self.classifier)
+            await self._automate(conn, feedback, p.campaigns)
+
+    def _classified(self, results: list[DeliveryResult]) -> list[DeliveryResult]:
+        """Classify failures once here, so feedback and automation see the same category."""
+        clf = self.classifier or default_classifier()
+        out = []
+        for r in results:
+            if r.outcome != "delivered" and (r.category is None or r.permanent is None):
+                c = clf.classify(r.code, r.status, r.reply)
+                r = replace(r, category=r.category or c.category,
+                            permanent=c.permanent if r.permanent is None else r.permanent)
+            out.append(r)
+        return out
+
+    async def _automate(self, conn: asyncpg.Connection, results: list[DeliveryResult], campaigns: list[str]) -> None:
+        """Automation rules on this flush's replies; per-campaign counters for the bounce-rate hold."""
+        hook = self.automation() if self.automation is not None else None
+        if hook is None:
+            return
+        shaping, on_decision = hook
+        signals: list[Signal] = []
+        by_campaign: list[tuple[Signal, str]] = []
+        finals: Counter[str] = Counter()
+        hards: Counter[str] = Counter()
+        for r, campaign in zip(results, campaigns):
+            if not r.counted:
+                continue
+            if r.outcome != "delivered":
+                s = Signal(r.provider, r.source, r.reply, r.category)
+                signals.append(s)
+                if campaign:
+                    by_campaign.append((s, campaign))
+            if campaign and r.outcome in ("delivered", "bounced"):
+                finals[campaign] += 1
+                if r.outcome == "bounced" and r.category in HARD_CATEGORIES:
+                    hards[campaign] += 1
+        await record_campaigns(conn, finals, hards)
+        made = await evaluate_results(conn, shaping, signals) if signals else []
+        if by_campaign:
+            made += await evaluate_campaign_signals(conn, shaping, by_campaign)
+        for d in made:
+            on_decision(d)  # this worker obeys at once; others within [default.health] refresh
 
     async def close(self, timeout: float) -> None:
         """Flush what is left; keep trying until ``timeout`` (the database may be coming back)."""

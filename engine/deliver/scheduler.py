@@ -125,6 +125,8 @@ class DeliveryWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self.delivered = 0
         self.gate = gate if gate is not None else self._make_gate(settings, pool)
+        if self.gate is not None:  # automation: flushed results may slow down or pause a provider
+            self.writer.automation = self._automation_hook
         # Spill-over picks a source from a named pool, through EgressPools' public API.
         self._spill = EgressPools(
             settings.pools, {f"spill:{p.name}": p.name for p in settings.pools}, settings.server.hostname
@@ -141,6 +143,11 @@ class DeliveryWorker:
             pool, self.owner, shaping, settings.shaping,
             default_connection_limit=self.cfg.smtp.connection_limit, path=shaping_mod.resolve_path(settings),
         )
+
+    def _automation_hook(self) -> tuple[Any, Any] | None:
+        """(current shaping, callback for new decisions) for the outcome writer's flush."""
+        gate = self.gate
+        return None if gate is None else (gate.shaping, gate.decisions.add)
 
     def request_reload(self) -> bool:
         """Apply a changed shaping file (SIGHUP, NOTIFY engine_reload); an invalid one is refused."""
@@ -423,7 +430,9 @@ class DeliveryWorker:
                 dest.queue_cap = max(self.cfg.destination_concurrency, int(min(rates) * gate.config.max_hold / 2))
             else:
                 dest.queue_cap = 0
-            adm = await gate.admit(lim, (route.site, source.address), sending_domain)
+            campaign = job.msg.metadata.get("campaign") if isinstance(job.msg.metadata, dict) else None
+            adm = await gate.admit(lim, (route.site, source.address), sending_domain, job.msg.stream,
+                                   str(campaign) if campaign else "")
             if adm.ok:
                 return adm, source, lim.enable_tls
             if adm.spill_pool and not spilled:
@@ -478,6 +487,7 @@ class DeliveryWorker:
             counted=counted,
             provider=provider,
             egress=egress,
+            campaign=str((job.msg.metadata or {}).get("campaign") or "") if isinstance(job.msg.metadata, dict) else "",
         )
 
     def _settle(

@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from engine.configtypes import Duration
+from engine.configtypes import Duration, parse_duration
 from engine.errors import ConfigError
 
 # --------------------------------------------------------------------------- rates
@@ -128,6 +128,97 @@ class Block(Limits):
     sources: dict[str, Limits] = Field(default_factory=dict, description="per egress source overrides")
 
 
+# --------------------------------------------------------------------------- automation rules
+
+AutomationAction = Literal["suspend", "suspend_provider", "reduce_rate", "cap_connections", "hold_campaign"]
+_TRIGGER_RE = re.compile(r"^\s*(\d+)\s*/\s*(.+?)\s*$")
+
+
+def parse_trigger(value: Any) -> tuple[int, float]:
+    """``"immediate"`` -> (1, 0); ``"5/1m"`` -> (5, 60.0): N matches within a period."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected 'immediate' or 'N/period' like '5/1m', got {value!r}")
+    if value.strip().lower() == "immediate":
+        return 1, 0.0
+    m = _TRIGGER_RE.match(value)
+    if m:
+        try:
+            period = parse_duration(m.group(2))
+        except ValueError:
+            period = 0.0
+        if int(m.group(1)) >= 1 and period > 0:
+            return int(m.group(1)), period
+    raise ValueError(f"expected 'immediate' or 'N/period' like '5/1m' (N >= 1, period > 0), got {value!r}")
+
+
+class AutomationRule(_Strict):
+    """One ``[[provider.X.automation]]`` rule: a reply signal, a trigger, an action for a duration.
+
+    KumoMTA's traffic-shaping-automation vocabulary: ``regex`` on the reply text and/or a
+    classifier ``category``; ``trigger`` "immediate" or "N/period"; the action holds for
+    ``duration`` and then limits come back in ``ramp_steps`` steps of ``ramp_step`` each.
+    """
+
+    name: str | None = Field(default=None, description="shown in decisions and events; default: its position")
+    regex: str | None = Field(default=None, description="search in the reply text (case-insensitive)")
+    category: str | None = Field(default=None, description="classifier category (engine classify)")
+    trigger: str = Field(default="immediate", description="'immediate' or 'N/period' like '5/1m'")
+    action: AutomationAction
+    duration: Duration = Field(default=3600.0, description="how long the action holds after the last match")
+    factor: float = Field(default=0.5, gt=0, lt=1, description="reduce_rate: multiply rates by this")
+    floor: Rate = Field(default=Rate("1/s", 1.0), description="reduce_rate: never below this")
+    limit: int = Field(default=1, ge=1, description="cap_connections: connections per (site, source)")
+    ramp_step: Duration = Field(default=300.0, description="recovery: one step per this long, once quiet")
+    ramp_steps: int = Field(default=2, ge=0, le=20, description="recovery steps back to full limits (0: jump)")
+
+    @field_validator("floor", mode="before")
+    @classmethod
+    def _floor(cls, v: Any) -> Rate:
+        return parse_rate(v)
+
+    @field_validator("regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression ({exc})") from None
+        return v
+
+    @field_validator("category")
+    @classmethod
+    def _category(cls, v: str | None) -> str | None:
+        from engine.feedback.classify import CATEGORIES
+
+        if v is not None and v not in CATEGORIES:
+            raise ValueError(f"unknown category (known: {', '.join(sorted(CATEGORIES))})")
+        return v
+
+    @field_validator("trigger")
+    @classmethod
+    def _trigger(cls, v: str) -> str:
+        parse_trigger(v)
+        return v
+
+    @model_validator(mode="after")
+    def _signal(self) -> "AutomationRule":
+        if self.regex is None and self.category is None:
+            raise ValueError("an automation rule needs regex and/or category")
+        return self
+
+    @property
+    def threshold(self) -> tuple[int, float]:
+        return parse_trigger(self.trigger)
+
+    def matches(self, reply: str, category: str | None) -> bool:
+        if self.category is not None and category != self.category:
+            return False
+        return self.regex is None or re.search(self.regex, reply or "", re.I) is not None
+
+
+
+
 class MatchRule(_Strict):
     """Exactly one of: ``MXSuffix`` (".google.com"), ``MXGlob`` ("*.mx.yandex.net"), ``DomainSuffix``."""
 
@@ -174,6 +265,27 @@ def _suffix_match(name: str, suffix: str) -> bool:
 
 class ProviderBlock(Block):
     match: list[MatchRule] = Field(min_length=1)
+    automation: list[AutomationRule] = Field(default_factory=list, description="rules for this provider")
+
+
+class HealthSettings(_Strict):
+    """``[default.health]``: pauses decided from rolling reputation windows (checked every ``evaluate_every``)."""
+
+    complaint_rate: float = Field(default=0.003, ge=0, le=1, description="pause bulk to a provider above this")
+    complaint_window: Duration = Field(default=86400.0)
+    complaint_min_delivered: int = Field(default=100, ge=1, description="less delivered in the window: no verdict")
+    bulk_streams: list[str] = Field(default_factory=lambda: ["bulk"], description="streams paused by complaints")
+    bounce_rate: float = Field(default=0.03, ge=0, le=1, description="hold a campaign above this hard bounce rate")
+    bounce_window: Duration = Field(default=86400.0)
+    bounce_min_volume: int = Field(default=100, ge=1, description="fewer final outcomes: no verdict")
+    pause_duration: Duration = Field(default=3600.0, description="how long a health pause holds (re-checked after)")
+    evaluate_every: Duration = Field(default=30.0)
+    refresh: Duration = Field(default=1.0, description="workers re-read active decisions this often")
+
+
+class DefaultBlock(Block):
+    automation: list[AutomationRule] = Field(default_factory=list, description="rules for every provider")
+    health: HealthSettings = Field(default_factory=HealthSettings, description="reputation pauses")
 
 
 class WarmupBlock(_Strict):
@@ -204,7 +316,7 @@ class WarmupBlock(_Strict):
 
 
 class ShapingFile(_Strict):
-    default: Block = Block()
+    default: DefaultBlock = DefaultBlock()
     provider: dict[str, ProviderBlock] = Field(default_factory=dict)
     domain: dict[str, Block] = Field(default_factory=dict)
     warmup: dict[str, WarmupBlock] = Field(default_factory=dict)
@@ -263,12 +375,18 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
         return list(ShapingFile.model_fields)
     if top == "warmup":
         return list(WarmupBlock.model_fields)
+    if "health" in loc:
+        return list(HealthSettings.model_fields)
+    if "automation" in loc:
+        return list(AutomationRule.model_fields)
     if "match" in loc:
         return list(MatchRule.model_fields)
     if "sources" in loc:
         return list(Limits.model_fields)
     if top == "provider":
         return list(ProviderBlock.model_fields)
+    if top == "default":
+        return list(DefaultBlock.model_fields)
     return list(Block.model_fields)
 
 
@@ -409,6 +527,15 @@ class Shaping:
                 if rule.matches_domain(domain) or any(rule.matches_mx(h) for h in mx_hosts):
                     return name
         return None
+
+    def rules_for(self, provider: str | None) -> list[tuple[str, AutomationRule]]:
+        """(rule id, rule) for a provider: its own rules, then ``[[default.automation]]``."""
+        out = []
+        if provider is not None and provider in self.file.provider:
+            out += [(r.name or f"provider.{provider}.automation[{i}]", r)
+                    for i, r in enumerate(self.file.provider[provider].automation)]
+        out += [(r.name or f"default.automation[{i}]", r) for i, r in enumerate(self.file.default.automation)]
+        return out
 
     def limits(self, domain: str, site: str, mx_hosts: tuple[str, ...] | list[str], source: str) -> EffectiveLimits:
         domain = domain.lower().rstrip(".")

@@ -20,6 +20,7 @@ import asyncpg
 
 from engine.db.pool import acquire
 from engine.db.queries import q
+from engine.deliver.automation import Decision
 from engine.deliver.routing import RouteError, Router
 from engine.deliver.shaping import EffectiveLimits, Shaping, ShapingError, load_shaping, resolve_path
 from engine.deliver.warmup import units_for
@@ -108,6 +109,11 @@ async def live_state(
         leases = await conn.fetch(*q("connection_lease_counts", keys=conn_keys, all=every))
         warm = await conn.fetch(*q("warmup_state", keys=warm_keys, all=every))
         susp = await conn.fetch(*q("suspension_list", domains=[domain.lower()] if domain else [], all=every))
+        decided = await conn.fetch(*q("automation_active"))
+    groups = {lim.group for lim in limits}
+    now = decided[0]["now"] if decided else None
+    automation = [Decision.from_row(r).describe(now) for r in decided
+                  if every or r["provider"] in groups or r["campaign"]]
     return {
         "tokens": {r["key"]: {"tokens": round(r["tokens"], 2), "rate_per_s": r["rate"], "burst": r["burst"]}
                    for r in buckets},
@@ -116,6 +122,8 @@ async def live_state(
                               "delivered": r["delivered"], "failed": r["failed"], "last_health": r["last_health"]}
                    for r in warm},
         "suspensions": {r["domain"]: {"until": str(r["until"]), "reason": r["reason"], "by": r["owner"]} for r in susp},
+        # Automation decisions in force or ramping back: state active|ramping, current rate_factor / connection_cap.
+        "automation": automation,
     }
 
 

@@ -23,7 +23,8 @@ from engine.errors import EngineError
 
 PAYLOAD_VERSION = 1
 EVENT_TYPES = frozenset(
-    {"delivered", "deferred", "bounced", "expired", "suppressed", "complained", "opened", "clicked", "unsubscribed"}
+    {"delivered", "deferred", "bounced", "expired", "suppressed", "complained", "opened", "clicked", "unsubscribed",
+     "shaping_decision"}
 )
 
 
