@@ -78,7 +78,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipients", type=int, default=50_000)
     ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--smtp-messages", type=int, default=10_000)
     ap.add_argument("--smtp-clients", type=int, default=20)
     ap.add_argument("--time-limit", type=float, default=120)

@@ -54,8 +54,14 @@ def _mailbox_json(value: AddressIn) -> dict[str, Any]:
     return out
 
 
-def _recipient(address: str, kind: str, vars_: dict[str, Any] | None = None) -> NewRecipient:
-    local, domain = split_address(address)
+def _recipient(
+    address: str, kind: str, vars_: dict[str, Any] | None = None, *, validated: bool = False
+) -> NewRecipient:
+    """An outbox row for ``address``; ``validated``: the schema already checked it, just split."""
+    if validated:
+        local, _, domain = address.rpartition("@")
+    else:
+        local, domain = split_address(address)
     domain = normalize_domain(domain)
     return NewRecipient(address=f"{local}@{domain}", domain=domain, kind=kind, vars=vars_)
 
@@ -159,7 +165,7 @@ class Acceptor:
         else:
             recipients = _dedupe(
                 [
-                    _recipient(mb.email, kind, mb.vars)
+                    _recipient(mb.email, kind, mb.vars, validated=True)
                     for kind, group in (("to", item.to), ("cc", item.cc), ("bcc", item.bcc))
                     for mb in map(as_mailbox, group)
                 ]

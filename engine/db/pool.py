@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import structlog
 
 from engine.config import Settings
@@ -78,10 +78,15 @@ def resolve_dsn(settings: Settings) -> tuple[str, Any]:
     return server.get_uri(EMBEDDED_DB_NAME), server
 
 
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
 async def init_connection(conn: asyncpg.Connection) -> None:
-    """Per-connection setup: JSON codecs so jsonb round-trips as Python objects."""
+    """Per-connection setup: JSON codecs so jsonb round-trips as Python objects (orjson: the
+    stdlib encoder was ~5% of batch submission)."""
     for typ in ("json", "jsonb"):
-        await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        await conn.set_type_codec(typ, encoder=_json_dumps, decoder=orjson.loads, schema="pg_catalog")
 
 
 async def keep_session(conn: asyncpg.Connection) -> None:

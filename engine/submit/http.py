@@ -10,11 +10,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import orjson
 import structlog
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from engine.templates_db import DbTemplateStore
 
 log = structlog.get_logger(__name__)
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 RETRY_AFTER_SECONDS = "5"
 
@@ -213,17 +217,18 @@ def create_app(ctx: HttpContext) -> FastAPI:
         response_model=AcceptedOut,
         responses={400: {"model": ErrorOut}, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}},
         summary="Submit one message",
+        openapi_extra=_json_request_body(MessageIn),
     )
     async def submit_message(
-        message: MessageIn,
         request: Request,
         key: ApiKey = Depends(require("send")),
         idempotency_key: str | None = Header(default=None, alias="Idempotency-Key"),
     ) -> JSONResponse:
+        message, body = await _parse_json(request, MessageIn)
         result = await ctx.acceptor.accept_http(
-            key, [message], batch=False, idempotency_key=idempotency_key, request_body=await request.body()
+            key, [message], batch=False, idempotency_key=idempotency_key, request_body=body
         )
-        return JSONResponse(result.body, status_code=result.status, headers=_replay_header(result.replayed))
+        return FastJSONResponse(result.body, status_code=result.status, headers=_replay_header(result.replayed))
 
     @app.post(
         "/v1/messages/batch",
@@ -231,20 +236,21 @@ def create_app(ctx: HttpContext) -> FastAPI:
         response_model=BatchOut,
         responses={400: {"model": ErrorOut}, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}},
         summary="Submit up to [http] max_batch messages in one call (all or nothing)",
+        openapi_extra=_json_request_body(BatchIn),
     )
     async def submit_batch(
-        batch: BatchIn,
         request: Request,
         key: ApiKey = Depends(require("send")),
         idempotency_key: str | None = Header(default=None, alias="Idempotency-Key"),
     ) -> JSONResponse:
+        batch, body = await _parse_json(request, BatchIn)
         limit = ctx.settings.http.max_batch
         if len(batch.messages) > limit:
             raise ApiError(422, f"too many messages in one batch: {len(batch.messages)} > {limit}", "messages")
         result = await ctx.acceptor.accept_http(
-            key, batch.messages, batch=True, idempotency_key=idempotency_key, request_body=await request.body()
+            key, batch.messages, batch=True, idempotency_key=idempotency_key, request_body=body
         )
-        return JSONResponse(result.body, status_code=result.status, headers=_replay_header(result.replayed))
+        return FastJSONResponse(result.body, status_code=result.status, headers=_replay_header(result.replayed))
 
     @app.get("/v1/messages/{message_id}", response_model=MessageStatus, summary="Per-recipient state of a message")
     async def get_message(message_id: str, key: ApiKey = Depends(require("read"))) -> dict[str, Any]:
@@ -313,7 +319,50 @@ def create_app(ctx: HttpContext) -> FastAPI:
             )
         return JSONResponse({"status": "ok", "database": "ok", "version": __version__})
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema plus the request models we parse ourselves (see _parse_json)."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (MessageIn, BatchIn):
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(js.pop("$defs", {}))
+                components[model.__name__] = js
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+async def _parse_json(request: Request, model: type[ModelT]) -> tuple[ModelT, bytes]:
+    """Validate the body straight from bytes with pydantic-core's JSON parser.
+
+    Declaring the model as a FastAPI body parameter costs json.loads plus a Python-level
+    validation pass; parsing bytes in one step was about a fifth of batch submission.
+    Errors go through the same handler (400 for bad JSON, 422 naming the field).
+    """
+    body = await request.body()
+    try:
+        return model.model_validate_json(body), body
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+def _json_request_body(model: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    }
+
+
+class FastJSONResponse(JSONResponse):
+    """JSONResponse rendered with orjson (the stdlib encoder was ~5% of batch submission)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
 
 
 def _replay_header(replayed: bool) -> dict[str, str] | None:

@@ -58,6 +58,7 @@ class Mailbox(_Model):
 _RawAddress = Annotated[str, Field(max_length=300)] | Mailbox
 
 
+_FROM_STRING = frozenset({"email", "name"})
 _NAME_ADDR_RE = re.compile(r'^\s*(?:"([^"]*)"|([^"<>]*?))\s*<([^<>\s]+)>\s*$')
 
 
@@ -68,14 +69,25 @@ def as_mailbox(value: "_RawAddress") -> Mailbox:
     m = _NAME_ADDR_RE.match(value)
     if m:
         name = m.group(1) if m.group(1) is not None else m.group(2)
-        return Mailbox(email=m.group(3), name=name or None)
-    return Mailbox(email=value.strip())
+        email = m.group(3)
+    else:
+        name, email = None, value.strip()
+    # Same checks as Mailbox's validators, without a second pydantic pass per address
+    # (that was 18% of the batch submit path).
+    if len(email) > 254:
+        raise ValueError("address is longer than 254 characters")
+    _address(email)
+    if name:
+        if len(name) > 200:
+            raise ValueError("name is longer than 200 characters")
+        _no_crlf(name, "name")
+    return Mailbox.model_construct(_fields_set=_FROM_STRING, email=email, name=name or None, vars=None)
 
 
 def _checked_mailbox(value: _RawAddress) -> Mailbox:
     try:
         return as_mailbox(value)
-    except ValidationError as exc:
+    except ValidationError as exc:  # pragma: no cover - as_mailbox raises ValueError itself
         raise ValueError(str(exc.errors()[0]["msg"]).removeprefix("Value error, ")) from None
 
 
