@@ -37,6 +37,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from engine import varint
 from engine.configtypes import Duration
 from engine.errors import EngineError, NotFound
 
@@ -137,28 +138,11 @@ class Token:
     key_id: int
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-    n = shift = 0
-    while pos < end and shift <= 63:
-        b = buf[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return n, pos
-        shift += 7
-    raise TokenInvalid("malformed tracking token")
+    got = varint.decode(buf, pos, end)
+    if got is None:
+        raise TokenInvalid("malformed tracking token")
+    return got
 
 
 def _b64encode(data: bytes) -> str:
@@ -225,8 +209,8 @@ class Keyring:
         minutes = int((time.time() if now is None else now) // 60)
         payload = (
             _HEAD.pack(VERSION, self.signing_key_id, kind)
-            + _varint(recipient_id)
-            + _varint(link_index)
+            + varint.encode(recipient_id)
+            + varint.encode(link_index)
             + _ISSUED.pack(minutes & 0xFFFFFFFF)
         )
         return _b64encode(payload + self._mac(self._keys[self.signing_key_id], payload))

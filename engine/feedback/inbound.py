@@ -49,7 +49,7 @@ from engine.feedback.classify import Classifier, load_rules
 from engine.feedback.outcomes import MappedResult, ProviderOf, apply_report_results
 from engine.feedback.report import Report, parse_report
 from engine.feedback.verp import Verp
-from engine.submit.smtp import COMMAND_CALL_LIMITS, ListenerError, RelaySMTP, _peer, _reply
+from engine.submit.smtp import COMMAND_CALL_LIMITS, ListenerError, RelaySMTP, SmtpListenerHandle, _peer, _reply
 
 log = structlog.get_logger(__name__)
 
@@ -263,34 +263,12 @@ def _parse_message_id(report: Report) -> tuple[uuid.UUID, int | None] | None:
 # -- listener --------------------------------------------------------------------------
 
 
-@dataclass
-class InboundListener:
-    """The running listener: ``address`` (the real port when the config said 0), ``close()``."""
+class InboundListener(SmtpListenerHandle):
+    """The running listener: ``address`` (the real port when the config said 0), ``close()``.
 
-    server: asyncio.Server
-    handler: InboundHandler
-    shutdown_timeout: float
-    address: tuple[str, int] = ("", 0)
-
-    def __post_init__(self) -> None:
-        if self.server.sockets:
-            sockname = self.server.sockets[0].getsockname()
-            self.address = (str(sockname[0]), int(sockname[1]))
-
-    async def close(self) -> None:
-        """Stop accepting, let in-flight reports commit (bounded), then drop open connections."""
-        self.handler.closing = True
-        self.server.close()
-        pending = set(self.handler.inflight)
-        if pending:
-            await asyncio.wait(pending, timeout=self.shutdown_timeout)
-        conns = dict(self.handler.connections)
-        for proto in conns:
-            proto.close_connection()
-        if conns:
-            await asyncio.wait(list(conns.values()), timeout=min(5.0, self.shutdown_timeout))
-        await self.server.wait_closed()
-        log.info("inbound_listener_stopped")
+    Same lifecycle as the relay's listeners: stop accepting, let in-flight reports commit
+    (bounded), then drop open connections.
+    """
 
 
 async def start_inbound(
@@ -322,6 +300,6 @@ async def start_inbound(
         server = await loop.create_server(factory, host, port, reuse_address=True)
     except OSError as exc:
         raise ListenerError(f"feedback inbound listener cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    listener = InboundListener(server, handler, settings.server.shutdown_timeout)
+    listener = InboundListener("inbound", server, handler, settings.server.shutdown_timeout)
     log.info("inbound_listener_started", address="%s:%d" % listener.address, domains=sorted(handler.domains))
     return listener

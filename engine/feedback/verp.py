@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
+from engine import varint
 from engine.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -48,29 +49,10 @@ _TOKEN_RE = re.compile(r"^[a-z2-7]{16,40}$")
 _FIND_RE = re.compile(r"(?i)\bb-[a-z2-7]{16,40}@[a-z0-9.-]{1,253}")
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _read_varint(buf: bytes) -> int | None:
     """The varint filling ``buf`` exactly, else None (trailing bytes or overlong = malformed)."""
-    n = shift = 0
-    for i, b in enumerate(buf):
-        if shift > 63:
-            return None
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return n if i == len(buf) - 1 else None
-    return None
+    got = varint.decode(buf)
+    return got[0] if got is not None and got[1] == len(buf) else None
 
 
 class Verp:
@@ -129,7 +111,7 @@ class Verp:
     def token(self, recipient_id: int) -> str:
         if not isinstance(recipient_id, int) or isinstance(recipient_id, bool) or not 0 <= recipient_id < 2**63:
             raise ValueError("recipient_id must be an integer in [0, 2**63)")
-        payload = bytes([self.signing_key_id]) + _varint(recipient_id)
+        payload = bytes([self.signing_key_id]) + varint.encode(recipient_id)
         raw = payload + self._mac(self._keys[self.signing_key_id], payload)
         return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
 

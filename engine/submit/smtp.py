@@ -404,7 +404,7 @@ class SmtpListenerHandle:
 
     name: str
     server: asyncio.Server
-    handler: RelayHandler
+    handler: Any  # the relay's or the inbound listener's handler: .closing, .inflight, .connections
     shutdown_timeout: float
     address: tuple[str, int] = ("", 0)
     """The bound ``(host, port)``: the real port when the config said 0 (kept after close)."""
