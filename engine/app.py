@@ -40,6 +40,8 @@ from engine.submit.http import HttpContext, create_app, wrap
 
 log = structlog.get_logger(__name__)
 
+RETENTION = 8 * 86400.0  # rolling counters and ended shaping decisions
+
 
 class _QuietServer(uvicorn.Server):
     """uvicorn without its own signal handling: the engine owns SIGTERM/SIGINT."""
@@ -173,8 +175,15 @@ class Engine:
             await asyncio.sleep(0.01)
 
     async def _housekeeping(self) -> None:
-        """Reclaim leases of dead workers and expire old idempotency keys; survives DB outages."""
+        """Reclaim leases of dead workers, expire idempotency keys, prune rolling counters.
+
+        Survives DB outages. Counters and decisions only matter over their windows (24 h
+        at most), so they are kept for ``RETENTION`` and then dropped, hourly: their tables
+        stay as big as the traffic of a week, whatever the uptime.
+        """
         assert self.outbox is not None
+        next_prune = 0.0
+        loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             try:
                 n = await self.outbox.reclaim_expired_leases()
@@ -182,6 +191,10 @@ class Engine:
                     log.info("leases_reclaimed", count=n)
                 async with acquire(self.outbox.pool) as conn:
                     await conn.execute(*q("idempotency_expire", ttl=self.settings.api.idempotency_ttl))
+                    if loop.time() >= next_prune:
+                        for name in ("reputation_prune", "prune_campaign_counters", "prune_decisions"):
+                            await conn.execute(*q(name, keep_seconds=RETENTION))
+                        next_prune = loop.time() + 3600
             except DatabaseUnavailable as exc:
                 log.warning("housekeeping_database_unavailable", error=str(exc))
             except Exception:  # housekeeping must never die silently

@@ -127,3 +127,22 @@ async def test_sigterm_stops_cleanly(db_dsn, tmp_path) -> None:
         proc.kill()
     assert proc.returncode == 0, err
     assert b"engine_stopped" in err
+
+
+async def test_housekeeping_prunes_old_counters_and_decisions(engine_factory, conn) -> None:
+    await conn.execute("""INSERT INTO reputation_counters (bucket, provider, source, sending_domain, outcome, category, n)
+                          VALUES (now() - interval '9 days', 'p', '', '', 'delivered', '', 1),
+                                 (now(), 'p', '', '', 'delivered', '', 1)""")
+    await conn.execute("""INSERT INTO campaign_counters (campaign, bucket, final, hard)
+                          VALUES ('old', now() - interval '9 days', 1, 0), ('new', now(), 1, 0)""")
+    await conn.execute("""INSERT INTO shaping_decisions (rule, action, reason, started_at, expires_at, ramp_until)
+                          VALUES ('old', 'suspend', 'x', now() - interval '10 days', now() - interval '10 days',
+                                  now() - interval '9 days'),
+                                 ('live', 'suspend', 'x', now(), now() + interval '1 hour', now() + interval '2 hours')""")
+    await engine_factory()  # its first housekeeping pass prunes
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and await conn.fetchval("SELECT count(*) FROM shaping_decisions") != 1:
+        await asyncio.sleep(0.1)
+    assert await conn.fetchval("SELECT count(*) FROM reputation_counters") == 1
+    assert [r["campaign"] for r in await conn.fetch("SELECT campaign FROM campaign_counters")] == ["new"]
+    assert [r["rule"] for r in await conn.fetch("SELECT rule FROM shaping_decisions")] == ["live"]

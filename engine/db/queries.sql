@@ -562,3 +562,12 @@ GROUP BY provider
 HAVING sum(n) FILTER (WHERE outcome = 'delivered') >= :min_delivered
    AND sum(n) FILTER (WHERE outcome = 'complained')::float8
        / sum(n) FILTER (WHERE outcome = 'delivered') > :rate;
+
+-- ==== retention ====
+
+-- name: prune_campaign_counters
+DELETE FROM campaign_counters WHERE bucket < now() - make_interval(secs => :keep_seconds);
+
+-- name: prune_decisions
+-- Decisions whose ramp ended long ago: kept a while for `engine shaping show` and audits, then dropped.
+DELETE FROM shaping_decisions WHERE ramp_until < now() - make_interval(secs => :keep_seconds);
