@@ -121,9 +121,8 @@ async def _empty_receive() -> Message:
 
 
 def _error(status: int, message: str, field: str | None = None, **extra: Any) -> JSONResponse:
-    body: dict[str, Any] = {"error": message, "field": field}
-    body.update(extra)
-    return JSONResponse(body, status_code=status, headers=extra.pop("headers", None))
+    """The one error shape: ``{"error", "field", ...extra}``."""
+    return JSONResponse({"error": message, "field": field, **extra}, status_code=status)
 
 
 _BRANCH_NOISE = frozenset({"string_type", "model_type", "dict_type", "model_attributes_type"})
