@@ -571,3 +571,33 @@ DELETE FROM campaign_counters WHERE bucket < now() - make_interval(secs => :keep
 -- name: prune_decisions
 -- Decisions whose ramp ended long ago: kept a while for `engine shaping show` and audits, then dropped.
 DELETE FROM shaping_decisions WHERE ramp_until < now() - make_interval(secs => :keep_seconds);
+
+-- ==== workers ====
+
+-- name: worker_upsert
+-- A worker's heartbeat row: who it is, when it was last alive, which shaping file it applied.
+INSERT INTO workers (owner, host, pid, started_at, last_seen, heartbeat_seconds, shaping_source, shaping_digest,
+                     shaping_applied_at, reload_id, reload_error, delivered)
+VALUES (:owner, :host, :pid, :started_at, now(), :heartbeat_seconds, :shaping_source, :shaping_digest,
+        :shaping_applied_at, :reload_id, :reload_error, :delivered)
+ON CONFLICT (owner) DO UPDATE SET
+    host = EXCLUDED.host, pid = EXCLUDED.pid, started_at = EXCLUDED.started_at, last_seen = now(),
+    heartbeat_seconds = EXCLUDED.heartbeat_seconds, shaping_source = EXCLUDED.shaping_source,
+    shaping_digest = EXCLUDED.shaping_digest, shaping_applied_at = EXCLUDED.shaping_applied_at,
+    reload_id = EXCLUDED.reload_id, reload_error = EXCLUDED.reload_error, delivered = EXCLUDED.delivered;
+
+-- name: worker_delete
+-- Clean shutdown: the worker is gone, not stale.
+DELETE FROM workers WHERE owner = :owner;
+
+-- name: workers_prune
+-- Rows of workers that died long ago (never shut down cleanly).
+DELETE FROM workers WHERE last_seen < now() - make_interval(secs => :keep_seconds);
+
+-- name: workers_list
+-- Every known worker; stale = not seen for :beats heartbeats (its own period) plus :grace seconds.
+SELECT owner, host, pid, started_at, last_seen, heartbeat_seconds, shaping_source, shaping_digest,
+       shaping_applied_at, reload_id, reload_error, delivered,
+       extract(epoch FROM now() - last_seen)::float8 AS age_seconds,
+       last_seen < now() - make_interval(secs => heartbeat_seconds::float8 * :beats + :grace) AS stale
+FROM workers ORDER BY host, pid;

@@ -9,7 +9,9 @@ blocking) and claims skip it meanwhile; a long wait (a warm-up cap reached
 for today) tells the scheduler to give the job back to the queue untried.
 
 The shaping file can be swapped at any time (:meth:`Gate.reload`); the next
-admission uses the new limits. Open connections are never dropped by a
+admission uses the new limits. The gate keeps the sha256 of the bytes it
+applied (:attr:`Gate.digest`): the worker publishes it in ``workers`` so
+``engine reload`` can confirm which workers run the file it validated. Open connections are never dropped by a
 reload: a lowered connection limit is reached as connections retire.
 """
 
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +31,7 @@ import asyncpg
 import structlog
 
 from engine.deliver.automation import Decisions, evaluate_health
-from engine.deliver.shaping import EffectiveLimits, Shaping, ShapingError, ShapingSettings, load_shaping
+from engine.deliver.shaping import EffectiveLimits, Shaping, ShapingError, ShapingSettings, parse_shaping
 from engine.deliver.throttle import ConnectionSlots, PathId, TokenBuckets
 from engine.deliver.warmup import Clock, Unit, WarmupCounters, units_for, utc_now
 
@@ -47,6 +51,29 @@ class Admission:
     spill_pool: str | None = None  # a warm-up cap was reached and names a pool to send from instead
 
 
+def read_shaping(path: str | Path) -> tuple[Shaping, str]:
+    """Validate a shaping file and return it with the sha256 of exactly the bytes validated.
+
+    One read for both, so the digest a worker publishes (and ``engine reload`` compares)
+    always describes the limits in force, even if the file changes meanwhile.
+    Raises :class:`ShapingError` listing every problem.
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ShapingError(str(p), ["file does not exist"]) from None
+    except OSError as exc:
+        raise ShapingError(str(p), [f"cannot read: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ShapingError(str(p), [f"not UTF-8 text: {exc.reason} at byte {exc.start}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ShapingError(str(p), [f"not valid TOML: {exc}"]) from None
+    return Shaping(parse_shaping(data, str(p)), str(p)), hashlib.sha256(raw).hexdigest()
+
+
 class Gate:
     """Shaping for one worker process: limits from the file, live state in Postgres."""
 
@@ -61,10 +88,17 @@ class Gate:
         path: Path | None = None,
         clock: Clock = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
+        digest: str | None = None,
     ) -> None:
         self.config = config or ShapingSettings()
         self.shaping = shaping
         self.path = path
+        # What is in force: sha256 of the applied file (None when not read by read_shaping), since when,
+        # and why the last reload was refused (None after a success).
+        self.digest = digest
+        self.applied_at = clock()
+        self.reload_error: str | None = None
+        self._clock = clock
         self.default_connection_limit = default_connection_limit
         self.buckets = TokenBuckets(pool, self.config.token_horizon, monotonic)
         self.slots = ConnectionSlots(pool, owner, self.config.connection_lease_ttl, monotonic)
@@ -86,14 +120,16 @@ class Gate:
         if self.path is None:
             return False
         try:
-            new = Shaping(load_shaping(self.path), str(self.path))
+            new, digest = read_shaping(self.path)
         except ShapingError as exc:
             log.error("shaping_reload_refused", file=str(self.path), problems=exc.problems)
+            self.reload_error = "; ".join(exc.problems) or str(exc)
             return False
         self.shaping = new
+        self.digest, self.applied_at, self.reload_error = digest, self._clock(), None
         self.decisions.refresh = new.file.default.health.refresh
         self.reloads += 1
-        log.info("shaping_reloaded", file=str(self.path), providers=len(new.file.provider))
+        log.info("shaping_reloaded", file=str(self.path), providers=len(new.file.provider), digest=digest)
         return True
 
     # -- admission ------------------------------------------------------------------------

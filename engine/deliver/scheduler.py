@@ -21,12 +21,18 @@ wait: only that destination's task waits (and claims skip the destination
 meanwhile), so a capped provider never slows an uncapped one; a wait longer
 than ``[shaping] max_hold`` hands the rows back to the queue untried. A
 changed shaping file is picked up on SIGHUP or a NOTIFY on ``engine_reload``.
+
+Every worker keeps a row in ``workers`` (upserted by the lease heartbeat and
+right after a reload attempt, deleted on a clean stop) with the sha256 of the
+shaping file it applied, so ``engine reload`` can confirm the reload reached
+every live worker and ``engine workers`` can list them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import time
@@ -42,7 +48,7 @@ from engine.compose.pipeline import Composer, MessageRow
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.deliver import shaping as shaping_mod
-from engine.deliver.admission import Admission, Gate
+from engine.deliver.admission import Admission, Gate, read_shaping
 from engine.deliver.bounce_report import DsnBuilder
 from engine.feedback.classify import load_rules
 from engine.feedback.verp import Verp
@@ -58,6 +64,7 @@ log = structlog.get_logger(__name__)
 
 _CONNECTION_PHASES = frozenset({"connect", "greeting", "ehlo", "starttls"})
 RELOAD_CHANNEL = "engine_reload"
+WORKER_ROW_KEEP = 86400.0  # seconds a dead worker's row stays visible (as stale) before it is pruned
 
 
 @dataclass(slots=True)
@@ -133,15 +140,21 @@ class DeliveryWorker:
         )
         self._unstarted: list[int] = []
         self._background: set[asyncio.Task[Any]] = set()
+        self.started_at = datetime.now(timezone.utc)
+        self._reload_id: str | None = None  # the last `engine reload` handled (its NOTIFY payload's id)
+        self._reports: set[asyncio.Task[None]] = set()
+        self._gone = False  # our workers row was deleted at shutdown: write it no more
+        self._pruned_at = 0.0
 
     def _make_gate(self, settings: Any, pool: asyncpg.Pool) -> Gate | None:
         """The shaping gate when ``[shaping] file`` is set; a bad file stops the worker at start."""
-        shaping = shaping_mod.load(settings)
-        if shaping is None:
+        path = shaping_mod.resolve_path(settings)
+        if path is None:
             return None
+        shaping, digest = read_shaping(path)
         return Gate(
             pool, self.owner, shaping, settings.shaping,
-            default_connection_limit=self.cfg.smtp.connection_limit, path=shaping_mod.resolve_path(settings),
+            default_connection_limit=self.cfg.smtp.connection_limit, path=path, digest=digest,
         )
 
     def _automation_hook(self) -> tuple[Any, Any] | None:
@@ -149,9 +162,62 @@ class DeliveryWorker:
         gate = self.gate
         return None if gate is None else (gate.shaping, gate.decisions.add)
 
-    def request_reload(self) -> bool:
-        """Apply a changed shaping file (SIGHUP, NOTIFY engine_reload); an invalid one is refused."""
-        return self.gate.reload() if self.gate is not None else False
+    def request_reload(self, reload_id: str | None = None) -> bool:
+        """Apply a changed shaping file (SIGHUP, NOTIFY engine_reload); an invalid one is refused.
+
+        The outcome is written to our ``workers`` row at once (not at the next heartbeat),
+        so ``engine reload`` sees the confirmation quickly.
+        """
+        ok = self.gate.reload() if self.gate is not None else False
+        self._reload_id = reload_id
+        with contextlib.suppress(RuntimeError):  # no running loop: the next heartbeat reports it
+            task = asyncio.get_running_loop().create_task(self._report_alive(), name="worker-report")
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
+        return ok
+
+    def _reload_from_notify(self, payload: str) -> None:
+        """NOTIFY engine_reload: the payload is ``{"id": ..., "file": ...}`` (a bare path from older senders)."""
+        reload_id = None
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            rid = json.loads(payload).get("id")
+            reload_id = str(rid) if rid else None
+        self.request_reload(reload_id)
+
+    def _heartbeat_period(self) -> float:
+        return min(10.0, max(0.2, self.settings.queue.lease_duration / 4))
+
+    async def _report_alive(self) -> None:
+        """Upsert our ``workers`` row; never fatal (the table is for operators, leases do not depend on it)."""
+        gate = self.gate
+        if self._gone:
+            return
+        try:
+            async with acquire(self.outbox.pool) as conn:
+                if time.monotonic() - self._pruned_at > 600:
+                    await conn.execute(*q("workers_prune", keep_seconds=WORKER_ROW_KEEP))
+                    self._pruned_at = time.monotonic()
+                await conn.execute(*q(
+                    "worker_upsert", owner=self.owner, host=socket.gethostname(), pid=os.getpid(),
+                    started_at=self.started_at, heartbeat_seconds=self._heartbeat_period(),
+                    shaping_source=gate.shaping.source if gate else None,
+                    shaping_digest=gate.digest if gate else None,
+                    shaping_applied_at=gate.applied_at if gate else None,
+                    reload_id=self._reload_id, reload_error=gate.reload_error if gate else None,
+                    delivered=self.delivered,
+                ))
+        except Exception as exc:  # noqa: BLE001 - a down database is the heartbeat's concern
+            log.warning("worker_report_failed", error=str(exc))
+
+    async def _report_gone(self) -> None:
+        self._gone = True
+        if self._reports:
+            await asyncio.wait(set(self._reports), timeout=5)
+        try:
+            async with acquire(self.outbox.pool) as conn:
+                await conn.execute(*q("worker_delete", owner=self.owner))
+        except Exception as exc:  # noqa: BLE001 - the row goes stale and is pruned later
+            log.warning("worker_report_failed", error=str(exc))
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -179,6 +245,8 @@ class DeliveryWorker:
             finished.set()  # leases were kept alive through the drain; now nothing is held
             with contextlib.suppress(BaseException):
                 await heartbeat
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._report_gone(), timeout=10)
             with contextlib.suppress(BaseException):
                 await listener
             if maintenance is not None:
@@ -263,8 +331,11 @@ class DeliveryWorker:
                     log.info("leases_reclaimed", count=n)
             except DatabaseUnavailable as exc:
                 log.warning("lease_heartbeat_failed", error=str(exc))
+            if not finished.is_set():  # bounded: a slow database must never delay the next lease renewal
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._report_alive(), timeout=max(1.0, self._heartbeat_period()))
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(finished.wait(), timeout=min(10.0, max(0.2, lease / 4)))
+                await asyncio.wait_for(finished.wait(), timeout=self._heartbeat_period())
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -538,7 +609,7 @@ class DeliveryWorker:
                 conn = await asyncpg.connect(self.dsn, timeout=5)
                 await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
                 if self.gate is not None:
-                    await conn.add_listener(RELOAD_CHANNEL, lambda *_: self.request_reload())
+                    await conn.add_listener(RELOAD_CHANNEL, lambda *a: self._reload_from_notify(a[-1]))
                 while not self._stop.is_set() and not conn.is_closed():
                     await asyncio.sleep(1)
             except (OSError, asyncpg.PostgresError, asyncio.TimeoutError, asyncpg.InterfaceError):

@@ -6,20 +6,27 @@ destination (its MX resolved by the engine's router, its provider matched) for
 every egress source, with the live state every worker shares in Postgres:
 tokens left in each bucket, open connection leases, warm-up steps and today's
 counts, suspensions. ``reload`` validates the configured file and sends a
-NOTIFY on ``engine_reload``: every worker on every host re-reads its file.
+NOTIFY on ``engine_reload``: every worker on every host re-reads its file;
+then it waits (``--wait``) until every live worker's row in ``workers`` carries
+the sha256 of the file it validated, and says which did not. ``workers`` lists
+the live and stale delivery workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+import time
+import uuid
 from typing import Any
 
 import asyncpg
 
 from engine.db.pool import acquire
 from engine.db.queries import q
+from engine.deliver.admission import read_shaping
 from engine.deliver.automation import Decision
 from engine.deliver.routing import RouteError, Router
 from engine.deliver.shaping import EffectiveLimits, Shaping, ShapingError, load_shaping, resolve_path
@@ -27,6 +34,8 @@ from engine.deliver.warmup import units_for
 from engine.errors import ConfigError
 
 RELOAD_CHANNEL = "engine_reload"
+STALE_BEATS = 3.0  # a worker not seen for this many of its heartbeats (plus STALE_GRACE seconds) is stale
+STALE_GRACE = 2.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -41,7 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--json", action="store_true", help="one JSON object on one line")
     p.set_defaults(func=cmd_show)
     p = sub.add_parser("reload", help="apply a changed shaping file to every running worker (validated first)")
+    p.add_argument("--wait", type=float, default=10.0,
+                   help="seconds to wait for every live worker to confirm (default 10; 0 = check once)")
     p.set_defaults(func=cmd_reload)
+    p = sub.add_parser("workers", help="live and stale delivery workers and the shaping file each applied")
+    p.add_argument("--json", action="store_true", help="one JSON object per worker and line")
+    p.set_defaults(func=cmd_workers)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -144,16 +158,84 @@ def check_configured(settings: Any) -> Shaping:
     return Shaping(load_shaping(path), str(path))
 
 
+async def list_workers(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+    """Every worker row, with ``stale`` (not seen for a few of its own heartbeats) and ``age_seconds``."""
+    async with acquire(pool) as conn:
+        rows = await conn.fetch(*q("workers_list", beats=STALE_BEATS, grace=STALE_GRACE))
+    return [dict(r) for r in rows]
+
+
+def reload_status(worker: dict[str, Any], digest: str, reload_id: str) -> str:
+    """applied | not yet | failed: <why> | shaping off, for one live worker and the file validated."""
+    if worker["shaping_digest"] == digest:
+        return "applied"
+    if worker["shaping_digest"] is None:
+        return "shaping off"
+    if worker["reload_id"] == reload_id:
+        return f"failed: {worker['reload_error']}" if worker["reload_error"] else "failed: its file differs"
+    return "not yet"
+
+
 async def cmd_reload(args: argparse.Namespace) -> int:
     from engine.cli import database
 
+    path = resolve_path(args.settings)
+    if path is None:
+        print("reload refused: no shaping file, set [shaping] file in the config", file=sys.stderr)
+        return 1
     try:
-        shaping = check_configured(args.settings)
+        shaping, digest = read_shaping(path)
     except ShapingError as exc:
         print(f"reload refused, the running engine keeps its current limits:\n{exc}", file=sys.stderr)
         return 1
+    if args.wait < 0 or args.wait != args.wait:
+        print("--wait must be a number of seconds >= 0", file=sys.stderr)
+        return 1
+    reload_id = uuid.uuid4().hex
     async with database(args.settings) as pool:
-        await notify_reload(pool, shaping.source)
-    print(f"reload sent: workers re-read {shaping.source} "
-          f"({len(shaping.file.provider)} providers, {len(shaping.file.domain)} domains)")
+        await notify_reload(pool, json.dumps({"id": reload_id, "file": shaping.source, "digest": digest}))
+        print(f"reload sent: workers re-read {shaping.source} "
+              f"({len(shaping.file.provider)} providers, {len(shaping.file.domain)} domains, sha256 {digest[:12]})")
+        deadline = time.monotonic() + min(args.wait, 3600.0)
+        while True:
+            live = [w for w in await list_workers(pool) if not w["stale"]]
+            status = {w["owner"]: reload_status(w, digest, reload_id) for w in live}
+            if all(s == "applied" for s in status.values()) or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.2)
+    if not live:
+        print("no live workers: nothing to confirm (the next worker to start reads the file)")
+        return 0
+    for w in live:
+        print(f"  {w['owner']:<32} {status[w['owner']]}")
+    missing = [o for o, s in status.items() if s != "applied"]
+    if missing:
+        print(f"reload not confirmed by {len(missing)} of {len(live)} live worker(s): {', '.join(missing)}",
+              file=sys.stderr)
+        return 1
+    print(f"reload applied by all {len(live)} live worker(s)")
+    return 0
+
+
+async def cmd_workers(args: argparse.Namespace) -> int:
+    from engine.cli import database
+
+    async with database(args.settings) as pool:
+        rows = await list_workers(pool)
+    if args.json:
+        for r in rows:
+            r["state"] = "stale" if r["stale"] else "live"
+            print(json.dumps(r, default=str))
+        return 0
+    if not rows:
+        print("no workers")
+        return 0
+    print(f"{'OWNER':<32} {'STATE':<6} {'SEEN':>7} {'STARTED':<19} {'DELIVERED':>9}  {'SHAPING':<12} {'APPLIED':<19} FILE")
+    for r in rows:
+        applied = f"{r['shaping_applied_at']:%Y-%m-%d %H:%M:%S}" if r["shaping_applied_at"] else ""
+        digest = (r["shaping_digest"] or "off")[:12]
+        note = f"  (last reload refused: {r['reload_error']})" if r["reload_error"] else ""
+        print(f"{r['owner']:<32} {'stale' if r['stale'] else 'live':<6} {r['age_seconds']:>6.1f}s "
+              f"{r['started_at']:%Y-%m-%d %H:%M:%S} {r['delivered']:>9}  {digest:<12} {applied:<19} "
+              f"{r['shaping_source'] or ''}{note}")
     return 0
