@@ -198,14 +198,20 @@ class Gate:
 
     # -- background -----------------------------------------------------------------------
 
-    async def maintain(self, stop: asyncio.Event, open_counts: Callable[[PathId], int], every: float = 2.0) -> None:
+    async def maintain(
+        self,
+        stop: asyncio.Event,
+        open_counts: Callable[[PathId], int],
+        every: float = 2.0,
+        trim_idle: Callable[[PathId, int], int] | None = None,
+    ) -> None:
         """Renew or give back connection leases and write warm-up outcome counts, until ``stop``."""
         while not stop.is_set():
             every_now = min(every, self.shaping.file.default.health.evaluate_every)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=every_now)
             try:
-                await self.slots.maintain(open_counts)
+                await self.slots.maintain(open_counts, trim_idle)
                 await self.warmup.flush()
                 await self.check_health()
             except Exception:  # never let the maintenance loop die: leases would run out

@@ -234,7 +234,7 @@ class DeliveryWorker:
         maintenance = None
         if self.gate is not None:
             maintenance = asyncio.create_task(
-                self.gate.maintain(self._stop, lambda path: self.smtp.open_for(path)), name="shaping-maintenance"
+                self.gate.maintain(self._stop, self.smtp.open_for, trim_idle=self.smtp.trim_idle), name="shaping-maintenance"
             )
         log.info("delivery_worker_started", owner=self.owner, shaping=self.gate.shaping.source if self.gate else None)
         try:

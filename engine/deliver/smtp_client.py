@@ -456,6 +456,24 @@ class ConnectionPool:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def trim_idle(self, key: tuple[str, str | None], keep: int) -> int:
+        """QUIT idle connections of ``key`` until at most ``keep`` stay open; returns how many.
+
+        Shaping calls this when another destination of the same provider waits for a
+        connection slot: an idle pooled connection must not hold a provider-wide slot
+        until its idle timeout while other mail waits.
+        """
+        site = self._sites.get(key)
+        n = 0
+        while site is not None and site.idle and site.open - n > keep:
+            conn = site.idle.pop()
+            if conn.idle_handle is not None:
+                conn.idle_handle.cancel()
+                conn.idle_handle = None
+            self._retire(conn)
+            n += 1
+        return n
+
     def open_for(self, key: tuple[str, str | None]) -> int:
         """Connections counted against the limit of one ``(site, source)`` key."""
         s = self._sites.get(key)

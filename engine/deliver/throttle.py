@@ -148,6 +148,7 @@ class _Path:
     busy: int = 0
     share: int = 1 << 30  # fair share of this worker when others wait for the same keys
     retry_at: float = 0.0
+    waiting: bool = False  # a job of this path is waiting for its first slot
     acquiring: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -197,8 +198,10 @@ class ConnectionSlots:
             got = await self._acquire(keys, starving=not p.held)
         if got is not None:
             p.held.append(got)
+            p.waiting = False
             return 0.0
         p.retry_at = self.clock() + 0.1
+        p.waiting = not p.held
         return 0.0 if p.held else 0.1
 
     async def _acquire(self, keys: list[tuple[str, int]], starving: bool = False) -> list[tuple[str, int]] | None:
@@ -232,11 +235,28 @@ class ConnectionSlots:
     def end(self, path: PathId) -> None:
         self.paths[path].busy -= 1
 
-    async def maintain(self, open_counts: Callable[[PathId], int]) -> None:
-        """Give back slots no connection uses; renew the rest (and drop those a reload put over a limit)."""
+    async def maintain(
+        self, open_counts: Callable[[PathId], int], trim_idle: Callable[[PathId, int], int] | None = None
+    ) -> None:
+        """Give back slots no connection uses; renew the rest (and drop those a reload put over a limit).
+
+        When a path waits for a slot under a key another path holds (two sites of one
+        provider, in this worker), or other workers wait (our fair share shrank), idle
+        connections of the holders are closed; their slots are given back on the next
+        pass, once the sessions are really gone, so a cap is never exceeded meanwhile.
+        """
         release: list[tuple[str, int]] = []
         renew: list[tuple[str, int, int]] = []
         await self._update_shares()
+        if trim_idle is not None:
+            wanted = {k for p in self.paths.values() if p.waiting and not p.held for k, _ in p.keys}
+            for path, p in self.paths.items():
+                if not p.held or p.busy >= len(p.held):
+                    continue  # nothing idle to give up
+                if any(k in wanted for k, _ in p.keys):
+                    trim_idle(path, p.busy)  # a path of ours waits on the same key: free all idle
+                elif len(p.held) > p.share:
+                    trim_idle(path, max(p.busy, p.share))  # other workers wait: down to our share
         for path, p in self.paths.items():
             opened = open_counts(path)
             keep = max(opened, min(p.busy, p.share))
