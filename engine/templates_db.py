@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import threading
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from engine.compose.render import InMemoryTemplateStore
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.errors import DatabaseUnavailable, EngineError, ValidationFailed
@@ -55,26 +55,17 @@ def parse_ref(ref: str) -> tuple[str, int | None] | None:
     return m["name"], (int(m["version"]) if m["version"] is not None else None)
 
 
-class DbTemplateStore:
-    """A :class:`engine.compose.render.TemplateStore` backed by the ``templates`` table."""
+class DbTemplateStore(InMemoryTemplateStore):
+    """A :class:`engine.compose.render.TemplateStore` backed by the ``templates`` table.
+
+    The synchronous ``get``/``latest_version`` the Renderer calls read the in-memory
+    mirror inherited from :class:`InMemoryTemplateStore`; this class fills it from Postgres.
+    """
 
     def __init__(self, pool: asyncpg.Pool, refresh_interval: float = 30.0) -> None:
+        super().__init__()
         self.pool = pool
         self.refresh_interval = refresh_interval
-        self._parts: dict[tuple[str, int], dict[str, str]] = {}
-        self._latest: dict[str, int] = {}
-        self._lock = threading.Lock()  # the Renderer may read from worker threads
-
-    # ---- the synchronous TemplateStore protocol
-
-    def get(self, name: str, version: int) -> Mapping[str, str] | None:
-        return self._parts.get((name, version))
-
-    def latest_version(self, name: str) -> int | None:
-        return self._latest.get(name)
-
-    def __len__(self) -> int:
-        return len(self._parts)
 
     def _put(self, name: str, version: int, parts: Mapping[str, str]) -> None:
         with self._lock:

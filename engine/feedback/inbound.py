@@ -49,7 +49,7 @@ from engine.feedback.classify import Classifier, load_rules
 from engine.feedback.outcomes import MappedResult, ProviderOf, apply_report_results
 from engine.feedback.report import Report, parse_report
 from engine.feedback.verp import Verp
-from engine.submit.smtp import COMMAND_CALL_LIMITS, ListenerError, RelaySMTP, SmtpListenerHandle, _peer, _reply
+from engine.submit.smtp import COMMAND_CALL_LIMITS, ListenerError, RelaySMTP, SmtpListenerHandle, _peer, _reply, advertise_pipelining
 
 log = structlog.get_logger(__name__)
 
@@ -85,8 +85,7 @@ class InboundHandler:
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
     ) -> list[str]:
-        session.host_name = hostname
-        return [*responses[:1], "250-PIPELINING", *responses[1:]]
+        return advertise_pipelining(session, hostname, responses)
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]

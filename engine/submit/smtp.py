@@ -170,6 +170,13 @@ class RelaySMTP(SMTP):
             self.transport.close()
 
 
+def advertise_pipelining(session: Session, hostname: str, responses: list[str]) -> list[str]:
+    """EHLO hook body: add PIPELINING (aiosmtpd reads commands from a buffered stream, so it
+    already copes) and record the client's name (the 5-argument hook form leaves that to us)."""
+    session.host_name = hostname
+    return [*responses[:1], "250-PIPELINING", *responses[1:]]
+
+
 @dataclass
 class RelayHandler:
     """Policy and commit for one listener; aiosmtpd calls the ``handle_*`` and ``auth_*`` methods."""
@@ -230,9 +237,7 @@ class RelayHandler:
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
     ) -> list[str]:
-        """Add PIPELINING (aiosmtpd reads commands from a buffered stream, so it already copes)."""
-        session.host_name = hostname  # the 5-argument hook form leaves this to us
-        return [*responses[:1], "250-PIPELINING", *responses[1:]]
+        return advertise_pipelining(session, hostname, responses)
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
