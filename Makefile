@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q -e '.[test]'
 	touch $(STAMP)
 
+LINT_STAMP := $(VENV)/.lint-installed
+$(LINT_STAMP): pyproject.toml | $(STAMP)
+	$(PIP) install -q -e '.[test,lint]'
+	touch $(LINT_STAMP)
+
 install: $(STAMP)
 
 run: $(STAMP)
@@ -38,6 +43,11 @@ test: $(STAMP) deb-test
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
+
+# ruff (style and likely bugs) over everything; mypy --strict over engine/ (config in pyproject.toml).
+lint: $(LINT_STAMP)
+	$(VENV)/bin/ruff check engine tests benchmarks
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) var .pytest-pg .pytest_cache

@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from engine.compose.dkim import keygen
 from engine.compose.mime import ListUnsubscribe, Mailbox, MessageContent, build_message
 from engine.compose.pipeline import Composer, MessageRow
 from engine.config import load_settings
-from engine.compose.dkim import keygen
 from engine.ids import uuid7
 
 COMMAND = ".venv/bin/python -m benchmarks.bench_compose"

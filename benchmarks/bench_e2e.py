@@ -35,8 +35,19 @@ import httpx
 
 from benchmarks import postfix as pfx
 from benchmarks.harness import (
-    OUT, ROOT, create_database, create_key, engine_process, free_port, postgres, postgres_pid, proc_cpu_seconds,
-    tree_cpu_seconds, tree_peak_rss_mb, tree_pids, wait_http,
+    OUT,
+    ROOT,
+    create_database,
+    create_key,
+    engine_process,
+    free_port,
+    postgres,
+    postgres_pid,
+    proc_cpu_seconds,
+    tree_cpu_seconds,
+    tree_peak_rss_mb,
+    tree_pids,
+    wait_http,
 )
 from benchmarks.sink import CountingSink
 
@@ -105,7 +116,7 @@ async def smtp_source_load(port: int, n: int, sessions: int, deadline: float, lo
             proc = await asyncio.create_subprocess_exec(*cmd, stdout=fh, stderr=fh)
             try:
                 await asyncio.wait_for(proc.wait(), max(1.0, deadline - time.perf_counter()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 await proc.wait()
                 return "smtp-source killed at the phase limit"

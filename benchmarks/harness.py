@@ -13,9 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 
@@ -169,8 +169,9 @@ def postgres_pid(name: str) -> int | None:
 
 async def create_database(dsn: str, name: str) -> str:
     """A new empty database on the server of ``dsn``; returns its DSN (one server, many fresh engines)."""
-    import asyncpg
     from urllib.parse import urlsplit, urlunsplit
+
+    import asyncpg
 
     conn = await asyncpg.connect(dsn)
     try:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import os
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -24,19 +24,19 @@ import structlog
 import uvicorn
 
 from engine.accept import Acceptor
+from engine.apikeys import ApiKeys
 from engine.compose.render import Renderer
 from engine.compose.tracking import Keyring
-from engine.events.store import EventStore
-from engine.suppression import Suppressions
-from engine.templates_db import DbTemplateStore
-from engine.apikeys import ApiKeys
 from engine.config import Settings
 from engine.db.migrate import migrate
 from engine.db.pool import acquire, create_pool, resolve_dsn
 from engine.db.queries import q
 from engine.errors import DatabaseUnavailable
+from engine.events.store import EventStore
 from engine.outbox import Outbox
 from engine.submit.http import HttpContext, create_app, wrap
+from engine.suppression import Suppressions
+from engine.templates_db import DbTemplateStore
 
 log = structlog.get_logger(__name__)
 
@@ -345,7 +345,7 @@ class WorkerSupervisor:
         for proc in self.procs.values():
             try:
                 await asyncio.wait_for(proc.wait(), timeout=timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.error("worker_killed_after_timeout", pid=proc.pid)
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()

@@ -16,6 +16,10 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from engine.compose.dkim import DomainDkimConfig
+from engine.compose.mime import MimeConfig
+from engine.compose.render import TemplateConfig
+from engine.compose.tracking import TrackingConfig
 from engine.configtypes import (  # noqa: F401  (re-exported for section modules)
     Duration,
     HostPort,
@@ -26,16 +30,13 @@ from engine.configtypes import (  # noqa: F401  (re-exported for section modules
     parse_hostport,
     parse_size,
 )
-from engine.compose.dkim import DomainDkimConfig
-from engine.compose.mime import MimeConfig
-from engine.compose.render import TemplateConfig
-from engine.compose.tracking import TrackingConfig
 from engine.deliver.config import DeliveryConfig
 from engine.deliver.pools import PoolConfig
 from engine.deliver.routing import RoutingConfig
 from engine.deliver.shaping import ShapingSettings
-from engine.feedback.config import FeedbackConfig
 from engine.errors import ConfigError
+from engine.feedback.config import FeedbackConfig
+
 
 class ServerConfig(_Section):
     hostname: str = Field(default="localhost", description="Our name in SMTP greetings and Message-IDs.")
@@ -50,7 +51,7 @@ class DatabaseConfig(_Section):
     command_timeout: Duration = 30.0
 
     @model_validator(mode="after")
-    def _pool_order(self) -> "DatabaseConfig":
+    def _pool_order(self) -> DatabaseConfig:
         if self.pool_max < self.pool_min:
             raise ValueError(f"pool_max ({self.pool_max}) must be >= pool_min ({self.pool_min})")
         return self
@@ -89,7 +90,7 @@ class SmtpListener(_Section):
         return None if v is None else check_networks(v)
 
     @model_validator(mode="after")
-    def _tls_files(self) -> "SmtpListener":
+    def _tls_files(self) -> SmtpListener:
         has_files = self.cert_file is not None and self.key_file is not None
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError(f"listener {self.name!r}: set both cert_file and key_file, or neither")
@@ -121,7 +122,7 @@ class SmtpConfig(_Section):
         return check_networks(v)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "SmtpConfig":
+    def _unique_names(self) -> SmtpConfig:
         names = [listener.name for listener in self.listeners]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
@@ -177,7 +178,7 @@ class Settings(_Section):
     config_path: Path | None = None
 
     @model_validator(mode="after")
-    def _streams_known(self) -> "Settings":
+    def _streams_known(self) -> Settings:
         for where, name in (("smtp.default_stream", self.smtp.default_stream), ("queue.default_stream", self.queue.default_stream)):
             if name not in self.queue.streams:
                 raise ValueError(f"{where} = {name!r} is not one of queue.streams ({', '.join(sorted(self.queue.streams))})")

@@ -11,7 +11,6 @@ import os
 import time
 import uuid
 
-
 _POOL_SIZE = 10 * 1024
 _pool = b""
 _pos = 0

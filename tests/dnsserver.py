@@ -56,7 +56,7 @@ import dns.zone
 import pytest
 
 RdataSpec = Union[str, Sequence[str], tuple[int, Sequence[str]]]
-Records = Mapping[str, Union[Mapping[str, RdataSpec], str]]
+Records = Mapping[str, Mapping[str, RdataSpec] | str]
 
 FAULTS = ("SERVFAIL", "REFUSED", "TIMEOUT")
 _MAX_CHAIN = 8
@@ -258,7 +258,7 @@ class DnsServer:
 
     # ----- lifecycle --------------------------------------------------------
 
-    def start(self) -> "DnsServer":
+    def start(self) -> DnsServer:
         """Bind UDP (and TCP on the same port) and serve in daemon threads."""
         server = self
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -333,7 +333,7 @@ class DnsServer:
             t.join(timeout=5)
         self._servers, self._threads = [], []
 
-    def __enter__(self) -> "DnsServer":
+    def __enter__(self) -> DnsServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -18,8 +18,8 @@ import pytest
 from engine.config import load_settings
 from engine.db.pool import create_pool
 from engine.deliver.scheduler import DeliveryWorker
-from engine.deliver.shaping_cli import live_state
 from engine.deliver.shaping import ShapingError, parse_shaping
+from engine.deliver.shaping_cli import live_state
 from engine.feedback.reputation import CounterRow, record_counters
 from engine.ids import uuid7
 from engine.outbox import NewMessage, NewRecipient, Outbox

@@ -45,7 +45,7 @@ def test_migrate_reports_versions(db_dsn, tmp_path) -> None:
 
 
 def test_unreachable_database_is_a_clear_error(tmp_path) -> None:
-    out = engine(f"postgresql://nobody@127.0.0.1:1/none", tmp_path, "queue", "stats")
+    out = engine("postgresql://nobody@127.0.0.1:1/none", tmp_path, "queue", "stats")
     assert out.returncode == 1 and "database unavailable" in out.stderr
 
 

@@ -276,7 +276,7 @@ def test_existing_signature_is_preserved_and_ours_goes_on_top(keys: Keys, tmp_pa
 
 def test_8bit_body(keys: Keys, tmp_path: Path) -> None:
     msg = (MESSAGE.replace(b"7bit", b"8bit").replace(b"Your weekly digest", b"=?utf-8?q?R=C3=A9sum=C3=A9?=")
-           + "Grüße, naïve café — ünïcödé ✓\r\n".encode("utf-8"))
+           + "Grüße, naïve café — ünïcödé ✓\r\n".encode())
     signed = keys.signer("rsa1", "ed1").sign(msg)
     assert_all_pass(keys, signed, tmp_path, ["rsa1", "ed1"])
 

@@ -6,7 +6,7 @@ import email
 import email.policy
 import random
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 from typing import Any
 
 import dkim
@@ -58,7 +58,7 @@ def body(part: email.message.EmailMessage) -> str:
 
 
 def test_alternative_structure_and_headers() -> None:
-    when = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+    when = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
     built = build(
         content(cc=["carol@example.org"], reply_to=[Mailbox("help@example.com")],
                 headers={"X-Campaign": "spring"}, feedback={"campaign": "spring", "customer": "c42", "sender_id": "eng"}),
@@ -473,7 +473,7 @@ def assert_equivalent(fast_raw: bytes, std_raw: bytes, intended: dict[str, Any] 
             assert fp.get_content() == sp.get_content()
 
 
-FIXED = dict(sending_domain="example.com", message_id="m.1", date=datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc))
+FIXED = dict(sending_domain="example.com", message_id="m.1", date=datetime(2024, 5, 1, 12, 0, tzinfo=UTC))
 
 
 @pytest.mark.parametrize("seed", range(8))

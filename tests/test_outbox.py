@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 from engine.ids import uuid7
 from engine.outbox import Deferral, NewMessage, NewRecipient, Outbox, Outcome
@@ -36,7 +36,7 @@ async def test_claim_priority_and_lease(pool, conn) -> None:
 
 async def test_send_at_in_future_is_not_claimed(pool) -> None:
     ob = Outbox(pool, 3600)
-    await ob.enqueue([_msg(1, send_at=datetime.now(timezone.utc) + timedelta(hours=1))])
+    await ob.enqueue([_msg(1, send_at=datetime.now(UTC) + timedelta(hours=1))])
     assert await ob.claim("w", 10, 60) == []
 
 
@@ -56,13 +56,13 @@ async def test_ack_defer_release_and_owner_guard(pool, conn) -> None:
     # Another worker cannot settle rows it does not hold.
     assert await ob.ack("w2", [Outcome(a, "delivered", 250, "2.0.0", "250 ok")]) == 0
     assert await ob.ack("w1", [Outcome(a, "delivered", 250, "2.0.0", "250 ok"), Outcome(b, "bounced", 550, "5.1.1", "550 no")]) == 2
-    later = datetime.now(timezone.utc) + timedelta(minutes=5)
+    later = datetime.now(UTC) + timedelta(minutes=5)
     assert await ob.defer("w1", [Deferral(d, later, 451, "4.7.1", "451 greylisted")]) == 1
     assert await ob.release("w1", [e]) == 1
     rows = {r["id"]: r for r in await conn.fetch("SELECT * FROM recipients")}
     assert rows[a]["state"] == "delivered" and rows[a]["attempts"] == 1 and rows[a]["last_reply"] == "250 ok"
     assert rows[b]["state"] == "bounced" and rows[b]["last_status"] == "5.1.1"
-    assert rows[d]["state"] == "deferred" and rows[d]["attempts"] == 1 and rows[d]["next_attempt_at"] > datetime.now(timezone.utc)
+    assert rows[d]["state"] == "deferred" and rows[d]["attempts"] == 1 and rows[d]["next_attempt_at"] > datetime.now(UTC)
     assert rows[e]["state"] == "queued" and rows[e]["attempts"] == 0 and rows[e]["lease_owner"] is None
     # The deferred row is not ready yet; the released one is.
     assert [r["id"] for r in await ob.claim("w3", 10, 60)] == [e]

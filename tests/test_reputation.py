@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 from engine.cli import main as cli_main
 from engine.db.pool import acquire
@@ -13,7 +13,7 @@ from engine.feedback.reputation import CounterRow, Counts, Reputation, record_co
 
 
 async def test_counters_sum_per_minute_and_window_rates(pool) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     rows = [CounterRow("gmail", "delivered", source="ip1", sending_domain="Sender.test") for _ in range(990)]
     rows += [CounterRow("gmail", "deferred", "rate_limited", "ip1", "sender.test", n=7)]
     rows += [CounterRow("gmail", "bounced", "unknown_user", "ip1", "sender.test", n=6)]

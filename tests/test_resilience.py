@@ -17,8 +17,8 @@ import httpx
 
 from engine.apikeys import ApiKeys
 from engine.config import load_settings
-from engine.db.pool import create_pool
 from engine.db.migrate import migrate
+from engine.db.pool import create_pool
 
 MSG = {"from": "app@example.com", "to": ["a@example.net"], "subject": "Hi", "text": "Hello"}
 

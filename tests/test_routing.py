@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from engine.deliver.routing import NULL_MX_REASON, Hop, Router, RouteError, RoutingConfig, register
+from engine.deliver.routing import NULL_MX_REASON, Hop, RouteError, Router, RoutingConfig, register
 from tests.dnsserver import DnsServer, dns_server  # noqa: F401  (fixture)
 
 MX_PORT = 2525

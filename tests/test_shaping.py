@@ -24,7 +24,8 @@ from engine.config import load_settings
 from engine.db.pool import create_pool
 from engine.deliver.admission import Gate
 from engine.deliver.scheduler import DeliveryWorker
-from engine.deliver.shaping import load as load_shaping_for, resolve_path
+from engine.deliver.shaping import load as load_shaping_for
+from engine.deliver.shaping import resolve_path
 from engine.deliver.throttle import burst_for
 from engine.ids import uuid7
 from engine.outbox import NewMessage, NewRecipient, Outbox
@@ -187,7 +188,7 @@ async def test_reload_changes_the_live_rate_and_refuses_a_bad_file(world: World)
 
 class FakeClock:
     def __init__(self) -> None:
-        self.now = dt.datetime(2030, 3, 1, 10, tzinfo=dt.timezone.utc)
+        self.now = dt.datetime(2030, 3, 1, 10, tzinfo=dt.UTC)
 
     def __call__(self) -> dt.datetime:
         return self.now

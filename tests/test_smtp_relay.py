@@ -96,7 +96,7 @@ class Raw:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def connect(cls, handle: SmtpListenerHandle) -> "Raw":
+    async def connect(cls, handle: SmtpListenerHandle) -> Raw:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(*handle.address), IO_TIMEOUT)
         raw = cls(reader, writer)
         code, _ = await raw.reply()

@@ -170,7 +170,7 @@ async def test_connection_leases_cap_across_owners_and_expire(pool: asyncpg.Pool
 
 class FakeClock:
     def __init__(self) -> None:
-        self.now = dt.datetime(2030, 1, 1, 9, 0, tzinfo=dt.timezone.utc)
+        self.now = dt.datetime(2030, 1, 1, 9, 0, tzinfo=dt.UTC)
 
     def __call__(self) -> dt.datetime:
         return self.now
@@ -213,7 +213,7 @@ async def test_warmup_caps_hold_and_advance_only_on_healthy_days(pool: asyncpg.P
     day = clock.now.date()
     await pool.execute(
         "INSERT INTO events (type, data, created_at) SELECT 'complained', $1::jsonb, $2 FROM generate_series(1, 2)",
-        {"source": "ip1"}, dt.datetime.combine(day, dt.time(12), dt.timezone.utc),
+        {"source": "ip1"}, dt.datetime.combine(day, dt.time(12), dt.UTC),
     )
     clock.next_day()
     assert await _take_all(w1, unit) == 10

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from pydantic import ValidationError
@@ -154,7 +154,7 @@ def test_rotation_grace_period() -> None:
 
 
 def test_keyring_from_config() -> None:
-    retired = datetime(2024, 5, 2, tzinfo=timezone.utc)
+    retired = datetime(2024, 5, 2, tzinfo=UTC)
     cfg = TrackingConfig.model_validate({
         "keys": [{"id": 1, "secret": K1, "retired_at": retired.isoformat()}, {"id": 2, "secret": K2}],
         "key_grace_period": "7d",

@@ -242,7 +242,7 @@ class DkimSigner:
 
     @classmethod
     def from_config(cls, domains: Iterable[_DomainLike], base_dir: str | os.PathLike[str] | None = None,
-                    **options: Any) -> "DkimSigner":
+                    **options: Any) -> DkimSigner:
         """Build from ``[[domains]]`` entries, parsing every key file now so a bad key stops
         the start (or the reload) instead of failing message after message."""
         keys: list[SigningKey] = []

@@ -37,7 +37,7 @@ import string
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime
@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from engine.addresses import AddressError, split_address
 from engine.errors import ValidationFailed
 from engine.ids import uuid7
+
 
 class _CachedHeaderRegistry(email.headerregistry.HeaderRegistry):
     """The stdlib registry builds a new header class with ``type()`` on every lookup
@@ -414,7 +415,7 @@ def build_message(
         _check_text_parts(content)
         try:
             head = _fast_head(
-                date=format_datetime((date or datetime.now(timezone.utc)).astimezone(timezone.utc)),
+                date=format_datetime((date or datetime.now(UTC)).astimezone(UTC)),
                 sender=sender, to=to, cc=cc, reply_to=reply_to, subject=subject, msgid=msgid,
                 feedback_id=(_feedback_id(cfg.feedback_id_format, {**content.feedback, "stream": content.stream, "domain": domain})
                              if cfg.feedback_id_enabled else None),
@@ -431,7 +432,7 @@ def build_message(
         raise MimeError(f"message cannot be encoded: {exc}", field="content") from None
 
     msg = EmailMessage(policy=policy)
-    msg["Date"] = format_datetime((date or datetime.now(timezone.utc)).astimezone(timezone.utc))
+    msg["Date"] = format_datetime((date or datetime.now(UTC)).astimezone(UTC))
     msg["From"] = sender
     msg["To"] = to
     if cc:

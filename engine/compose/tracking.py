@@ -69,7 +69,7 @@ class TokenExpired(EngineError):
 
     status = 410
 
-    def __init__(self, message: str, token: "Token") -> None:
+    def __init__(self, message: str, token: Token) -> None:
         super().__init__(message)
         self.token = token
 
@@ -88,7 +88,7 @@ class TrackingKey(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _strong(self) -> "TrackingKey":
+    def _strong(self) -> TrackingKey:
         if len(self.secret.get_secret_value()) < 32:
             raise ValueError(f"tracking key {self.id}: secret must be at least 32 characters")
         return self
@@ -112,7 +112,7 @@ class TrackingConfig(BaseModel):
     max_links: int = Field(default=500, ge=0, description="Links beyond this many are left untracked.")
 
     @model_validator(mode="after")
-    def _keys(self) -> "TrackingConfig":
+    def _keys(self) -> TrackingConfig:
         ids = [k.id for k in self.keys]
         if len(ids) != len(set(ids)):
             raise ValueError("tracking key ids must be unique")
@@ -187,7 +187,7 @@ class Keyring:
         self.signing_key_id = signing_key_id
 
     @classmethod
-    def from_config(cls, cfg: TrackingConfig) -> "Keyring":
+    def from_config(cls, cfg: TrackingConfig) -> Keyring:
         return cls(
             {k.id: k.secret.get_secret_value() for k in cfg.keys},
             signing_key_id=cfg.signing_key_id,
@@ -333,7 +333,8 @@ def rewrite_links(
             continue
         dest = add_utm(href, utm or {})
         new_url = make_url(len(links), dest)
-        new_tag, n = _HREF_RE.subn(lambda m: f'{m.group(1)}"{escape(new_url, quote=True)}"', raw, count=1)
+        quoted = escape(new_url, quote=True)
+        new_tag, n = _HREF_RE.subn(lambda m, quoted=quoted: f'{m.group(1)}"{quoted}"', raw, count=1)
         if n != 1:
             continue
         links.append(dest)

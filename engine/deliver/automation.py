@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -124,7 +124,7 @@ class Decision:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 # --------------------------------------------------------------------------- reading and applying
@@ -149,7 +149,7 @@ class Decisions:
         self._skew = 0.0  # database clock - local clock, seconds
 
     def now(self) -> datetime:
-        return datetime.fromtimestamp(time.time() + self._skew, timezone.utc)
+        return datetime.fromtimestamp(time.time() + self._skew, UTC)
 
     async def maybe_refresh(self) -> None:
         if time.monotonic() - self._loaded < self.refresh:

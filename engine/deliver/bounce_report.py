@@ -9,8 +9,8 @@ another one: no loops.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
-from datetime import datetime, timezone
 from typing import Any
 
 from engine.accept import _recipient
@@ -70,7 +70,7 @@ class DsnBuilder:
     def build(self, return_path: str, failures: Sequence[Attempt], original: bytes | None) -> bytes:
         """The DSN's bytes. Every interpolated value is an address we validated or a reply
         stripped of CR/LF, so nothing from outside can add a header or a MIME part."""
-        now = format_datetime(datetime.now(timezone.utc))
+        now = format_datetime(datetime.now(UTC))
         boundary = f"=_dsn_{uuid7().hex}"
         human = [
             f"This is the mail system at {self.hostname}.",

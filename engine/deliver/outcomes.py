@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -29,8 +29,8 @@ import structlog
 
 from engine.db.pool import acquire
 from engine.db.queries import q
-from engine.errors import DatabaseUnavailable
 from engine.deliver.automation import Signal, evaluate_campaign_signals, evaluate_results, record_campaigns
+from engine.errors import DatabaseUnavailable
 from engine.feedback.classify import HARD_CATEGORIES, Classifier, default_classifier
 from engine.feedback.outcomes import DeliveryResult, apply_delivery_feedback
 from engine.outbox import Deferral, NewMessage, Outbox, Outcome
@@ -122,7 +122,7 @@ class OutcomeWriter:
     # -- producing ------------------------------------------------------------------------
 
     def add(self, results: Sequence[Attempt]) -> None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         p = self._pending
         for a in results:
             tried = a.attempts_before + (1 if a.counted else 0)
@@ -278,7 +278,7 @@ class OutcomeWriter:
             return
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout=timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("outcomes_not_written", pending=len(self._pending))
             self._task.cancel()
             with contextlib.suppress(BaseException):

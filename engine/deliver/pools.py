@@ -52,7 +52,7 @@ class PoolConfig(_Section):
     sources: list[SourceConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _weights(self) -> "PoolConfig":
+    def _weights(self) -> PoolConfig:
         if not any(s.weight for s in self.sources):
             raise ValueError(f"pool {self.name!r}: at least one source needs a weight above 0")
         names = [s.name for s in self.sources]

@@ -37,27 +37,28 @@ import os
 import socket
 import time
 from collections import OrderedDict, deque
-from datetime import datetime, timedelta, timezone
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import structlog
+
 from engine.compose.pipeline import Composer, MessageRow
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.deliver import shaping as shaping_mod
 from engine.deliver.admission import Admission, Gate, read_shaping
 from engine.deliver.bounce_report import DsnBuilder
-from engine.feedback.classify import load_rules
-from engine.feedback.verp import Verp
 from engine.deliver.config import DeliveryConfig
 from engine.deliver.outcomes import Attempt, Backoff, OutcomeWriter, monotonic_ms
 from engine.deliver.pools import EgressPools, Source
 from engine.deliver.routing import Route, RouteError, Router
 from engine.deliver.smtp_client import ConnectionPool, OutboundMessage
 from engine.errors import DatabaseUnavailable, EngineError
+from engine.feedback.classify import load_rules
+from engine.feedback.verp import Verp
 from engine.outbox import NOTIFY_CHANNEL, Outbox
 
 log = structlog.get_logger(__name__)
@@ -140,7 +141,7 @@ class DeliveryWorker:
         )
         self._unstarted: list[int] = []
         self._background: set[asyncio.Task[Any]] = set()
-        self.started_at = datetime.now(timezone.utc)
+        self.started_at = datetime.now(UTC)
         self._reload_id: str | None = None  # the last `engine reload` handled (its NOTIFY payload's id)
         self._reports: set[asyncio.Task[None]] = set()
         self._gone = False  # our workers row was deleted at shutdown: write it no more
@@ -526,7 +527,7 @@ class DeliveryWorker:
         """Hand a throttled job back untried, ready again within ``[shaping] recheck``."""
         assert self.gate is not None
         delay = max(0.05, min(wait, self.gate.config.recheck))
-        when = datetime.now(timezone.utc) + timedelta(seconds=delay)
+        when = datetime.now(UTC) + timedelta(seconds=delay)
         ids = [row["id"] for row in job.rows]
         try:
             async with acquire(self.outbox.pool) as conn:
@@ -612,7 +613,7 @@ class DeliveryWorker:
                     await conn.add_listener(RELOAD_CHANNEL, lambda *a: self._reload_from_notify(a[-1]))
                 while not self._stop.is_set() and not conn.is_closed():
                     await asyncio.sleep(1)
-            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError, asyncpg.InterfaceError):
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 await asyncio.sleep(1)
             finally:
                 if conn is not None and not conn.is_closed():

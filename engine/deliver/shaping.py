@@ -202,7 +202,7 @@ class AutomationRule(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _signal(self) -> "AutomationRule":
+    def _signal(self) -> AutomationRule:
         if self.regex is None and self.category is None:
             raise ValueError("an automation rule needs regex and/or category")
         return self
@@ -227,7 +227,7 @@ class MatchRule(_Strict):
     DomainSuffix: str | None = None
 
     @model_validator(mode="after")
-    def _one(self) -> "MatchRule":
+    def _one(self) -> MatchRule:
         set_ = [k for k in ("MXSuffix", "MXGlob", "DomainSuffix") if getattr(self, k)]
         if len(set_) != 1:
             raise ValueError("a match rule has exactly one of MXSuffix, MXGlob, DomainSuffix")
@@ -309,7 +309,7 @@ class WarmupBlock(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _scope(self) -> "WarmupBlock":
+    def _scope(self) -> WarmupBlock:
         if not self.sources and not self.sending_domains:
             raise ValueError("a warmup needs sources or sending_domains")
         return self
@@ -322,7 +322,7 @@ class ShapingFile(_Strict):
     warmup: dict[str, WarmupBlock] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _names(self) -> "ShapingFile":
+    def _names(self) -> ShapingFile:
         for name in [*self.provider, *self.warmup]:
             if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
                 raise ValueError(f"name {name!r} must match [A-Za-z0-9_.-]{{1,64}}")

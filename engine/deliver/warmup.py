@@ -36,7 +36,7 @@ Clock = Callable[[], dt.datetime]
 
 
 def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +97,11 @@ class WarmupCounters:
         self._local: dict[str, _Local] = {}
 
     def today(self) -> dt.date:
-        return self.clock().astimezone(dt.timezone.utc).date()
+        return self.clock().astimezone(dt.UTC).date()
 
     def seconds_to_tomorrow(self) -> float:
-        now = self.clock().astimezone(dt.timezone.utc)
-        tomorrow = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
+        now = self.clock().astimezone(dt.UTC)
+        tomorrow = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.UTC)
         return (tomorrow - now).total_seconds()
 
     def spread_rate(self, unit: Unit) -> float:

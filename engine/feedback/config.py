@@ -69,7 +69,7 @@ class FeedbackConfig(_Section):
         return None if v is None else _domain(v)
 
     @model_validator(mode="after")
-    def _keys(self) -> "FeedbackConfig":
+    def _keys(self) -> FeedbackConfig:
         ids = [k.id for k in self.keys]
         if len(ids) != len(set(ids)):
             raise ValueError("feedback key ids must be unique")

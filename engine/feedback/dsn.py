@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
 from email.message import Message
+from typing import Any
 
 from engine.feedback import mimeutil
 from engine.feedback.classify import find_codes
@@ -540,7 +540,12 @@ def parse_dsn(msg: Message, an: Anatomy | None = None) -> Dsn | None:
             diag = prose_diagnostic(bounce_text) or _paragraph_with(bounce_text, addr)
         code, enhanced = find_codes(diag)
         stage = recipient_stage(diag, bounce_text, addr, lone=len(rows) == 1)
-        out.append(DsnRecipient(final_recipient=addr, action="failed" if hint is not False else "delayed", status=enhanced, diagnostic_code=diag or None, smtp_command=stage))
+        out.append(
+            DsnRecipient(
+                final_recipient=addr, action="failed" if hint is not False else "delayed", status=enhanced,
+                diagnostic_code=diag or None, smtp_command=stage,
+            )
+        )
     return Dsn("heuristic", out, None, orig_headers, bounce_text[:4000], hint)
 
 
@@ -550,7 +555,10 @@ _BOUNCE_SUBJECT = re.compile(
     r"bounce|mail system error|nondeliverable|unzustellbar|returned to sender|delayed mail|warning: could not send|"
     r"failed delivery|message not delivered|error sending message|delivery notification"
 )
-_BOUNCE_FROM = re.compile(r"(?i)mailer-daemon|post_?master|mail delivery|mail-daemon|maildaemon|mdaemon|delivery subsystem|mail administrator|system administrator|mailer_daemon")
+_BOUNCE_FROM = re.compile(
+    r"(?i)mailer-daemon|post_?master|mail delivery|mail-daemon|maildaemon|mdaemon|delivery subsystem|"
+    r"mail administrator|system administrator|mailer_daemon"
+)
 
 
 def looks_like_bounce(msg: Message, an: Anatomy, bounce_text: str) -> bool:

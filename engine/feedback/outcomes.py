@@ -29,12 +29,12 @@ import asyncpg
 import structlog
 
 from engine.db.queries import q
+from engine.errors import ValidationFailed
 from engine.events.store import payload
 from engine.feedback.classify import HARD_CATEGORIES, Classifier, default_classifier
 from engine.feedback.report import RecipientResult
 from engine.feedback.reputation import CounterRow, record_counters
 from engine.suppression import GLOBAL, normalize_address, suppress_pending_many
-from engine.errors import ValidationFailed
 
 log = structlog.get_logger(__name__)
 

@@ -177,10 +177,16 @@ def _parse(raw: bytes, clf: Classifier, depth: int = 0) -> Report:
 
 def _complaint_report(fb: arf_mod.FeedbackReport, base: dict[str, Any]) -> Report:
     rows = [
-        RecipientResult(recipient=r, status=None, reply=None, category="complaint", permanent=None, feedback_type=fb.feedback_type, rule=f"feedback:{fb.format}")
+        RecipientResult(
+            recipient=r, status=None, reply=None, category="complaint", permanent=None,
+            feedback_type=fb.feedback_type, rule=f"feedback:{fb.format}",
+        )
         for r in (fb.recipients or [None])  # type: ignore[list-item]
     ]
-    return Report(kind="arf", recipients=rows, format=fb.format, original_message_id=fb.original_message_id, original_headers=fb.original_headers, **base)
+    return Report(
+        kind="arf", recipients=rows, format=fb.format, original_message_id=fb.original_message_id,
+        original_headers=fb.original_headers, **base,
+    )
 
 
 def _ses_report(doc: dict[str, Any], clf: Classifier, base: dict[str, Any]) -> Report:

@@ -22,7 +22,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -53,7 +53,7 @@ def _minute(at: datetime | None) -> datetime | None:
     if at is None:
         return None
     if at.tzinfo is None:
-        at = at.replace(tzinfo=timezone.utc)
+        at = at.replace(tzinfo=UTC)
     return at.replace(second=0, microsecond=0)
 
 
@@ -69,7 +69,7 @@ async def record_counters(conn: asyncpg.Connection, rows: Iterable[CounterRow]) 
     if not summed:
         return 0
     # Sorted so concurrent writers lock the same keys in the same order (no deadlocks).
-    keys = sorted(summed, key=lambda k: (k[0], k[1] or datetime.min.replace(tzinfo=timezone.utc), *k[2:]))
+    keys = sorted(summed, key=lambda k: (k[0], k[1] or datetime.min.replace(tzinfo=UTC), *k[2:]))
     await conn.execute(
         *q(
             "reputation_add",

@@ -62,7 +62,7 @@ _FROM_STRING = frozenset({"email", "name"})
 _NAME_ADDR_RE = re.compile(r'^\s*(?:"([^"]*)"|([^"<>]*?))\s*<([^<>\s]+)>\s*$')
 
 
-def as_mailbox(value: "_RawAddress") -> Mailbox:
+def as_mailbox(value: _RawAddress) -> Mailbox:
     """``"a@b"``, ``"Name <a@b>"`` or ``{email, name, vars}`` -> Mailbox (validated)."""
     if isinstance(value, Mailbox):
         return value
@@ -204,7 +204,7 @@ class MessageIn(_Model):
         return v
 
     @model_validator(mode="after")
-    def _shape(self) -> "MessageIn":
+    def _shape(self) -> MessageIn:
         if self.raw is not None:
             structured = [
                 k for k in ("from_", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "template",

@@ -25,8 +25,8 @@ import asyncio
 import base64
 import binascii
 import collections
-import re
 import ipaddress
+import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field

@@ -69,7 +69,7 @@ def _still_good(cert_path: Path, key_path: Path, hostname: str) -> bool:
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names or names[0].value != hostname:
         return False
-    return cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc) > RENEW_BEFORE
+    return cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > RENEW_BEFORE
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
@@ -108,7 +108,7 @@ def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
         return cert_path, key_path
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
