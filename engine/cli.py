@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
-import json
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
-import asyncpg
-
-from engine.config import Settings, load_settings
+from engine.config import load_settings
 from engine.errors import ConfigError, EngineError
+from engine.runtime import database, run_async
+from engine.runtime import print_json as _print_json
 
 # Modules contributing subcommands through register(subparsers); optional ones may be absent.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -33,34 +31,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.feedback.reputation",
     "engine.deliver.shaping_cli",
 )
-
-
-def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run on uvloop when available: it is markedly faster for socket-heavy work."""
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(coro)
-
-
-@contextlib.asynccontextmanager
-async def database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    """A small migrated pool for one-shot commands."""
-    from engine.app import Engine
-
-    engine = Engine(settings.model_copy(update={"database": settings.database.model_copy(update={"pool_min": 1, "pool_max": 2})}))
-    await engine.connect(retry_for=3)
-    assert engine.pool is not None
-    try:
-        yield engine.pool
-    finally:
-        await engine.pool.close()
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, default=str))
 
 
 # -- commands -------------------------------------------------------------------------------

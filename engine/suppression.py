@@ -176,7 +176,7 @@ async def suppress_pending_many(conn: asyncpg.Connection, items: Iterable[tuple[
 
 
 def _cli(args: Any, work: Any) -> Any:
-    from engine.cli import database, run_async
+    from engine.runtime import database, run_async
 
     async def go() -> Any:
         async with database(args.settings) as pool:

@@ -81,7 +81,7 @@ def _sources(settings: Any) -> list[str]:
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
-    from engine.cli import database
+    from engine.runtime import database
 
     shaping = _shaping_from(args)
     settings = args.settings
@@ -177,7 +177,7 @@ def reload_status(worker: dict[str, Any], digest: str, reload_id: str) -> str:
 
 
 async def cmd_reload(args: argparse.Namespace) -> int:
-    from engine.cli import database
+    from engine.runtime import database
 
     path = resolve_path(args.settings)
     if path is None:
@@ -218,7 +218,7 @@ async def cmd_reload(args: argparse.Namespace) -> int:
 
 
 async def cmd_workers(args: argparse.Namespace) -> int:
-    from engine.cli import database
+    from engine.runtime import database
 
     async with database(args.settings) as pool:
         rows = await list_workers(pool)

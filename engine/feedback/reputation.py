@@ -215,7 +215,7 @@ def format_table(summary: Mapping[tuple[str, str, str], Counts]) -> list[str]:
 
 
 def cmd_reputation_show(args: argparse.Namespace) -> int:
-    from engine.cli import database, run_async
+    from engine.runtime import database, run_async
 
     seconds = parse_duration(args.window)
 
