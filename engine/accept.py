@@ -66,6 +66,52 @@ def _recipient(
     return NewRecipient(address=f"{local}@{domain}", domain=domain, kind=kind, vars=vars_)
 
 
+def envelope_recipient(address: str) -> NewRecipient:
+    """An outbox row for an envelope address we must validate (raises ValueError when it is not one)."""
+    return _recipient(address, "envelope")
+
+
+SUPPRESSED_AT_SUBMIT = "on the suppression list"
+
+
+async def mark_suppressed(
+    suppressions: Suppressions, messages: Sequence[NewMessage], conn: asyncpg.Connection | None = None
+) -> int:
+    """Recipients suppressed for their message's stream (or globally) start as ``suppressed``: one query.
+
+    They are still stored (so GET /v1/messages/{id} shows them, with their event) but never claimed.
+    Returns how many were marked.
+    """
+    by_stream: dict[str, set[str]] = {}
+    for m in messages:
+        by_stream.setdefault(m.stream, set()).update(r.address for r in m.recipients if r.state == "queued")
+    found = await suppressions.suppressed_pairs(by_stream, conn=conn)
+    if not found:
+        return 0
+    count = 0
+    for m in messages:
+        hit = found.get(m.stream)
+        if hit:
+            for r in m.recipients:
+                if r.address in hit:
+                    r.state = "suppressed"
+                    r.reason = SUPPRESSED_AT_SUBMIT
+                    count += 1
+    return count
+
+
+async def enqueue_notifications(conn: asyncpg.Connection, outbox: Outbox, messages: Sequence[NewMessage]) -> None:
+    """Mail the engine writes itself (DSNs back to relay senders) enters the queue by the same door.
+
+    Called inside the outcome writer's transaction: the failure and the notice about it
+    commit together. Suppression applies to these recipients like to any other.
+    """
+    if not messages:
+        return
+    await mark_suppressed(Suppressions(outbox.pool), messages, conn=conn)
+    await outbox.enqueue(messages, conn=conn)
+
+
 def _dedupe(recipients: list[NewRecipient]) -> list[NewRecipient]:
     """One row per address per message: the first mention (to before cc before bcc) wins."""
     seen: set[str] = set()
@@ -308,21 +354,9 @@ class Acceptor:
         """
         if self.suppressions is None:
             return
-        by_stream: dict[str, set[str]] = {}
-        for m in messages:
-            by_stream.setdefault(m.stream, set()).update(r.address for r in m.recipients if r.state == "queued")
-        found = await self.suppressions.suppressed_pairs(by_stream, conn=conn)
-        if not found:
-            return
-        count = 0
-        for m in messages:
-            hit = found.get(m.stream)
-            if hit:
-                for r in m.recipients:
-                    if r.address in hit:
-                        r.state = "suppressed"
-                        count += 1
-        log.info("recipients_suppressed", count=count)
+        count = await mark_suppressed(self.suppressions, messages, conn)
+        if count:
+            log.info("recipients_suppressed", count=count)
 
     async def accept_http(
         self,
@@ -361,6 +395,11 @@ class Acceptor:
                 *q("idempotency_store", api_key_id=key.id, key=idempotency_key, status_code=202, response=body)
             )
         return Accepted(202, body)
+
+    @staticmethod
+    async def expire_idempotency_keys(conn: asyncpg.Connection, ttl: float) -> None:
+        """Housekeeping: forget idempotency keys older than ``[api] idempotency_ttl``."""
+        await conn.execute(*q("idempotency_expire", ttl=ttl))
 
     @staticmethod
     async def _replay(conn: asyncpg.Connection, key: ApiKey, idem: str, request_hash: bytes) -> Accepted:

@@ -30,10 +30,11 @@ from engine.compose.tracking import Keyring
 from engine.config import Settings
 from engine.db.migrate import migrate
 from engine.db.pool import acquire, create_pool, resolve_dsn
-from engine.db.queries import q
+from engine.deliver import automation
 from engine.errors import DatabaseUnavailable
 from engine.events.store import EventStore
 from engine.outbox import Outbox
+from engine.outcome.reputation import Reputation
 from engine.submit.http import HttpContext, create_app, wrap
 from engine.suppression import Suppressions
 from engine.templates_db import DbTemplateStore
@@ -67,7 +68,7 @@ class Engine:
     http_address: tuple[str, int] | None = None
     smtp_addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
     inbound_address: tuple[str, int] | None = None
-    inbound: Any = None  # engine.feedback.inbound.InboundListener when [feedback.inbound] is enabled
+    inbound: Any = None  # engine.outcome.inbound.InboundListener when [feedback.inbound] is enabled
     _embedded: Any = None
     _http: _QuietServer | None = None
     _http_task: asyncio.Task[None] | None = None
@@ -120,7 +121,7 @@ class Engine:
             self._smtp = await start_smtp_listeners(self.settings, self.acceptor, self.apikeys)
             self.smtp_addresses = {h.name: h.address for h in self._smtp}
         if self.settings.feedback.inbound.enabled:
-            from engine.feedback.inbound import start_inbound
+            from engine.outcome.inbound import start_inbound
 
             self.inbound = await start_inbound(self.settings, self.pool)  # type: ignore[arg-type]
             self.inbound_address = self.inbound.address
@@ -181,7 +182,8 @@ class Engine:
         at most), so they are kept for ``RETENTION`` and then dropped, hourly: their tables
         stay as big as the traffic of a week, whatever the uptime.
         """
-        assert self.outbox is not None
+        assert self.outbox is not None and self.pool is not None
+        reputation = Reputation(self.pool)
         next_prune = 0.0
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
@@ -189,12 +191,13 @@ class Engine:
                 n = await self.outbox.reclaim_expired_leases()
                 if n:
                     log.info("leases_reclaimed", count=n)
-                async with acquire(self.outbox.pool) as conn:
-                    await conn.execute(*q("idempotency_expire", ttl=self.settings.api.idempotency_ttl))
+                async with acquire(self.pool) as conn:
+                    await Acceptor.expire_idempotency_keys(conn, self.settings.api.idempotency_ttl)
                     if loop.time() >= next_prune:
-                        for name in ("reputation_prune", "prune_campaign_counters", "prune_decisions"):
-                            await conn.execute(*q(name, keep_seconds=RETENTION))
-                        next_prune = loop.time() + 3600
+                        await automation.prune(conn, RETENTION)
+                if loop.time() >= next_prune:
+                    await reputation.prune(RETENTION)
+                    next_prune = loop.time() + 3600
             except DatabaseUnavailable as exc:
                 log.warning("housekeeping_database_unavailable", error=str(exc))
             except Exception:  # housekeeping must never die silently

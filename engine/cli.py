@@ -28,7 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.compose.tracking",
     "engine.feedback.commands",
     "engine.suppression",
-    "engine.feedback.reputation",
+    "engine.outcome.reputation",
     "engine.deliver.shaping_cli",
 )
 

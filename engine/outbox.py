@@ -1,4 +1,5 @@
-"""The outbox: every statement that touches the queue, and nothing else.
+"""The outbox: every statement that touches the queue, and nothing else. The only writer of
+``messages``, ``recipients`` and ``attempts`` (tests/test_ownership.py holds that).
 
 A message's content is stored once in ``messages``; each recipient is one row of
 ``recipients`` carrying its own state machine::
@@ -12,13 +13,23 @@ trip per batch, not per recipient. Claims use ``FOR UPDATE SKIP LOCKED`` and a
 lease, so any number of worker processes on any number of hosts can share the
 queue; a dead worker's leases run out and :meth:`Outbox.reclaim_expired_leases`
 puts its rows back.
+
+Every change of a recipient's state that the world may care about writes its
+event (:mod:`engine.events.store`) in the same transaction, for exactly the rows
+the statement changed: ``accepted`` or ``suppressed`` at enqueue, ``delivered``
+/ ``bounced`` / ``expired`` / ``suppressed`` at ack, ``deferred`` (with the
+attempt number) at defer, ``held`` / ``released`` / ``bounced`` (purge) for
+operator actions, ``bounced`` for asynchronous bounces and ``suppressed`` when a
+new suppression stops pending mail. Lease bookkeeping (claim, release, lease
+renewal and reclaim, a shaping postponement) hands a row between workers without
+a delivery attempt and writes no event: the row is waiting before and after.
 """
 
 from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,8 +38,16 @@ import asyncpg
 
 from engine.db.pool import acquire
 from engine.db.queries import q
+from engine.events.store import Event, record_events
 
 NOTIFY_CHANNEL = "engine_outbox"
+_MANAGE_EVENTS: dict[str, tuple[str | None, dict[str, Any]]] = {
+    "retry": (None, {}),  # the row stays queued/deferred, only sooner: no state change
+    "hold": ("held", {"origin": "operator"}),
+    "release": ("released", {"origin": "operator"}),
+    "purge": ("bounced", {"origin": "operator", "category": "purged", "permanent": True, "hard": False,
+                          "status": "5.0.0", "reply": "5.0.0 purged by operator"}),
+}
 STATES = ("queued", "leased", "deferred", "delivered", "bounced", "expired", "suppressed", "held")
 FINAL_STATES = frozenset({"delivered", "bounced", "expired", "suppressed"})
 
@@ -40,6 +59,8 @@ class NewRecipient:
     kind: str = "to"
     vars: dict[str, Any] | None = None
     state: str = "queued"
+    reason: str | None = None
+    """Why the row starts in a state other than queued (e.g. the suppression that stopped it)."""
 
 
 @dataclass(slots=True)
@@ -74,6 +95,8 @@ class Outcome:
     status: str | None = None
     reply: str | None = None
     attempted: bool = True
+    event: Mapping[str, Any] | None = None
+    """Payload of the event recorded with the change (default: code, status and reply)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +107,100 @@ class Deferral:
     status: str | None = None
     reply: str | None = None
     attempted: bool = True
+    event: Mapping[str, Any] | None = None
+    """Payload of the ``deferred`` event (not recorded when nothing was attempted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Bounce:
+    """An asynchronous permanent failure of one recipient row (a DSN that arrived after the fact)."""
+
+    id: int
+    status: str | None
+    reply: str
+    event: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Attempted:
+    """One row of ``attempts``: the history of tries behind a recipient's state."""
+
+    recipient_id: int
+    outcome: str
+    code: int | None
+    status: str | None
+    reply: str
+    mx: str | None
+    duration_ms: int
+
+
+def _default_event(code: int | None, status: str | None, reply: str | None) -> dict[str, Any]:
+    return {"code": code, "status": status, "reply": (reply or "")[:1000]}
+
+
+async def record_attempts(conn: asyncpg.Connection, rows: Sequence[Attempted]) -> None:
+    """Append attempt rows in one statement (inside the caller's outcome transaction)."""
+    if not rows:
+        return
+    await conn.execute(
+        *q(
+            "insert_attempts",
+            recipient_ids=[a.recipient_id for a in rows],
+            outcomes=[a.outcome for a in rows],
+            codes=[a.code for a in rows],
+            statuses=[a.status for a in rows],
+            replies=[a.reply for a in rows],
+            mxs=[a.mx for a in rows],
+            durations=[a.duration_ms for a in rows],
+        )
+    )
+
+
+async def mark_bounced(conn: asyncpg.Connection, bounces: Sequence[Bounce]) -> set[int]:
+    """Rows that were delivered or are still waiting become 'bounced', each with its ``bounced`` event.
+
+    Leased rows are left to their worker (its ack must still find them leased). Returns the
+    ids that changed, so the caller can record what happened to the others as observations.
+    """
+    if not bounces:
+        return set()
+    rows = await conn.fetch(
+        *q("mark_bounced", ids=[b.id for b in bounces], statuses=[b.status for b in bounces],
+           replies=[b.reply for b in bounces])
+    )
+    by_id = {b.id: b for b in bounces}
+    await record_events(conn, [Event("bounced", r["id"], r["message_id"], by_id[r["id"]].event) for r in rows])
+    return {r["id"] for r in rows}
+
+
+async def suppress_pending(conn: asyncpg.Connection, items: Iterable[tuple[str, str, str]]) -> list[int]:
+    """Queued, deferred or held rows of newly suppressed addresses become 'suppressed'.
+
+    ``items`` are (lower-cased address, scope, reason); scope ``*`` means every stream.
+    Why: a suppression must also stop mail accepted before it, not only later submissions.
+    Call it in the transaction that inserts the suppression; each row moved gets a
+    ``suppressed`` event. Leased rows (a worker is sending them right now) finish their
+    attempt. Returns the recipient ids moved.
+    """
+    addrs: list[str] = []
+    scopes: list[str] = []
+    reasons: list[str] = []
+    for address, scope, reason in items:
+        addrs.append(address)
+        scopes.append(scope)
+        reasons.append(reason)
+    if not addrs:
+        return []
+    rows = await conn.fetch(*q("suppress_pending", addresses=addrs, scopes=scopes, reasons=reasons))
+    await record_events(
+        conn,
+        [
+            Event("suppressed", r["id"], r["message_id"],
+                  {"reason": r["reason"], "scope": r["scope"], "stream": r["stream"], "pending": True})
+            for r in rows
+        ],
+    )
+    return [r["id"] for r in rows]
 
 
 class Outbox:
@@ -162,12 +279,21 @@ class Outbox:
             await conn.execute(*q("notify_outbox"))
         by_key = {(r["message_id"], r["address"]): r for r in rows}
         out: list[list[EnqueuedRecipient]] = []
+        events: list[Event] = []
         for m in messages:
             lst = []
+            accepted = {"stream": m.stream, "source": m.source}
             for rcpt in m.recipients:
                 row = by_key[(m.id, rcpt.address)]
                 lst.append(EnqueuedRecipient(row["id"], row["address"], row["state"]))
+                if row["state"] == "queued":
+                    events.append(Event("accepted", row["id"], m.id, accepted))
+                else:
+                    events.append(
+                        Event(row["state"], row["id"], m.id, {**accepted, "reason": rcpt.reason, "at": "submit"})
+                    )
             out.append(lst)
+        await record_events(conn, events)
         return out
 
     async def claim(
@@ -184,19 +310,23 @@ class Outbox:
             )
 
     @contextlib.asynccontextmanager
-    async def _use(self, conn: asyncpg.Connection | None) -> AsyncIterator[asyncpg.Connection]:
-        """The caller's connection (inside its transaction) or one from the pool."""
+    async def _tx(self, conn: asyncpg.Connection | None) -> AsyncIterator[asyncpg.Connection]:
+        """The caller's connection (already inside its transaction), or a pooled one in a new transaction.
+
+        A state change and its events must commit together; a savepoint inside the caller's
+        transaction would only add round trips to the hot path.
+        """
         if conn is not None:
             yield conn
         else:
-            async with acquire(self.pool) as c:
+            async with acquire(self.pool) as c, c.transaction():
                 yield c
 
     async def ack(self, owner: str, outcomes: Sequence[Outcome], conn: asyncpg.Connection | None = None) -> int:
-        """Record final outcomes in one statement; returns how many rows this owner still held."""
+        """Record final outcomes and their events; returns how many rows this owner still held."""
         if not outcomes:
             return 0
-        async with self._use(conn) as conn:
+        async with self._tx(conn) as conn:
             rows = await conn.fetch(
                 *q(
                     "ack",
@@ -209,12 +339,20 @@ class Outbox:
                     replies=[o.reply for o in outcomes],
                 )
             )
+            by_id = {o.id: o for o in outcomes}
+            events = []
+            for r in rows:
+                o = by_id[r["id"]]
+                data = o.event if o.event is not None else _default_event(o.code, o.status, o.reply)
+                events.append(Event(o.state, r["id"], r["message_id"], data))
+            await record_events(conn, events)
         return len(rows)
 
     async def defer(self, owner: str, deferrals: Sequence[Deferral], conn: asyncpg.Connection | None = None) -> int:
+        """Temporary failures back to the ready set; a ``deferred`` event (with the attempt number) per try."""
         if not deferrals:
             return 0
-        async with self._use(conn) as conn:
+        async with self._tx(conn) as conn:
             rows = await conn.fetch(
                 *q(
                     "defer",
@@ -227,6 +365,16 @@ class Outbox:
                     replies=[d.reply for d in deferrals],
                 )
             )
+            by_id = {d.id: d for d in deferrals}
+            events = []
+            for r in rows:
+                d = by_id[r["id"]]
+                if d.attempted:
+                    data = dict(d.event) if d.event is not None else _default_event(d.code, d.status, d.reply)
+                    data["attempt"] = r["attempts"]
+                    data["next_attempt_at"] = d.next_attempt_at.isoformat()
+                    events.append(Event("deferred", r["id"], r["message_id"], data))
+            await record_events(conn, events)
         return len(rows)
 
     async def release(self, owner: str, ids: Sequence[int]) -> int:
@@ -235,6 +383,14 @@ class Outbox:
             return 0
         async with acquire(self.pool) as conn:
             rows = await conn.fetch(*q("release", owner=owner, ids=list(ids)))
+        return len(rows)
+
+    async def postpone(self, owner: str, ids: Sequence[int], next_attempt_at: datetime) -> int:
+        """Hand throttled rows back untried, ready again at ``next_attempt_at`` (no attempt counted)."""
+        if not ids:
+            return 0
+        async with acquire(self.pool) as conn:
+            rows = await conn.fetch(*q("postpone", owner=owner, ids=list(ids), next_attempt_at=next_attempt_at))
         return len(rows)
 
     async def extend_leases(self, owner: str, lease_seconds: float) -> None:
@@ -273,11 +429,18 @@ class Outbox:
         states: Sequence[str] = ("queued", "deferred", "held"),
     ) -> int:
         """Ops actions on non-final rows: ``retry``, ``hold``, ``release``, ``purge``; returns rows changed."""
+        if action not in _MANAGE_EVENTS:
+            raise ValueError(f"unknown queue action {action!r}")
         params: dict[str, Any] = {"domain": domain, "message_id": message_id}
         if action == "purge":
             params["states"] = list(states)
-        async with acquire(self.pool) as conn:
+        event_type, data = _MANAGE_EVENTS[action]
+        async with acquire(self.pool) as conn, conn.transaction():
             rows = await conn.fetch(*q(f"queue_{action}", **params))
+            if event_type is not None:
+                await record_events(
+                    conn, [Event(event_type, r["id"], r["message_id"], {**data, "stream": r["stream"]}) for r in rows]
+                )
         return len(rows)
 
     async def list(

@@ -9,9 +9,11 @@ uses that, and an unsubscribe must not be dodged by ``Ann@`` vs ``ann@``. A
 lookup is an exact, indexed equality.
 
 The accept layer asks about a whole submission in one query
-(:meth:`Suppressions.suppressed_pairs`); the tracking endpoints and, later,
-the feedback loop add rows. Adding is idempotent: the first reason recorded
-for ``(address, scope)`` stays.
+(:meth:`Suppressions.suppressed_pairs`); the tracking endpoints, operators and
+the feedback loop (:func:`add_many`) add rows. This module is the only writer
+of ``suppressions``. Adding is idempotent: the first reason recorded for
+``(address, scope)`` stays, and mail already queued for the address is
+stopped in the same transaction (:func:`engine.outbox.suppress_pending`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from engine.addresses import AddressError, normalize_domain, split_address
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.errors import ValidationFailed
+from engine.outbox import suppress_pending
 
 GLOBAL = "*"
 _SCOPE_RE = re.compile(r"^(?:\*|[a-z0-9_-]{1,64})$")
@@ -91,11 +94,11 @@ class Suppressions:
         if conn is not None:
             async with conn.transaction():  # a savepoint inside the caller's transaction
                 new = await conn.fetchval(*args) is not None
-                moved = await suppress_pending(conn, key, scope, reason)
+                moved = await suppress_pending(conn, [(key, scope, reason)])
             return new, len(moved)
         async with acquire(self.pool) as c, c.transaction():
             new = await c.fetchval(*args) is not None
-            moved = await suppress_pending(c, key, scope, reason)
+            moved = await suppress_pending(c, [(key, scope, reason)])
         return new, len(moved)
 
     async def remove(self, address: str, scope: str | None = None) -> list[str]:
@@ -146,30 +149,27 @@ class Suppressions:
         return [Suppression(**dict(r)) for r in rows]
 
 
-async def suppress_pending(conn: asyncpg.Connection, address: str, scope: str, reason: str = "suppressed") -> list[int]:
-    """Queued, deferred or held rows of ``address`` (stream ``scope``, or all for ``*``) become 'suppressed'.
+async def add_many(conn: asyncpg.Connection, items: Iterable[tuple[str, str, str, str]]) -> tuple[int, int]:
+    """Suppress many (address, scope, reason, source) at once in the caller's transaction.
 
-    Why: a suppression must also stop mail accepted before it, not only later submissions.
-    Call it in the transaction that inserts the suppression; each row moved gets a
-    ``suppressed`` event. Leased rows (a worker is sending them right now) finish their attempt.
-    Returns the recipient ids moved.
+    Addresses must already be normalized (:func:`normalize_address`). Returns (new
+    suppression rows, pending recipient rows stopped). Two statements, whatever the count:
+    the feedback loop calls this once per flush.
     """
-    return await suppress_pending_many(conn, [(address, scope, reason)])
-
-
-async def suppress_pending_many(conn: asyncpg.Connection, items: Iterable[tuple[str, str, str]]) -> list[int]:
-    """:func:`suppress_pending` for many (address, scope, reason) at once: one statement."""
-    addrs: list[str] = []
-    scopes: list[str] = []
-    reasons: list[str] = []
-    for address, scope, reason in items:
-        addrs.append(normalize_address(address))
-        scopes.append(_scope(scope))
-        reasons.append(reason)
-    if not addrs:
-        return []
-    rows = await conn.fetch(*q("suppress_pending", addresses=addrs, scopes=scopes, reasons=reasons))
-    return [r["recipient_id"] for r in rows]
+    rows = list(items)
+    if not rows:
+        return 0, 0
+    new = await conn.fetch(
+        *q(
+            "suppressions_add_many",
+            addresses=[r[0] for r in rows],
+            scopes=[_scope(r[1]) for r in rows],
+            reasons=[r[2] for r in rows],
+            sources=[r[3] for r in rows],
+        )
+    )
+    moved = await suppress_pending(conn, [(a, s, r) for a, s, r, _ in rows])
+    return len(new), len(moved)
 
 
 # --------------------------------------------------------------------------- CLI

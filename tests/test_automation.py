@@ -20,9 +20,9 @@ from engine.db.pool import create_pool
 from engine.deliver.scheduler import DeliveryWorker
 from engine.deliver.shaping import ShapingError, parse_shaping
 from engine.deliver.shaping_cli import live_state
-from engine.feedback.reputation import CounterRow, record_counters
 from engine.ids import uuid7
 from engine.outbox import NewMessage, NewRecipient, Outbox
+from engine.outcome.reputation import CounterRow, record_counters
 from tests.receivers import Behaviour, Receiver, smtp_receiver, tls_ca  # noqa: F401
 
 TSS04 = ("421 4.7.0 [TSS04] Messages from 127.0.0.1 temporarily deferred due to unexpected volume or user "

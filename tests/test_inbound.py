@@ -83,8 +83,8 @@ class Env:
         return await self.pool.fetchrow("SELECT * FROM recipients WHERE id = $1", rid)
 
     async def events(self, kind: str | None = None) -> list[Any]:
-        if kind is None:
-            return await self.pool.fetch("SELECT * FROM events ORDER BY id")
+        if kind is None:  # what reports wrote: not the events of submitting and delivering the mail itself
+            return await self.pool.fetch("SELECT * FROM events WHERE type NOT IN ('accepted', 'delivered') ORDER BY id")
         return await self.pool.fetch("SELECT * FROM events WHERE type = $1 ORDER BY id", kind)
 
     async def suppressions(self) -> list[tuple[str, str, str, str]]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 from engine.cli import main as cli_main
 from engine.db.pool import acquire
-from engine.feedback.outcomes import DeliveryResult, apply_delivery_feedback
-from engine.feedback.reputation import CounterRow, Counts, Reputation, record_counters
+from engine.outcome.reputation import CounterRow, Counts, Reputation, record_counters
+from engine.outcome.writer import Attempt, Backoff, OutcomeWriter
 
 
 async def test_counters_sum_per_minute_and_window_rates(pool) -> None:
@@ -76,28 +77,35 @@ async def test_delivery_feedback_events_suppression_and_counters(pool, conn) -> 
         {"from": "app@sender.test", "to": ["gone@gmail.test"], "subject": "s", "text": "t"}), key)
     rows = await acc.commit([first, later])
     ids = {r.address: r.id for r in rows[0]}
-    # As in a worker's flush: the first message's rows were leased and are acked before the feedback.
+    # As in a worker's flush: the first message's rows are leased, the second's go back to the queue.
     outbox = Outbox(pool, 3600)
     claimed = await outbox.claim("w", 10, 60)
-    await outbox.ack("w", [Outcome(r["id"], "delivered" if r["address"] == "ok@gmail.test" else "bounced")
-                           for r in claimed if r["message_id"] == first.id])
     await outbox.release("w", [r["id"] for r in claimed if r["message_id"] != first.id])
-    results = [
-        DeliveryResult(ids["ok@gmail.test"], "ok@gmail.test", "default", "delivered", "250 2.0.0 OK", 250, "2.0.0",
-                       message_id=first.id, provider="gmail", source="ip1", mail_from="app@sender.test", mx="mx.gmail.test"),
-        DeliveryResult(ids["gone@gmail.test"], "gone@gmail.test", "default", "bounced",
-                       "550-5.1.1 The email account that you tried to reach does not exist", 550, "5.1.1",
-                       message_id=first.id, provider="gmail", source="ip1", mail_from="app@sender.test"),
-        DeliveryResult(ids["ok@gmail.test"], "ok@gmail.test", "default", "deferred",
-                       "421-4.7.28 Our system has detected an unusual rate of unsolicited mail", 421, "4.7.28",
-                       message_id=first.id, provider="gmail", source="ip1", mail_from="app@sender.test"),
-        DeliveryResult(ids["ok@gmail.test"], "ok@gmail.test", "default", "deferred", "not tried", None, None,
-                       message_id=first.id, provider="gmail", counted=False),
-    ]
-    async with conn.transaction():
-        stats = await apply_delivery_feedback(conn, results)
-    assert stats.events == 3 and stats.suppressed == 1 and stats.pending_stopped == 1
+    expires = datetime.now(UTC) + timedelta(days=1)
+
+    def attempt(address: str, kind: str, reply: str, code: int | None, status: str | None, **kw: Any) -> Attempt:
+        return Attempt(ids[address], address, 0, expires, kind, code, status, reply, kw.pop("mx", None), 5,
+                       message_id=first.id, stream="default", provider="gmail", **kw)
+
+    writer = OutcomeWriter(outbox, "w", Backoff([60.0], 0.0))
+    # First try: a 421 for one, a hard bounce for the other; then the deferred one is claimed again and delivered.
+    writer.add([
+        attempt("ok@gmail.test", "temporary", "421-4.7.28 Our system has detected an unusual rate of unsolicited mail",
+                421, "4.7.28", egress="ip1", mail_from="app@sender.test"),
+        attempt("gone@gmail.test", "permanent", "550-5.1.1 The email account that you tried to reach does not exist",
+                550, "5.1.1", egress="ip1", mail_from="app@sender.test"),
+    ])
+    await writer.flush()
+    await conn.execute("UPDATE recipients SET next_attempt_at = now() WHERE id = $1", ids["ok@gmail.test"])
+    assert [r["id"] for r in await outbox.claim("w", 10, 60)] == [ids["ok@gmail.test"]]
+    writer.add([
+        attempt("ok@gmail.test", "delivered", "250 2.0.0 OK", 250, "2.0.0", egress="ip1", mail_from="app@sender.test",
+                mx="mx.gmail.test"),
+        attempt("ok@gmail.test", "temporary", "not tried", None, None, counted=False),
+    ])
+    await writer.flush()
     ev = {e["type"]: e["data"] for e in await conn.fetch("SELECT type, data FROM events WHERE message_id = $1", first.id)}
+    assert sorted(ev) == ["accepted", "bounced", "deferred", "delivered"]
     assert ev["bounced"]["category"] == "unknown_user" and ev["bounced"]["hard"] is True and ev["bounced"]["origin"] == "smtp"
     assert ev["delivered"]["mx"] == "mx.gmail.test" and ev["delivered"]["source"] == "ip1"
     assert ev["deferred"]["category"] == "reputation_block"  # what the classifier's Gmail rule says of 4.7.28

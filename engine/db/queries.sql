@@ -43,13 +43,14 @@ RETURNING r.id, r.message_id, r.address, r.domain, r.kind, r.vars, r.stream, r.p
 
 -- name: ack
 -- Final outcomes (delivered, bounced, expired, suppressed) for leased rows, in one batch.
+-- Only rows this owner still holds change; the caller records an event for each row returned.
 UPDATE recipients r
 SET state = u.state, attempts = r.attempts + u.attempted, last_code = u.code, last_status = u.status,
     last_reply = u.reply, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 FROM unnest(:ids::bigint[], :states::text[], :attempted::int[], :codes::int[], :statuses::text[],
             :replies::text[]) AS u(id, state, attempted, code, status, reply)
 WHERE r.id = u.id AND r.state = 'leased' AND r.lease_owner = :owner
-RETURNING r.id;
+RETURNING r.id, r.message_id;
 
 -- name: defer
 -- Temporary failures: back to the ready set at a later time, in one batch.
@@ -60,7 +61,7 @@ SET state = 'deferred', attempts = r.attempts + u.attempted, next_attempt_at = u
 FROM unnest(:ids::bigint[], :next_attempt_ats::timestamptz[], :attempted::int[], :codes::int[],
             :statuses::text[], :replies::text[]) AS u(id, next_attempt_at, attempted, code, status, reply)
 WHERE r.id = u.id AND r.state = 'leased' AND r.lease_owner = :owner
-RETURNING r.id;
+RETURNING r.id, r.message_id, r.attempts;
 
 -- name: release
 -- Give leased rows back untouched (graceful shutdown): no attempt is counted.
@@ -134,14 +135,14 @@ RETURNING id;
 UPDATE recipients SET state = 'held', updated_at = now()
 WHERE state IN ('queued', 'deferred') AND (:domain::text IS NULL OR domain = :domain)
   AND (:message_id::uuid IS NULL OR message_id = :message_id)
-RETURNING id;
+RETURNING id, message_id, stream;
 
 -- name: queue_release
 UPDATE recipients SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END,
        next_attempt_at = now(), updated_at = now()
 WHERE state = 'held' AND (:domain::text IS NULL OR domain = :domain)
   AND (:message_id::uuid IS NULL OR message_id = :message_id)
-RETURNING id;
+RETURNING id, message_id, stream;
 
 -- name: queue_purge
 -- Final, but kept for the record: purged rows end as bounced with the operator's reason.
@@ -150,7 +151,7 @@ UPDATE recipients SET state = 'bounced', last_code = NULL, last_status = '5.0.0'
 WHERE state IN ('queued', 'deferred', 'held') AND state = ANY(:states::text[])
   AND (:domain::text IS NULL OR domain = :domain)
   AND (:message_id::uuid IS NULL OR message_id = :message_id)
-RETURNING id;
+RETURNING id, message_id, stream;
 
 -- name: insert_api_key
 INSERT INTO api_keys (name, prefix, key_hash, scopes) VALUES (:name, :prefix, :key_hash, :scopes)
@@ -411,7 +412,7 @@ ON CONFLICT (domain) DO UPDATE SET until = excluded.until, reason = excluded.rea
 SELECT domain, until, reason, owner FROM suspensions
 WHERE until > clock_timestamp() AND (domain = ANY(:domains::text[]) OR :all::boolean) ORDER BY domain;
 
--- name: shaping_postpone
+-- name: postpone
 -- Hand throttled rows back without counting an attempt, ready again at :next_attempt_at
 -- (a warm-up cap reached for today, or a token wait longer than [shaping] max_hold).
 UPDATE recipients
@@ -438,14 +439,14 @@ SELECT r.id, r.message_id, r.address, r.domain, r.stream, r.state, m.mail_from
 FROM recipients r JOIN messages m ON m.id = r.message_id
 WHERE r.message_id = :message_id AND lower(r.address) = :address;
 
--- name: feedback_mark_bounced
+-- name: mark_bounced
 -- An asynchronous permanent failure after acceptance (or for a row still waiting): final 'bounced'.
 -- Leased rows are left to their worker, whose ack must still find them leased.
 UPDATE recipients r
 SET state = 'bounced', last_status = u.status, last_reply = u.reply, updated_at = now()
 FROM unnest(:ids::bigint[], :statuses::text[], :replies::text[]) AS u(id, status, reply)
 WHERE r.id = u.id AND r.state IN ('delivered', 'queued', 'deferred', 'held')
-RETURNING r.id;
+RETURNING r.id, r.message_id;
 
 -- name: suppressions_add_many
 -- Batched suppression inserts; the first reason recorded for (address, scope) stays.
@@ -458,21 +459,14 @@ RETURNING address, scope;
 
 -- name: suppress_pending
 -- Mail waiting for newly suppressed addresses (scope '*' = every stream) is never sent: its rows
--- become 'suppressed' and each gets a 'suppressed' event, in the caller's transaction. Leased rows
--- are in a worker's hands and finish their attempt.
-WITH moved AS (
-    UPDATE recipients r
-    SET state = 'suppressed', last_reply = 'suppressed: ' || u.reason, updated_at = now()
-    FROM unnest(:addresses::text[], :scopes::text[], :reasons::text[]) AS u(address, scope, reason)
-    WHERE lower(r.address) = u.address AND r.state IN ('queued', 'deferred', 'held')
-      AND (u.scope = '*' OR r.stream = u.scope)
-    RETURNING r.id, r.message_id, r.stream, u.reason, u.scope
-)
-INSERT INTO events (type, recipient_id, message_id, data)
-SELECT 'suppressed', id, message_id,
-       jsonb_build_object('v', 1, 'reason', reason, 'scope', scope, 'stream', stream, 'pending', true)
-FROM moved
-RETURNING recipient_id;
+-- become 'suppressed' in the caller's transaction (which records a 'suppressed' event for each row
+-- returned). Leased rows are in a worker's hands and finish their attempt.
+UPDATE recipients r
+SET state = 'suppressed', last_reply = 'suppressed: ' || u.reason, updated_at = now()
+FROM unnest(:addresses::text[], :scopes::text[], :reasons::text[]) AS u(address, scope, reason)
+WHERE lower(r.address) = u.address AND r.state IN ('queued', 'deferred', 'held')
+  AND (u.scope = '*' OR r.stream = u.scope)
+RETURNING r.id, r.message_id, r.stream, u.reason, u.scope;
 
 -- name: reputation_add
 -- Per-minute counters, added in one statement per batch (rows pre-summed and sorted by the caller,

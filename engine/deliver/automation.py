@@ -44,7 +44,7 @@ from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.deliver.shaping import AutomationRule, EffectiveLimits, HealthSettings, Rate, Shaping
 from engine.errors import DatabaseUnavailable
-from engine.events.store import payload
+from engine.events.store import Event, record_events
 
 log = structlog.get_logger(__name__)
 
@@ -255,8 +255,7 @@ async def decide(
         data = {"rule": rule, "provider": provider, "source": source, "campaign": campaign or None,
                 "action": action, "params": params, "reason": reason[:500], "duration": duration,
                 "expires_at": row["expires_at"].isoformat()}
-        await conn.execute(*q("events_insert", types=[EVENT_TYPE], recipient_ids=[None], message_ids=[None],
-                              datas=[payload(data)], created_ats=[None]))
+        await record_events(conn, [Event(EVENT_TYPE, data=data)])
         log.warning("shaping_decision", **{k: v for k, v in data.items() if k != "params"})
     return d
 
@@ -356,3 +355,13 @@ async def evaluate_health(pool: asyncpg.Pool, cfg: HealthSettings) -> list[Decis
             if d is not None:
                 made.append(d)
     return made
+
+
+async def prune(conn: asyncpg.Connection, keep_seconds: float) -> None:
+    """Housekeeping: drop per-minute campaign counters and decisions whose ramp ended ``keep_seconds`` ago.
+
+    Both only matter over their windows (a day at most); kept a while for ``engine shaping show``
+    and audits, then dropped, so the tables stay as big as a week of traffic.
+    """
+    await conn.execute(*q("prune_campaign_counters", keep_seconds=keep_seconds))
+    await conn.execute(*q("prune_decisions", keep_seconds=keep_seconds))

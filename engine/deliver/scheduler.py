@@ -50,9 +50,7 @@ from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.deliver import shaping as shaping_mod
 from engine.deliver.admission import Admission, Gate, read_shaping
-from engine.deliver.bounce_report import DsnBuilder
 from engine.deliver.config import DeliveryConfig
-from engine.deliver.outcomes import Attempt, Backoff, OutcomeWriter, monotonic_ms
 from engine.deliver.pools import EgressPools, Source
 from engine.deliver.routing import Route, RouteError, Router
 from engine.deliver.smtp_client import ConnectionPool, OutboundMessage
@@ -60,12 +58,14 @@ from engine.errors import DatabaseUnavailable, EngineError
 from engine.feedback.classify import load_rules
 from engine.feedback.verp import Verp
 from engine.outbox import NOTIFY_CHANNEL, Outbox
+from engine.outcome.bounce_report import DsnBuilder
+from engine.outcome.writer import Attempt, Backoff, OutcomeWriter, monotonic_ms
+from engine.workers import WorkerRegistry, WorkerReport
 
 log = structlog.get_logger(__name__)
 
 _CONNECTION_PHASES = frozenset({"connect", "greeting", "ehlo", "starttls"})
 RELOAD_CHANNEL = "engine_reload"
-WORKER_ROW_KEEP = 86400.0  # seconds a dead worker's row stays visible (as stale) before it is pruned
 
 
 @dataclass(slots=True)
@@ -142,6 +142,7 @@ class DeliveryWorker:
         self._unstarted: list[int] = []
         self._background: set[asyncio.Task[Any]] = set()
         self.started_at = datetime.now(UTC)
+        self.registry = WorkerRegistry(pool)
         self._reload_id: str | None = None  # the last `engine reload` handled (its NOTIFY payload's id)
         self._reports: set[asyncio.Task[None]] = set()
         self._gone = False  # our workers row was deleted at shutdown: write it no more
@@ -194,19 +195,20 @@ class DeliveryWorker:
         if self._gone:
             return
         try:
-            async with acquire(self.outbox.pool) as conn:
-                if time.monotonic() - self._pruned_at > 600:
-                    await conn.execute(*q("workers_prune", keep_seconds=WORKER_ROW_KEEP))
-                    self._pruned_at = time.monotonic()
-                await conn.execute(*q(
-                    "worker_upsert", owner=self.owner, host=socket.gethostname(), pid=os.getpid(),
-                    started_at=self.started_at, heartbeat_seconds=self._heartbeat_period(),
+            prune = time.monotonic() - self._pruned_at > 600
+            await self.registry.report(
+                WorkerReport(
+                    owner=self.owner, started_at=self.started_at, heartbeat_seconds=self._heartbeat_period(),
                     shaping_source=gate.shaping.source if gate else None,
                     shaping_digest=gate.digest if gate else None,
                     shaping_applied_at=gate.applied_at if gate else None,
                     reload_id=self._reload_id, reload_error=gate.reload_error if gate else None,
                     delivered=self.delivered,
-                ))
+                ),
+                prune=prune,
+            )
+            if prune:
+                self._pruned_at = time.monotonic()
         except Exception as exc:  # noqa: BLE001 - a down database is the heartbeat's concern
             log.warning("worker_report_failed", error=str(exc))
 
@@ -215,8 +217,7 @@ class DeliveryWorker:
         if self._reports:
             await asyncio.wait(set(self._reports), timeout=5)
         try:
-            async with acquire(self.outbox.pool) as conn:
-                await conn.execute(*q("worker_delete", owner=self.owner))
+            await self.registry.gone(self.owner)
         except Exception as exc:  # noqa: BLE001 - the row goes stale and is pruned later
             log.warning("worker_report_failed", error=str(exc))
 
@@ -530,8 +531,7 @@ class DeliveryWorker:
         when = datetime.now(UTC) + timedelta(seconds=delay)
         ids = [row["id"] for row in job.rows]
         try:
-            async with acquire(self.outbox.pool) as conn:
-                await conn.execute(*q("shaping_postpone", owner=self.owner, ids=ids, next_attempt_at=when))
+            await self.outbox.postpone(self.owner, ids, when)
         except DatabaseUnavailable:
             self._unstarted.extend(ids)  # released at shutdown, or their lease runs out
         log.info("delivery_postponed", domain=job.domain, message_id=str(job.message_id), reason=reason,

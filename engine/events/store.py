@@ -1,10 +1,17 @@
-"""Event rows: what happened to which recipient, as an append-only log.
+"""Event rows: what happened to which recipient, as an append-only log. The only writer of ``events``.
 
-Webhooks, ``GET /v1/events`` and metrics read this table. Writes are batched
-(:meth:`EventStore.record` is one statement for any number of events) so the
-delivery path pays one round trip per batch. Every payload is versioned
-(``{"v": 1, ...}``) so consumers can tell old rows from new ones when fields
-are added.
+Every change of a recipient's state is recorded here in the same transaction as
+the change itself: the outbox calls :func:`record_events` with its connection
+right after each state-changing statement, so the stream can never say more or
+less than the queue did. Observations that change no row (opens, clicks,
+complaints, delay notices, shaping decisions) come through here too. Webhooks,
+``GET /v1/events``, exports and metrics read this one table.
+
+Writes are batched (one statement for any number of events) so the delivery
+path pays one statement per batch, not per recipient. Every payload is
+versioned (``{"v": 1, ...}``) so consumers can tell old rows from new ones when
+fields are added. ``events.id`` is unique and never reused: consumers
+deduplicate on it.
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ from engine.db.queries import q
 from engine.errors import EngineError
 
 PAYLOAD_VERSION = 1
-EVENT_TYPES = frozenset(
-    {"delivered", "deferred", "bounced", "expired", "suppressed", "complained", "opened", "clicked", "unsubscribed",
-     "shaping_decision"}
+RECIPIENT_STATE_EVENTS = frozenset(
+    {"accepted", "deferred", "delivered", "bounced", "expired", "suppressed", "held", "released"}
 )
+"""Events that report a change of a recipient row's state (written by the outbox with the change)."""
+EVENT_TYPES = RECIPIENT_STATE_EVENTS | {"complained", "opened", "clicked", "unsubscribed", "shaping_decision"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,15 +57,12 @@ def _check(event_type: str) -> str:
     return event_type
 
 
-class EventStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
-
-    async def record(self, events: Sequence[Event], *, conn: asyncpg.Connection | None = None) -> int:
-        """Insert events in one statement; returns how many were written."""
-        if not events:
-            return 0
-        args = q(
+async def record_events(conn: asyncpg.Connection, events: Sequence[Event]) -> int:
+    """Insert events in one statement inside the caller's transaction; returns how many were written."""
+    if not events:
+        return 0
+    await conn.execute(
+        *q(
             "events_insert",
             types=[_check(e.type) for e in events],
             recipient_ids=[e.recipient_id for e in events],
@@ -65,12 +70,28 @@ class EventStore:
             datas=[payload(e.data) for e in events],
             created_ats=[e.created_at for e in events],
         )
+    )
+    return len(events)
+
+
+async def event_exists_for_recipient(
+    conn: asyncpg.Connection, event_type: str, message_id: uuid.UUID, recipient_id: int
+) -> bool:
+    """Whether ``recipient_id`` already has an event of ``event_type`` (a complaint is counted once)."""
+    args = q("event_exists_for_recipient", type=_check(event_type), message_id=message_id, recipient_id=recipient_id)
+    return bool(await conn.fetchval(*args))
+
+
+class EventStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def record(self, events: Sequence[Event], *, conn: asyncpg.Connection | None = None) -> int:
+        """Insert events in one statement; returns how many were written."""
         if conn is not None:
-            await conn.execute(*args)
-        else:
-            async with acquire(self.pool) as c:
-                await c.execute(*args)
-        return len(events)
+            return await record_events(conn, events)
+        async with acquire(self.pool) as c:
+            return await record_events(c, events)
 
     async def record_for_recipient(
         self, event_type: str, recipient_id: int, data: Mapping[str, Any] | None = None,
@@ -89,11 +110,10 @@ class EventStore:
     async def exists_for_recipient(
         self, event_type: str, message_id: uuid.UUID, recipient_id: int, *, conn: asyncpg.Connection | None = None
     ) -> bool:
-        args = q("event_exists_for_recipient", type=_check(event_type), message_id=message_id, recipient_id=recipient_id)
         if conn is not None:
-            return bool(await conn.fetchval(*args))
+            return await event_exists_for_recipient(conn, event_type, message_id, recipient_id)
         async with acquire(self.pool) as c:
-            return bool(await c.fetchval(*args))
+            return await event_exists_for_recipient(c, event_type, message_id, recipient_id)
 
     async def for_message(self, message_id: uuid.UUID) -> list[asyncpg.Record]:
         async with acquire(self.pool) as conn:

@@ -18,7 +18,7 @@ is stored, and a message only changes state through the results it parses to.
    ``<{message uuid}@...>`` plus the reported address finds it). One token
    names one row; its siblings in the same SMTP transaction are found by
    address within that message;
-3. apply everything in one transaction (:func:`engine.feedback.outcomes.apply_report_results`)
+3. apply everything in one transaction (:func:`engine.outcome.feedback.apply_report_results`)
    and answer ``250`` after the commit.
 
 A report carrying a forged VERP token changes nothing (logged). Reports that
@@ -46,9 +46,9 @@ from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.errors import DatabaseUnavailable
 from engine.feedback.classify import Classifier, load_rules
-from engine.feedback.outcomes import MappedResult, ProviderOf, apply_report_results
 from engine.feedback.report import Report, parse_report
 from engine.feedback.verp import Verp
+from engine.outcome.feedback import MappedResult, ProviderOf, apply_report_results
 from engine.submit.smtp import COMMAND_CALL_LIMITS, ListenerError, RelaySMTP, SmtpListenerHandle, _peer, _reply, advertise_pipelining
 
 log = structlog.get_logger(__name__)

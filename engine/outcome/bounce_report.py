@@ -11,13 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.accept import _recipient
+from engine.accept import envelope_recipient
 from engine.compose.pipeline import MessageRow
-from engine.deliver.outcomes import Attempt
 from engine.ids import uuid7
 from engine.outbox import NewMessage
+from engine.outcome.writer import Attempt
+
+if TYPE_CHECKING:
+    from engine.config import Settings
 
 MAX_HEADERS_QUOTED = 64 * 1024
 
@@ -33,7 +36,7 @@ def _original_headers(raw: bytes | None) -> bytes:
 
 
 class DsnBuilder:
-    def __init__(self, settings: Any, lookup: Callable[[Any], MessageRow | None]) -> None:
+    def __init__(self, settings: Settings, lookup: Callable[[Any], MessageRow | None]) -> None:
         self.settings = settings
         self.lookup = lookup
         self.hostname = settings.server.hostname
@@ -50,7 +53,7 @@ class DsnBuilder:
             msg = self.lookup(message_id)
             raw = self.build(items[0].mail_from, items, msg.raw if msg else None)
             try:
-                rcpt = _recipient(items[0].mail_from, "envelope")
+                rcpt = envelope_recipient(items[0].mail_from)
             except ValueError:
                 continue  # a return path we cannot mail: nothing to notify
             out.append(
