@@ -67,6 +67,7 @@ class ApiKeys:
                 )
             except asyncpg.UniqueViolationError:
                 raise ValidationFailed(f"an API key named {name!r} already exists", "name") from None
+        assert row is not None  # INSERT ... RETURNING always returns the row it wrote
         return key, row["id"]
 
     async def list(self) -> list[asyncpg.Record]:

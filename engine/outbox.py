@@ -443,12 +443,12 @@ class Outbox:
                 )
         return len(rows)
 
+    async def stats(self) -> list[asyncpg.Record]:
+        async with acquire(self.pool) as conn:
+            return await conn.fetch(*q("queue_stats"))
+
     async def list(
         self, *, state: str | None = None, domain: str | None = None, message_id: uuid.UUID | None = None, limit: int = 100
     ) -> list[asyncpg.Record]:
         async with acquire(self.pool) as conn:
             return await conn.fetch(*q("queue_list", state=state, domain=domain, message_id=message_id, limit=limit))
-
-    async def stats(self) -> list[asyncpg.Record]:
-        async with acquire(self.pool) as conn:
-            return await conn.fetch(*q("queue_stats"))

@@ -73,7 +73,7 @@ class DbTemplateStore(InMemoryTemplateStore):
             if version > self._latest.get(name, 0):
                 self._latest[name] = version
 
-    def _put_rows(self, rows: Iterable[Mapping[str, Any]]) -> None:
+    def _put_rows(self, rows: Iterable[asyncpg.Record]) -> None:
         for r in rows:
             self._put(r["name"], r["version"], r["parts"])
 
@@ -160,13 +160,10 @@ class DbTemplateStore(InMemoryTemplateStore):
                     )
             except asyncpg.UniqueViolationError:
                 continue  # another upload of this name took the number; take the next one
+            assert row is not None  # INSERT ... RETURNING always returns the row it wrote
             self._put(name, row["version"], parts)
             return row["version"], row["created_at"]
         raise EngineError(f"template {name!r}: too many concurrent uploads, retry")
-
-    async def list(self) -> list[asyncpg.Record]:
-        async with acquire(self.pool) as conn:
-            return await conn.fetch(*q("template_list"))
 
     async def versions(self, name: str) -> list[asyncpg.Record]:
         async with acquire(self.pool) as conn:
@@ -178,3 +175,7 @@ class DbTemplateStore(InMemoryTemplateStore):
         if row is not None:
             self._put(row["name"], row["version"], row["parts"])
         return row
+
+    async def list(self) -> list[asyncpg.Record]:
+        async with acquire(self.pool) as conn:
+            return await conn.fetch(*q("template_list"))

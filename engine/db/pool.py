@@ -14,7 +14,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import orjson
@@ -63,7 +63,7 @@ def embedded_server(home: Path) -> Any:
 
     pgdata = (home / "pg").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]  # not in its __all__
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DB_NAME}';")
     if "(1 row)" not in exists:
         server.psql(f"CREATE DATABASE {EMBEDDED_DB_NAME};")
@@ -118,7 +118,11 @@ async def create_pool(dsn: str, settings: Settings, **overrides: Any) -> asyncpg
 
 @contextlib.asynccontextmanager
 async def acquire(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
-    """``pool.acquire()`` with driver errors translated."""
+    """``pool.acquire()`` with driver errors translated.
+
+    Typed as a plain connection: the pool's proxy forwards every method, and the code that
+    receives it (often inside a caller's transaction) should not care which one it holds.
+    """
     with translate_errors():
         async with pool.acquire() as conn:
-            yield conn
+            yield cast(asyncpg.Connection, conn)

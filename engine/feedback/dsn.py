@@ -187,9 +187,8 @@ def anatomy(msg: Message) -> Anatomy:
     """Sort the parts of ``msg`` into status blocks, human text and the original message."""
     a = Anatomy()
     try:
-        a.report_type = (msg.get_param("report-type") or "").lower() if mimeutil.content_type(msg) == "multipart/report" else ""
-        if not isinstance(a.report_type, str):
-            a.report_type = ""
+        param = msg.get_param("report-type") if mimeutil.content_type(msg) == "multipart/report" else None
+        a.report_type = param.lower() if isinstance(param, str) else ""
     except Exception:  # noqa: BLE001
         a.report_type = ""
     inside_original: set[int] = set()
@@ -317,9 +316,9 @@ def _candidate_rows(text: str, exclude: set[str], failed_hdr: list[str]) -> list
         add(m.group(1), _block_after(text, m.end()))
     pos = 0
     for line in text.splitlines(keepends=True):
-        m = _ADDR_LINE_RE.match(line)
-        if m:
-            add(m.group(1), _block_after(text, pos + len(line)))
+        lm = _ADDR_LINE_RE.match(line)
+        if lm:
+            add(lm.group(1), _block_after(text, pos + len(line)))
         pos += len(line)
     for addr in failed_hdr:
         if addr not in seen:
@@ -454,7 +453,8 @@ def transcript_stage(text: str, addr: str | None) -> str | None:
         mine = errors
     if not mine:
         return None
-    command, sess = replies[mine[0]][0], replies[mine[0]][1]
+    command: str | None = replies[mine[0]][0]
+    sess = replies[mine[0]][1]
     if command == "DATA" and any(r[1] == sess for r in replies[mine[0] + 1 :]):
         return "RCPT"  # pipelined: a later reply answered the DATA command
     return command

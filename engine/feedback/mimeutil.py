@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterator
 from email.header import decode_header, make_header
 from email.message import Message
+from typing import Any
 
 MAX_RAW = 1024 * 1024  # bytes of a message we look at
 MAX_PART_TEXT = 64 * 1024  # characters of one part's text
@@ -226,7 +227,7 @@ def headers_dict(msg: Message) -> dict[str, str]:
     return out
 
 
-def ses_notification(text: str) -> dict | None:
+def ses_notification(text: str) -> dict[str, Any] | None:
     """An Amazon SES/SNS JSON notification (Bounce, Complaint, Delivery) inside a body, or None.
 
     SES posts these through SNS, and some setups deliver them by email; the

@@ -129,7 +129,7 @@ def _nested_bounce(an: dsn_mod.Anatomy, quoted: str, clf: Classifier, depth: int
 def _parse(raw: bytes, clf: Classifier, depth: int = 0) -> Report:
     msg = mimeutil.load_message(raw)
     an = dsn_mod.anatomy(msg)
-    base = dict(report_to=_verp_to(msg), report_from=_sender(msg), subject=mimeutil.header(msg, "Subject")[:500] or None)
+    base: dict[str, Any] = dict(report_to=_verp_to(msg), report_from=_sender(msg), subject=mimeutil.header(msg, "Subject")[:500] or None)
 
     if an.feedback_texts or an.report_type == "feedback-report":
         fb = arf_mod.parse_arf(msg, an)

@@ -231,9 +231,9 @@ class InboundHandler:
                 if row is None and len(anchors) == 1 and (single or not addr):
                     row = anchors[0]  # the token names the row; the report shows a rewritten address
             elif by_msgid is not None:
-                msg_uuid, rid = by_msgid
-                if rid is not None:
-                    cand = await conn.fetchrow(*q("feedback_recipient", recipient_id=rid))
+                msg_uuid, msg_rid = by_msgid
+                if msg_rid is not None:
+                    cand = await conn.fetchrow(*q("feedback_recipient", recipient_id=msg_rid))
                     if cand is not None and cand["message_id"] == msg_uuid:
                         row = cand
                 elif addr:

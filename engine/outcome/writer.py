@@ -286,8 +286,8 @@ class OutcomeWriter:
         made = await evaluate_results(conn, shaping, signals) if signals else []
         if by_campaign:
             made += await evaluate_campaign_signals(conn, shaping, by_campaign)
-        for d in made:
-            on_decision(d)  # this worker obeys at once; others within [default.health] refresh
+        for decision in made:
+            on_decision(decision)  # this worker obeys at once; others within [default.health] refresh
 
     async def close(self, timeout: float) -> None:
         """Flush what is left; keep trying until ``timeout`` (the database may be coming back)."""
