@@ -27,7 +27,7 @@ from engine.accept import Acceptor
 from engine.apikeys import ApiKeys
 from engine.compose.render import Renderer
 from engine.compose.tracking import Keyring
-from engine.config import Settings
+from engine.config import Settings, child_environment
 from engine.db.migrate import migrate
 from engine.db.pool import acquire, create_pool, resolve_dsn
 from engine.deliver import automation
@@ -319,7 +319,7 @@ class WorkerSupervisor:
         return [*cmd, "worker"]
 
     async def _spawn(self, slot: int) -> None:
-        env = {**os.environ, "DATABASE_URL": self.dsn, "ENGINE_WORKER_SLOT": str(slot)}
+        env = child_environment(DATABASE_URL=self.dsn, ENGINE_WORKER_SLOT=str(slot))
         self.procs[slot] = await asyncio.create_subprocess_exec(*self._command(), env=env)
         log.info("worker_started", slot=slot, pid=self.procs[slot].pid)
 
@@ -373,7 +373,7 @@ async def run_worker(settings: Settings) -> None:
         loop.add_signal_handler(sig, worker.request_stop)
     loop.add_signal_handler(signal.SIGHUP, worker.request_reload)
     orphan_watch = None
-    if os.environ.get("ENGINE_WORKER_SLOT") is not None:
+    if settings.worker_slot is not None:
         orphan_watch = asyncio.create_task(_stop_when_orphaned(worker.request_stop), name="orphan-watch")
     try:
         await worker.run()

@@ -176,6 +176,8 @@ class Settings(_Section):
     # Resolved from the environment, not from the file.
     home: Path = Path("var")
     config_path: Path | None = None
+    worker_slot: int | None = None
+    """Set (``ENGINE_WORKER_SLOT``) in a worker process that ``engine run`` started and supervises."""
 
     @model_validator(mode="after")
     def _streams_known(self) -> Settings:
@@ -186,6 +188,11 @@ class Settings(_Section):
 
     def stream_priority(self, stream: str) -> int:
         return self.queue.streams.get(stream, 5)
+
+
+def child_environment(**overrides: str) -> dict[str, str]:
+    """The environment for a child process this engine starts: ours, plus ``overrides``."""
+    return {**os.environ, **overrides}
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
@@ -219,11 +226,17 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
-    for reserved in ("home", "config_path"):
+    for reserved in ("home", "config_path", "worker_slot"):
         if reserved in data:
             raise ConfigError(f"invalid configuration in {source}:\n  {reserved}: unknown key")
     data["home"] = env.get("ENGINE_HOME") or "var"
     data["config_path"] = str(path) if path else None
+    slot = env.get("ENGINE_WORKER_SLOT")
+    if slot:
+        try:
+            data["worker_slot"] = int(slot)
+        except ValueError:
+            raise ConfigError(f"ENGINE_WORKER_SLOT must be a number (got {slot!r})") from None
     if env.get("DATABASE_URL"):
         data.setdefault("database", {})
         if isinstance(data["database"], dict):

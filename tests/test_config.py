@@ -92,7 +92,7 @@ def _leaf_keys(model: type, prefix: str = "") -> list[str]:
 
     keys = []
     for name, field in model.model_fields.items():
-        if name in ("home", "config_path"):
+        if name in ("home", "config_path", "worker_slot"):
             continue
         sub = None
         for t in (field.annotation, *typing.get_args(field.annotation)):
