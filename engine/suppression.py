@@ -22,7 +22,6 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 
@@ -170,58 +169,3 @@ async def add_many(conn: asyncpg.Connection, items: Iterable[tuple[str, str, str
     )
     moved = await suppress_pending(conn, [(a, s, r) for a, s, r, _ in rows])
     return len(new), len(moved)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _cli(args: Any, work: Any) -> Any:
-    from engine.runtime import database, run_async
-
-    async def go() -> Any:
-        async with database(args.settings) as pool:
-            return await work(Suppressions(pool))
-
-    return run_async(go())
-
-
-def cmd_suppress_add(args: Any) -> int:
-    new, moved = _cli(args, lambda s: s.suppress(args.address, args.scope, args.reason, "cli"))
-    print(f"{'suppressed' if new else 'already suppressed'}: {args.address} ({args.scope})")
-    if moved:
-        print(f"{moved} queued recipient(s) will not be sent")
-    return 0
-
-
-def cmd_suppress_remove(args: Any) -> int:
-    scopes = _cli(args, lambda s: s.remove(args.address, args.scope))
-    if not scopes:
-        print(f"{args.address} was not suppressed")
-        return 1
-    print(f"removed {args.address} from: {', '.join(scopes)}")
-    return 0
-
-
-def cmd_suppress_list(args: Any) -> int:
-    rows = _cli(args, lambda s: s.list(args.address, args.limit))
-    for r in rows:
-        print(f"{r.created_at:%Y-%m-%d %H:%M:%S}  {r.scope:<16} {r.address:<40} {r.reason} ({r.source})")
-    return 0
-
-
-def register(sub: Any) -> None:
-    """``engine suppress add|remove|list``."""
-    grp = sub.add_parser("suppress", help="manage the suppression list").add_subparsers(dest="suppress_cmd", required=True)
-    p = grp.add_parser("add", help="stop mail to an address (for one stream, or '*' for all)")
-    p.add_argument("address")
-    p.add_argument("--scope", default=GLOBAL, help="stream name, or '*' (default) for every stream")
-    p.add_argument("--reason", default="manual")
-    p.set_defaults(func=cmd_suppress_add)
-    p = grp.add_parser("remove", help="lift a suppression")
-    p.add_argument("address")
-    p.add_argument("--scope", default=None, help="only this scope (default: every scope)")
-    p.set_defaults(func=cmd_suppress_remove)
-    p = grp.add_parser("list", help="recent suppressions")
-    p.add_argument("--address", default=None)
-    p.add_argument("--limit", type=int, default=100)
-    p.set_defaults(func=cmd_suppress_list)

@@ -214,7 +214,7 @@ def test_huge_reply_is_bounded() -> None:
 def test_cli_classify_args_and_stdin() -> None:
     env_py = sys.executable
     out = subprocess.run(
-        [env_py, "-m", "engine.feedback.commands", "classify", "550 5.1.1 user unknown", "452 4.2.2 mailbox full"],
+        [env_py, "-m", "engine", "classify", "550 5.1.1 user unknown", "452 4.2.2 mailbox full"],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
     ).stdout.splitlines()
     rows = [json.loads(x) for x in out]
@@ -222,6 +222,6 @@ def test_cli_classify_args_and_stdin() -> None:
     assert set(rows[0]) == {"reply", "category", "permanent", "rule"}
     stdin = "\n".join(r for r, _, _ in REAL_REPLIES if "\n" not in r) + "\n"
     res = subprocess.run(
-        [env_py, "-m", "engine.feedback.commands", "classify"], input=stdin, cwd=REPO, capture_output=True, text=True, timeout=60, check=True
+        [env_py, "-m", "engine", "classify"], input=stdin, cwd=REPO, capture_output=True, text=True, timeout=60, check=True
     )
     assert len(res.stdout.splitlines()) == stdin.count("\n")

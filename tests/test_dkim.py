@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from dkim.canonicalization import Relaxed
 from pydantic import ValidationError
 
+from engine.commands.dkim import register
 from engine.compose.dkim import (
     DkimError,
     DkimKeyConfig,
@@ -38,7 +39,6 @@ from engine.compose.dkim import (
     SigningKey,
     keygen,
     load_private_key,
-    register,
     relaxed_body,
     relaxed_header,
 )

@@ -394,7 +394,7 @@ def test_cli_bounce_parse(tmp_path: Path) -> None:
     (tmp_path / "c.eml").write_bytes(HOSTILE["garbage"])
     (tmp_path / "d.eml").mkdir()  # unreadable as a file: an error line, not a crash
     files = [str(tmp_path / n) for n in ("a.eml", "b.eml", "c.eml", "d.eml")]
-    res = subprocess.run([sys.executable, "-m", "engine.feedback.commands", "bounce", "parse", *files], cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "engine", "bounce", "parse", *files], cwd=REPO, capture_output=True, text=True, timeout=120)
     rows = [json.loads(x) for x in res.stdout.splitlines()]
     assert res.returncode == 1 and "Traceback" not in res.stderr
     a = [r for r in rows if r["file"].endswith("a.eml")]

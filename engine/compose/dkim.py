@@ -19,7 +19,6 @@ fields hashed once into a SHA-256 state that each signature copies.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import os
@@ -513,30 +512,3 @@ def keygen(domain: str, selector: str, algorithm: str = "rsa", out_dir: str | os
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     return path, txt_record(domain, selector, public_txt_value(key))
-
-
-# ---------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------
-
-
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add the ``dkim`` command group (``dkim keygen``) to the engine CLI."""
-    group = sub.add_parser("dkim", help="DKIM keys")
-    dsub = group.add_subparsers(dest="dkim_command", required=True)
-    p = dsub.add_parser("keygen", help="create a DKIM key pair and print the DNS TXT record to publish")
-    p.add_argument("--domain", required=True, help="sending domain (d=)")
-    p.add_argument("--selector", required=True, help="selector (s=), e.g. s2024a; use a new one per rotation")
-    p.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
-    p.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
-    p.add_argument("--out-dir", default=None, help="directory for the private key (default $ENGINE_HOME/dkim)")
-    p.set_defaults(func=_cmd_keygen)
-
-
-def _cmd_keygen(args: argparse.Namespace) -> int:
-    out_dir = args.out_dir or (args.settings.home / "dkim" if hasattr(args, "settings") else os.path.join("var", "dkim"))
-    path, record = keygen(args.domain, args.selector, args.algorithm, out_dir, bits=args.bits)
-    print(f"private key: {path}")
-    print("publish this DNS record:")
-    print(record)
-    return 0

@@ -386,25 +386,3 @@ def track_html(
 def unsubscribe_url(base_url: str, recipient_id: int, keyring: Keyring, *, now: float | None = None) -> str:
     """The RFC 8058 one-click target for List-Unsubscribe."""
     return tracking_url(base_url, TokenKind.UNSUBSCRIBE, keyring.sign(TokenKind.UNSUBSCRIBE, recipient_id, now=now))
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def cmd_tracking_keygen(args: object) -> int:
-    """Print a fresh key as a TOML snippet; add it, deploy, then retire the old key."""
-    import secrets
-
-    key_id = int(getattr(args, "id", 1))
-    print(f'[[tracking.keys]]\nid = {key_id}\nsecret = "{secrets.token_urlsafe(32)}"')
-    return 0
-
-
-def register(sub: object) -> None:
-    """``engine tracking keygen --id N``."""
-    grp = sub.add_parser("tracking", help="tracking link keys").add_subparsers(  # type: ignore[attr-defined]
-        dest="tracking_cmd", required=True
-    )
-    p = grp.add_parser("keygen", help="print a new [[tracking.keys]] entry")
-    p.add_argument("--id", type=int, default=1, choices=range(256), metavar="0-255")
-    p.set_defaults(func=cmd_tracking_keygen)

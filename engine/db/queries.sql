@@ -192,6 +192,10 @@ DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => :t
 -- name: ping
 SELECT 1;
 
+-- name: schema_versions
+-- Applied migrations, oldest first (``engine migrate`` prints them).
+SELECT version, name, applied_at FROM schema_migrations ORDER BY version;
+
 -- ==== templates, events, suppressions ====
 
 -- name: template_insert_next

@@ -23,11 +23,9 @@ connection pool and one set of shaping limits.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import ipaddress
-import json
 import random
 import re
 import time
@@ -43,10 +41,10 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 import idna
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from engine.configtypes import Duration
-from engine.errors import ConfigError, EngineError
+from engine.errors import EngineError
 
 NULL_MX_REASON = "domain does not accept mail (null MX, RFC 7505)"
 
@@ -462,54 +460,3 @@ class Router:
 def _errors_text(exc: dns.resolver.NoNameservers) -> str:
     """'Server Do53:127.0.0.1@53 answered SERVFAIL' without dnspython's leading sentence."""
     return str(exc).split(": ", 1)[-1]
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``dns check DOMAIN...``: print each domain's route or failure as one JSON line."""
-    dns_parser = sub.add_parser("dns", help="DNS routing tools")
-    dns_sub = dns_parser.add_subparsers(dest="dns_command", required=True)
-    check = dns_sub.add_parser("check", help="show where mail for each DOMAIN would go (JSON lines)")
-    check.add_argument("domains", nargs="+", metavar="DOMAIN")
-    check.add_argument(
-        "--nameserver", action="append", default=[], metavar="HOST:PORT",
-        help="ask this DNS server instead of the configured/system one (repeatable)",
-    )
-    check.add_argument("--timeout", default=None, help="DNS timeout per lookup, e.g. '3s'")
-    check.set_defaults(func=dns_check)
-
-
-def _config_from_args(args: argparse.Namespace) -> RoutingConfig:
-    settings = getattr(args, "settings", None)
-    base = getattr(settings, "routing", None) or RoutingConfig()
-    data = base.model_dump()
-    if getattr(args, "nameserver", None):
-        data["nameservers"] = args.nameserver
-    if getattr(args, "timeout", None):
-        data["timeout"] = args.timeout
-    try:
-        return RoutingConfig.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
-        )
-        raise ConfigError(f"invalid dns check options: {problems}") from None
-
-
-async def dns_check(args: argparse.Namespace) -> int:
-    """Exit status 0 when every domain has a route, 1 otherwise."""
-    router = Router(_config_from_args(args))
-
-    async def one(domain: str) -> dict[str, Any]:
-        try:
-            route = await router.resolve(domain)
-        except RouteError as exc:
-            return {"domain": exc.domain or domain, "ok": False, "permanent": exc.permanent, "reason": exc.reason}
-        return {"ok": True, **route.to_dict()}
-
-    results = await asyncio.gather(*(one(d) for d in args.domains))
-    for result in results:
-        print(json.dumps(result, ensure_ascii=False), flush=True)
-    return 0 if all(r["ok"] for r in results) else 1

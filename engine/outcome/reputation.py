@@ -17,17 +17,14 @@ provider name when the caller knows it, else the recipient's domain.
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
-from engine.configtypes import parse_duration
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.feedback.classify import HARD_CATEGORIES
@@ -190,66 +187,3 @@ class Reputation:
         async with acquire(self.pool) as conn:
             status = await conn.execute(*q("reputation_prune", keep_seconds=float(keep_seconds)))
         return int(status.split()[-1])
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _fmt_pct(x: float) -> str:
-    return f"{x * 100:.2f}%"
-
-
-def format_table(summary: Mapping[tuple[str, str, str], Counts]) -> list[str]:
-    lines = [
-        f"{'provider':<20} {'source':<14} {'domain':<24} {'deliv':>7} {'defer':>6} {'bounce':>6} {'hard':>5} "
-        f"{'compl':>5} {'deliv%':>7} {'hard%':>6} {'compl%':>7}  top deferrals"
-    ]
-    for (provider, source, domain), c in sorted(summary.items()):
-        top = ", ".join(f"{k or '-'}={v}" for k, v in sorted(c.deferred.items(), key=lambda kv: -kv[1])[:3])
-        lines.append(
-            f"{provider[:20]:<20} {(source or '-')[:14]:<14} {(domain or '-')[:24]:<24} {c.delivered:>7} "
-            f"{c.deferred_total:>6} {c.bounced_total:>6} {c.hard_bounces:>5} {c.complaints:>5} "
-            f"{_fmt_pct(c.delivered_ratio):>7} {_fmt_pct(c.hard_bounce_rate):>6} {_fmt_pct(c.complaint_rate):>7}  {top}"
-        )
-    return lines
-
-
-def cmd_reputation_show(args: argparse.Namespace) -> int:
-    from engine.runtime import database, run_async
-
-    seconds = parse_duration(args.window)
-
-    async def go() -> dict[tuple[str, str, str], Counts]:
-        async with database(args.settings) as pool:
-            return await Reputation(pool).summary(args.provider, seconds)
-
-    summary = run_async(go())
-    if args.json:
-        for (provider, source, domain), c in sorted(summary.items()):
-            print(json.dumps({"provider": provider, "source": source, "sending_domain": domain, "window": seconds, **c.as_dict()}))
-    else:
-        for line in format_table(summary):
-            print(line)
-        if not summary:
-            print(f"(nothing recorded in the last {args.window})")
-    return 0
-
-
-def _duration_arg(text: str) -> str:
-    try:
-        parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def register(sub: Any) -> None:
-    """``engine reputation show [--provider P] [--window 24h] [--json]``."""
-    grp = sub.add_parser("reputation", help="delivery health per provider, source and sending domain").add_subparsers(
-        dest="reputation_cmd", required=True
-    )
-    p = grp.add_parser("show", help="delivered / deferred / bounced / complaints over a rolling window")
-    p.add_argument("--provider", default=None, help="only this provider (shaping name, or recipient domain)")
-    p.add_argument("--window", default="24h", type=_duration_arg, help="window length like 1h, 24h, 7d (default 24h)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(func=cmd_reputation_show)

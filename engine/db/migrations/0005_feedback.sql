@@ -5,7 +5,7 @@
 CREATE INDEX recipients_pending_address_idx ON recipients (lower(address))
     WHERE state IN ('queued', 'deferred', 'held');
 
--- Rolling reputation windows (engine.feedback.reputation): one row per minute and
+-- Rolling reputation windows (engine.outcome.reputation): one row per minute and
 -- (provider, source, sending domain, outcome, category), upserted in batches by the outcome writer
 -- and the inbound listener; a window is a sum over its buckets.
 CREATE TABLE reputation_counters (

@@ -11,16 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
+from engine.commands import Subparsers
 from engine.errors import EngineError
 from engine.feedback.classify import Classifier, load_rules
 
 MAX_FILE_BYTES = 50 * 1024 * 1024  # read at most this much of one file (the parser looks at the first 1 MiB)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``classify`` and ``bounce parse`` to the engine's CLI."""
+def register(sub: Subparsers) -> None:
+    """``engine classify`` and ``engine bounce parse``."""
     p = sub.add_parser("classify", help="classify SMTP replies (arguments, or one per line on stdin)")
     p.add_argument("replies", nargs="*", help="reply texts like '550 5.1.1 user unknown'; none = read stdin")
     p.add_argument("--rules", action="append", default=[], metavar="TOML", help="extra rule file (takes precedence; repeatable)")
@@ -42,7 +43,7 @@ def _classifier(paths: list[str]) -> Classifier:
         raise SystemExit(2) from exc
 
 
-def _emit(out: TextIO, obj: dict) -> None:
+def _emit(out: TextIO, obj: dict[str, Any]) -> None:
     out.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
@@ -101,16 +102,3 @@ def cmd_bounce_parse(args: argparse.Namespace, out: TextIO | None = None) -> int
                 },
             )
     return status
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m engine.feedback.commands``) until engine/cli.py wires :func:`register`."""
-    parser = argparse.ArgumentParser(prog="engine")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-

@@ -1,0 +1,69 @@
+"""``engine suppress add|remove|list``: the operator's hand on the suppression list.
+
+Everything goes through :class:`engine.suppression.Suppressions`, the only
+writer of the table; an operator's additions are recorded with source ``cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from engine.commands import Subparsers
+from engine.runtime import database, run_async
+from engine.suppression import GLOBAL, Suppression, Suppressions
+
+T = TypeVar("T")
+
+
+def register(sub: Subparsers) -> None:
+    grp = sub.add_parser("suppress", help="manage the suppression list").add_subparsers(dest="suppress_cmd", required=True)
+    p = grp.add_parser("add", help="stop mail to an address (for one stream, or '*' for all)")
+    p.add_argument("address")
+    p.add_argument("--scope", default=GLOBAL, help="stream name, or '*' (default) for every stream")
+    p.add_argument("--reason", default="manual")
+    p.set_defaults(func=cmd_suppress_add)
+    p = grp.add_parser("remove", help="lift a suppression")
+    p.add_argument("address")
+    p.add_argument("--scope", default=None, help="only this scope (default: every scope)")
+    p.set_defaults(func=cmd_suppress_remove)
+    p = grp.add_parser("list", help="recent suppressions")
+    p.add_argument("--address", default=None)
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=cmd_suppress_list)
+
+
+def _run(args: argparse.Namespace, work: Callable[[Suppressions], Awaitable[T]]) -> T:
+    """One piece of work against the suppression list over a short-lived pool."""
+
+    async def go() -> T:
+        async with database(args.settings) as pool:
+            return await work(Suppressions(pool))
+
+    result: T = run_async(go())
+    return result
+
+
+def cmd_suppress_add(args: argparse.Namespace) -> int:
+    new, moved = _run(args, lambda s: s.suppress(args.address, args.scope, args.reason, "cli"))
+    print(f"{'suppressed' if new else 'already suppressed'}: {args.address} ({args.scope})")
+    if moved:
+        print(f"{moved} queued recipient(s) will not be sent")
+    return 0
+
+
+def cmd_suppress_remove(args: argparse.Namespace) -> int:
+    scopes = _run(args, lambda s: s.remove(args.address, args.scope))
+    if not scopes:
+        print(f"{args.address} was not suppressed")
+        return 1
+    print(f"removed {args.address} from: {', '.join(scopes)}")
+    return 0
+
+
+def cmd_suppress_list(args: argparse.Namespace) -> int:
+    rows: list[Suppression] = _run(args, lambda s: s.list(args.address, args.limit))
+    for r in rows:
+        print(f"{r.created_at:%Y-%m-%d %H:%M:%S}  {r.scope:<16} {r.address:<40} {r.reason} ({r.source})")
+    return 0
