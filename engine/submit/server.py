@@ -15,8 +15,9 @@ same, and lives here so the two cannot drift apart:
   listeners share the engine's pool, caches and shutdown), and its graceful stop;
 * :func:`format_reply` and :func:`format_peer` for replies and log fields.
 
-Nothing here runs per command beyond what aiosmtpd already does: the limits
-dict, session class and factory are built once per listener.
+SMTP intake speed matters, so the base adds no per-connection or per-command work
+to aiosmtpd's own: the limits dict is module-level, the protocol factory is built
+once per listener, and the session class is a class attribute.
 """
 
 from __future__ import annotations
