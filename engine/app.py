@@ -68,7 +68,7 @@ class Engine:
     http_address: tuple[str, int] | None = None
     smtp_addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
     inbound_address: tuple[str, int] | None = None
-    inbound: Any = None  # engine.outcome.inbound.InboundListener when [feedback.inbound] is enabled
+    inbound: Any = None  # the bounce/FBL listener (engine.submit.server.SmtpListenerHandle) when [feedback.inbound] is enabled
     _embedded: Any = None
     _http: _QuietServer | None = None
     _http_task: asyncio.Task[None] | None = None

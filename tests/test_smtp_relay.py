@@ -26,7 +26,8 @@ from engine.apikeys import ApiKeys
 from engine.config import Settings, SmtpListener
 from engine.db.pool import create_pool
 from engine.outbox import Outbox
-from engine.submit.smtp import SmtpListenerHandle, close_smtp_listeners, start_smtp_listeners
+from engine.submit.server import SmtpListenerHandle
+from engine.submit.smtp import close_smtp_listeners, start_smtp_listeners
 
 IO_TIMEOUT = 10.0
 QUEUED_RE = re.compile(r"queued as ([0-9a-f-]{36})")
@@ -531,7 +532,7 @@ def test_self_signed_certificate_is_cached_and_repaired(tmp_path: Any) -> None:
 
 async def test_start_errors_are_clear(settings: Settings, pool: asyncpg.Pool, tmp_path: Any) -> None:
     from engine.errors import ConfigError
-    from engine.submit.smtp import ListenerError
+    from engine.submit.server import ListenerError
 
     acceptor = Acceptor(settings, Outbox(pool, settings.queue.max_age))
     busy = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)

@@ -35,7 +35,6 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import asyncpg
 import structlog
@@ -49,11 +48,10 @@ from engine.feedback.classify import Classifier, load_rules
 from engine.feedback.report import Report, parse_report
 from engine.feedback.verp import Verp
 from engine.outcome.feedback import MappedResult, ProviderOf, apply_report_results
-from engine.submit.smtp import COMMAND_CALL_LIMITS, ListenerError, RelaySMTP, SmtpListenerHandle, _peer, _reply, advertise_pipelining
+from engine.submit.server import NULL_SENDER, ListenerHandler, SmtpListenerHandle, format_peer, format_reply, start_listener
 
 log = structlog.get_logger(__name__)
 
-NULL_SENDER = "<>"
 _SCAN_CHARS = 256 * 1024  # how much of a report is searched for a VERP address when nothing else names one
 _MSGID_RE = re.compile(
     r"<?\s*([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:\.(\d{1,19}))?@[^>\s]+", re.I
@@ -61,17 +59,17 @@ _MSGID_RE = re.compile(
 
 
 @dataclass
-class InboundHandler:
-    """Policy (``handle_RCPT``) and processing (``handle_DATA``) of the bounce/FBL listener."""
+class InboundHandler(ListenerHandler):
+    """Policy (``handle_RCPT``) and processing (``handle_DATA``) of the bounce/FBL listener.
+
+    ``handle_EHLO`` and the shutdown state come from :class:`ListenerHandler`.
+    """
 
     settings: Settings
     pool: asyncpg.Pool
     verp: Verp | None
     classifier: Classifier
     provider_of: ProviderOf | None = None
-    closing: bool = False
-    inflight: set[asyncio.Task[Any]] = field(default_factory=set)
-    connections: dict[Any, asyncio.Future[None]] = field(default_factory=dict)
     stats: collections.Counter[str] = field(default_factory=collections.Counter)
     """Counts by outcome (applied, auto_reply, unmapped, forged, not_a_report, ...), for tests and metrics."""
 
@@ -81,11 +79,6 @@ class InboundHandler:
         self._parse_slots = asyncio.Semaphore(fb.inbound.parse_concurrency)
 
     # -- aiosmtpd hooks ------------------------------------------------------------------
-
-    async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
-    ) -> list[str]:
-        return advertise_pipelining(session, hostname, responses)
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
@@ -104,7 +97,7 @@ class InboundHandler:
         domain = address.rpartition("@")[2].strip().rstrip(".").lower() if "@" in address else ""
         if domain not in self.domains:
             self.stats["rcpt_refused"] += 1
-            log.info("inbound_rcpt_refused", rcpt=address[:200], peer=_peer(session))
+            log.info("inbound_rcpt_refused", rcpt=address[:200], peer=format_peer(session))
             return "550 5.7.1 Relaying denied: this server only takes bounces and feedback reports"
         limit = self.settings.feedback.inbound.max_recipients
         if len(envelope.rcpt_tos) >= limit:
@@ -122,19 +115,17 @@ class InboundHandler:
         async with self._parse_slots:
             report = await asyncio.to_thread(parse_report, data, self.classifier)
         # Own task: a client hanging up must not cancel a transaction half-way; shutdown waits for it.
-        task = asyncio.ensure_future(self.process(list(envelope.rcpt_tos), report, data, _peer(session)))
-        self.inflight.add(task)
-        task.add_done_callback(self.inflight.discard)
+        work = self.process(list(envelope.rcpt_tos), report, data, format_peer(session))
         try:
-            outcome = await asyncio.shield(task)
+            outcome = await self.shielded(work)
         except DatabaseUnavailable as exc:
             log.warning("inbound_database_unavailable", error=str(exc))
             return "451 4.3.0 Database unavailable, report not processed; try again later"
         except Exception:  # a bug must not bounce the bounce: logged, answered, counted
-            log.exception("inbound_report_failed", peer=_peer(session))
+            log.exception("inbound_report_failed", peer=format_peer(session))
             self.stats["failed"] += 1
             return "250 2.0.0 Report received (not processed)"
-        return _reply("250 2.0.0", f"Report received: {outcome}")
+        return format_reply("250 2.0.0", f"Report received: {outcome}")
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("inbound_session_error", error=f"{type(error).__name__}: {error}")
@@ -262,43 +253,28 @@ def _parse_message_id(report: Report) -> tuple[uuid.UUID, int | None] | None:
 # -- listener --------------------------------------------------------------------------
 
 
-class InboundListener(SmtpListenerHandle):
-    """The running listener: ``address`` (the real port when the config said 0), ``close()``.
-
-    Same lifecycle as the relay's listeners: stop accepting, let in-flight reports commit
-    (bounded), then drop open connections.
-    """
-
-
 async def start_inbound(
     settings: Settings, pool: asyncpg.Pool, *, provider_of: ProviderOf | None = None
-) -> InboundListener:
-    """Start the bounce/FBL listener on the running loop (``[feedback.inbound] listen``)."""
-    loop = asyncio.get_running_loop()
+) -> SmtpListenerHandle:
+    """Start the bounce/FBL listener on the running loop (``[feedback.inbound] listen``).
+
+    Same lifecycle as the relay's listeners: ``close()`` stops accepting, lets in-flight
+    reports commit (bounded), then drops open connections.
+    """
     cfg = settings.feedback.inbound
     classifier = await asyncio.to_thread(load_rules, settings.feedback.classifier_rules)
     handler = InboundHandler(settings, pool, Verp.from_settings(settings), classifier, provider_of)
-
-    def factory() -> RelaySMTP:
-        return RelaySMTP(
-            handler,  # type: ignore[arg-type]  # duck-typed: RelaySMTP needs .connections only
-            data_size_limit=cfg.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=settings.server.hostname,
-            ident="ESMTP feedback",
-            timeout=cfg.data_timeout,
-            auth_required=False,
-            auth_require_tls=True,  # no TLS here: AUTH is never offered
-            command_call_limit=COMMAND_CALL_LIMITS,
-            loop=loop,
-        )
-
-    host, port = cfg.listen
-    try:
-        server = await loop.create_server(factory, host, port, reuse_address=True)
-    except OSError as exc:
-        raise ListenerError(f"feedback inbound listener cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    listener = InboundListener("inbound", server, handler, settings.server.shutdown_timeout)
+    listener = await start_listener(
+        "inbound",
+        handler,
+        cfg.listen,
+        label="feedback inbound listener",
+        hostname=settings.server.hostname,
+        ident="ESMTP feedback",
+        data_size_limit=cfg.max_message_size,
+        timeout=cfg.data_timeout,
+        shutdown_timeout=settings.server.shutdown_timeout,
+        auth_require_tls=True,  # no TLS here: AUTH is never offered
+    )
     log.info("inbound_listener_started", address="%s:%d" % listener.address, domains=sorted(handler.domains))
     return listener

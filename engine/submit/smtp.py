@@ -7,11 +7,11 @@ and answers ``250`` only once Postgres has committed it. AUTH PLAIN/LOGIN are
 handler methods (``auth_PLAIN``/``auth_LOGIN``) so the API-key lookup is awaited,
 never blocking the loop.
 
-No aiosmtpd ``Controller`` (it runs its own loop in a thread): servers are made
-with ``loop.create_server`` on the running loop, so the relay shares the engine's
-pool, caches and shutdown. The relay is never open: a client that has not
-authenticated and is not in ``[smtp] trusted_networks`` gets ``530`` at MAIL,
-whatever the listener's other settings.
+The server underneath (protocol fixes, command limits, the listener handle and its
+graceful stop) is :mod:`engine.submit.server`, shared with the bounce/FBL listener.
+The relay is never open: a client that has not authenticated and is not in
+``[smtp] trusted_networks`` gets ``530`` at MAIL, whatever the listener's other
+settings.
 
 The message is stored exactly as the client meant it: aiosmtpd's
 ``original_content`` is the DATA payload after removing dot-stuffing, with the
@@ -24,13 +24,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import collections
 import ipaddress
-import re
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
@@ -39,155 +36,51 @@ from engine.accept import Acceptor
 from engine.addresses import AddressError, split_address
 from engine.apikeys import ApiKey, ApiKeys
 from engine.config import Settings, SmtpListener
-from engine.errors import DatabaseUnavailable, EngineError, ValidationFailed
+from engine.errors import DatabaseUnavailable, ValidationFailed
+from engine.submit.server import (
+    MAX_AUTH_FAILURES,
+    NULL_SENDER,
+    ListenerHandler,
+    ListenerSession,
+    ListenerSMTP,
+    SmtpListenerHandle,
+    format_peer,
+    format_reply,
+    start_listener,
+)
 from engine.submit.tls import ensure_self_signed, server_context
 
 log = structlog.get_logger(__name__)
 
-MAX_AUTH_FAILURES = 3
-"""Failed AUTH attempts on one connection before we hang up (slows down key guessing)."""
-
-NULL_SENDER = "<>"
-"""How aiosmtpd hands us ``MAIL FROM:<>``; kept as-is in the envelope (aiosmtpd treats
-an empty ``mail_from`` as 'no MAIL yet') and stored as ``''``."""
-
-# Per-command ceilings for one connection (aiosmtpd answers 421 and hangs up past them).
-# Transaction commands stay effectively unbounded so a client may send many messages
-# over one connection; chatter that does no work is capped.
-COMMAND_CALL_LIMITS: dict[str, int] = {
-    "*": 1_000_000,
-    "EHLO": 20,
-    "HELO": 20,
-    "STARTTLS": 3,
-    "AUTH": MAX_AUTH_FAILURES + 2,
-    "NOOP": 100,
-    "VRFY": 10,
-    "EXPN": 10,
-    "HELP": 10,
-}
-
-# aiosmtpd's stock replies that lack RFC 3463 enhanced status codes, rewritten on the way out.
-_STOCK_REPLIES: dict[bytes, bytes] = {
-    b"552 Error: message size exceeds fixed maximum message size": (
-        b"552 5.3.4 Message size exceeds fixed maximum message size"
-    ),
-    b"552 Error: Too much mail data": b"552 5.3.4 Message size exceeds fixed maximum message size",
-    b"500 Line too long (see RFC5321 4.5.3.1.6)": b"500 5.5.2 Line too long (limit 1000 octets, RFC 5321 4.5.3.1.6)",
-    b"500 Command line too long": b"500 5.5.2 Command line too long",
-}
-
-REPLY_MAX = 400
-
-
-class ListenerError(EngineError):
-    """An SMTP listener could not be started (address in use, permission denied...)."""
-
-
-def _reply(code: str, text: str) -> str:
-    """One reply line: ``code`` + text made safe to echo (no CR/LF or controls, bounded length)."""
-    clean = "".join(c if c.isprintable() else "?" for c in text)
-    if len(clean) > REPLY_MAX:
-        clean = clean[: REPLY_MAX - 3] + "..."
-    return f"{code} {clean}"
-
-
-class RelaySession(Session):
-    """aiosmtpd's session plus our per-connection counters."""
+class RelaySession(ListenerSession):
+    """The listener session plus the relay's AUTH state: failures so far, the key it proved."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.auth_failures = 0
-        self._legacy_login: Any = None
-
-    # aiosmtpd logs a deprecation warning on every set of login_data; we do not use it.
-    @property  # type: ignore[override]
-    def login_data(self) -> Any:
-        return self._legacy_login
-
-    @login_data.setter
-    def login_data(self, value: Any) -> None:
-        self._legacy_login = value
 
     @property
     def api_key(self) -> ApiKey | None:
         return self.auth_data if self.authenticated and isinstance(self.auth_data, ApiKey) else None
 
 
-# local@domain inside angle brackets, with no character that needs RFC 5322 parsing.
-_SIMPLE_ANGLE_ADDR = re.compile(r'\s*<([^<>\s"\\(),:;@\[\]]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>(.*)\Z', re.S)
+class RelaySMTP(ListenerSMTP):
+    """The listener protocol with the relay's session (AUTH failure counter, proven key)."""
 
-
-class RelaySMTP(SMTP):
-    """aiosmtpd's protocol with three small fixes.
-
-    * Command size limits per connection (aiosmtpd keeps them in a class-level dict that
-      every new connection clears and every EHLO grows).
-    * Our session class (AUTH failure counter, quiet ``login_data``).
-    * Enhanced status codes on the few stock replies that lack them.
-    It also reports its lifetime to the listener so shutdown can close live connections.
-    """
-
-    def __init__(self, handler: RelayHandler, **kwargs: Any) -> None:
-        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
-        self._closed_future: asyncio.Future[None] | None = None
-        super().__init__(handler, **kwargs)
-        self._relay_handler = handler
-
-    def _create_session(self) -> Session:
-        return RelaySession(self.loop)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if self._closed_future is None:  # called again after STARTTLS: same connection
-            self._closed_future = self.loop.create_future()
-            self._relay_handler.connections[self] = self._closed_future
-
-    def connection_lost(self, error: Exception | None) -> None:
-        try:
-            super().connection_lost(error)
-        finally:
-            fut = self._relay_handler.connections.pop(self, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """Plain ``<local@domain>`` without quotes or comments skips the stdlib header parser
-        (12% of the relay's CPU under load); anything else takes aiosmtpd's full path."""
-        m = _SIMPLE_ANGLE_ADDR.match(arg)
-        if m is None:
-            return super()._getaddr(arg)
-        addr = m.group(1)
-        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
-            return None, None
-        return addr, m.group(2)
-
-    async def push(self, status: str | bytes) -> None:
-        raw = status.encode("utf-8") if isinstance(status, str) else status
-        await super().push(_STOCK_REPLIES.get(raw, raw))
-
-    def close_connection(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-def advertise_pipelining(session: Session, hostname: str, responses: list[str]) -> list[str]:
-    """EHLO hook body: add PIPELINING (aiosmtpd reads commands from a buffered stream, so it
-    already copes) and record the client's name (the 5-argument hook form leaves that to us)."""
-    session.host_name = hostname
-    return [*responses[:1], "250-PIPELINING", *responses[1:]]
+    session_class = RelaySession
 
 
 @dataclass
-class RelayHandler:
-    """Policy and commit for one listener; aiosmtpd calls the ``handle_*`` and ``auth_*`` methods."""
+class RelayHandler(ListenerHandler):
+    """Policy and commit for one listener; aiosmtpd calls the ``handle_*`` and ``auth_*`` methods.
+
+    ``handle_EHLO`` and the shutdown state come from :class:`ListenerHandler`.
+    """
 
     settings: Settings
     listener: SmtpListener
     acceptor: Acceptor
     apikeys: ApiKeys
-    closing: bool = False
-    inflight: set[asyncio.Task[Any]] = field(default_factory=set)
-    connections: dict[RelaySMTP, asyncio.Future[None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         nets = self.listener.trusted_networks
@@ -229,15 +122,10 @@ class RelayHandler:
         try:
             split_address(address)
         except AddressError as exc:
-            return _reply("553 5.1.3", f"Bad address: {exc}")
+            return format_reply("553 5.1.3", f"Bad address: {exc}")
         return None
 
     # -- aiosmtpd hooks ------------------------------------------------------------------
-
-    async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
-    ) -> list[str]:
-        return advertise_pipelining(session, hostname, responses)
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
@@ -280,25 +168,22 @@ class RelayHandler:
         try:
             msg = self.acceptor.build_smtp_message(mail_from, envelope.rcpt_tos, data, key.id if key else None)
         except AddressError as exc:
-            return _reply("553 5.1.3", f"Bad address: {exc}")
+            return format_reply("553 5.1.3", f"Bad address: {exc}")
         except ValidationFailed as exc:
             code = "554 5.3.5" if exc.field == "stream" else "554 5.6.0"
-            return _reply(code, f"Message rejected: {exc.message}")
+            return format_reply(code, f"Message rejected: {exc.message}")
         # The commit runs as its own task: a client hanging up mid-commit must not cancel a
         # transaction half-way, and shutdown waits for these tasks.
-        task = asyncio.ensure_future(self.acceptor.commit([msg]))
-        self.inflight.add(task)
-        task.add_done_callback(self.inflight.discard)
         try:
-            rows = await asyncio.shield(task)
+            rows = await self.shielded(self.acceptor.commit([msg]))
         except DatabaseUnavailable as exc:
-            log.warning("smtp_commit_failed", reason=str(exc), listener=self.listener.name, peer=_peer(session))
+            log.warning("smtp_commit_failed", reason=str(exc), listener=self.listener.name, peer=format_peer(session))
             return "451 4.3.0 Database unavailable, message not queued; try again later"
         except asyncio.CancelledError:
             log.warning("smtp_client_gone_during_commit", message_id=str(msg.id), listener=self.listener.name)
             raise
         except Exception:
-            log.exception("smtp_commit_error", listener=self.listener.name, peer=_peer(session))
+            log.exception("smtp_commit_error", listener=self.listener.name, peer=format_peer(session))
             return "451 4.3.0 Local error in processing, message not queued; try again later"
         log.info(
             "smtp_message_accepted",
@@ -307,7 +192,7 @@ class RelayHandler:
             size=len(data),
             listener=self.listener.name,
             api_key=key.name if key else None,
-            peer=_peer(session),
+            peer=format_peer(session),
         )
         return f"250 2.0.0 Ok: queued as {msg.id}"
 
@@ -368,12 +253,12 @@ class RelayHandler:
             return await self._auth_failed(server, session, "Authentication credentials invalid")
         if not key.allows("send"):
             return await self._auth_failed(server, session, "Authentication credentials invalid: key lacks the send scope")
-        log.info("smtp_auth_ok", api_key=key.name, listener=self.listener.name, peer=_peer(session))
+        log.info("smtp_auth_ok", api_key=key.name, listener=self.listener.name, peer=format_peer(session))
         return AuthResult(success=True, auth_data=key)
 
     async def _auth_failed(self, server: SMTP, session: RelaySession, reason: str) -> AuthResult:
         session.auth_failures += 1
-        log.info("smtp_auth_failed", failures=session.auth_failures, listener=self.listener.name, peer=_peer(session))
+        log.info("smtp_auth_failed", failures=session.auth_failures, listener=self.listener.name, peer=format_peer(session))
         if session.auth_failures >= MAX_AUTH_FAILURES:
             await server.push("421 4.7.0 Too many failed authentication attempts, closing connection")
             if isinstance(server, RelaySMTP):
@@ -393,48 +278,7 @@ async def _b64(server: SMTP, text: str) -> bytes | None:
         return None
 
 
-def _peer(session: Session | None) -> str | None:
-    peer = session.peer if session is not None else None
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return None if peer is None else str(peer)
-
-
 # -- listeners ---------------------------------------------------------------------------
-
-
-@dataclass
-class SmtpListenerHandle:
-    """A running listener: its bound address, and ``close()`` for a graceful stop."""
-
-    name: str
-    server: asyncio.Server
-    handler: Any  # the relay's or the inbound listener's handler: .closing, .inflight, .connections
-    shutdown_timeout: float
-    address: tuple[str, int] = ("", 0)
-    """The bound ``(host, port)``: the real port when the config said 0 (kept after close)."""
-
-    def __post_init__(self) -> None:
-        if self.server.sockets:
-            sockname = self.server.sockets[0].getsockname()
-            self.address = (str(sockname[0]), int(sockname[1]))
-
-    async def close(self) -> None:
-        """Stop accepting, let in-flight commits finish (bounded), then drop open connections."""
-        self.handler.closing = True
-        self.server.close()
-        pending = set(self.handler.inflight)
-        if pending:
-            _, late = await asyncio.wait(pending, timeout=self.shutdown_timeout)
-            if late:
-                log.warning("smtp_shutdown_commits_unfinished", count=len(late), listener=self.name)
-        conns = dict(self.handler.connections)
-        for proto in conns:
-            proto.close_connection()
-        if conns:
-            await asyncio.wait(list(conns.values()), timeout=min(5.0, self.shutdown_timeout))
-        await self.server.wait_closed()
-        log.info("smtp_listener_stopped", listener=self.name)
 
 
 async def _tls_context(settings: Settings, listener: SmtpListener) -> ssl.SSLContext | None:
@@ -450,35 +294,22 @@ async def _tls_context(settings: Settings, listener: SmtpListener) -> ssl.SSLCon
 async def _start_one(
     settings: Settings, listener: SmtpListener, acceptor: Acceptor, apikeys: ApiKeys
 ) -> SmtpListenerHandle:
-    loop = asyncio.get_running_loop()
-    tls_context = await _tls_context(settings, listener)
-    handler = RelayHandler(settings, listener, acceptor, apikeys)
     smtp = settings.smtp
-
-    def factory() -> RelaySMTP:
-        return RelaySMTP(
-            handler,
-            data_size_limit=smtp.max_message_size or None,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=settings.server.hostname,
-            ident="ESMTP ready",
-            tls_context=tls_context,
-            timeout=smtp.data_timeout,
-            auth_required=False,  # enforced in handle_MAIL, where trusted networks are known
-            auth_require_tls=not listener.trusted,
-            command_call_limit=COMMAND_CALL_LIMITS,
-            loop=loop,
-        )
-
-    host, port = listener.listen
-    try:
-        server = await loop.create_server(factory, host, port, reuse_address=True)
-    except OSError as exc:
-        raise ListenerError(
-            f"SMTP listener {listener.name!r} cannot listen on {host}:{port}: {exc.strerror or exc}"
-        ) from None
-    handle = SmtpListenerHandle(listener.name, server, handler, settings.server.shutdown_timeout)
+    tls_context = await _tls_context(settings, listener)
+    handle = await start_listener(
+        listener.name,
+        RelayHandler(settings, listener, acceptor, apikeys),
+        listener.listen,
+        label=f"SMTP listener {listener.name!r}",
+        hostname=settings.server.hostname,
+        ident="ESMTP ready",
+        data_size_limit=smtp.max_message_size or None,
+        timeout=smtp.data_timeout,
+        shutdown_timeout=settings.server.shutdown_timeout,
+        tls_context=tls_context,
+        auth_require_tls=not listener.trusted,  # AUTH itself is required in handle_MAIL, unless trusted
+        protocol=RelaySMTP,
+    )
     log.info(
         "smtp_listener_started",
         listener=listener.name,
