@@ -29,7 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.feedback.commands",
     "engine.suppression",
     "engine.feedback.reputation",
-    "engine.deliver.shaping_cli",
+    "engine.commands.shaping",
 )
 
 

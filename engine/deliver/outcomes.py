@@ -29,11 +29,11 @@ import structlog
 
 from engine.db.pool import acquire
 from engine.db.queries import q
-from engine.deliver.automation import Signal, evaluate_campaign_signals, evaluate_results, record_campaigns
 from engine.errors import DatabaseUnavailable
 from engine.feedback.classify import HARD_CATEGORIES, Classifier, default_classifier
 from engine.feedback.outcomes import DeliveryResult, apply_delivery_feedback
 from engine.outbox import Deferral, NewMessage, Outbox, Outcome
+from engine.shaping.automation import Signal, evaluate_campaign_signals, evaluate_results, record_campaigns
 
 log = structlog.get_logger(__name__)
 

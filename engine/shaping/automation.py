@@ -12,7 +12,7 @@ so every worker on every host obeys them, and lets limits come back gradually:
   per rule per period across workers (``shaping_rule_hits``), and starts or
   extends decisions; a new episode writes a ``shaping_decision`` event.
 * :func:`evaluate_health` runs every ``[default.health] evaluate_every`` from
-  :meth:`engine.deliver.admission.Gate.maintain`: one query for providers whose
+  :meth:`engine.shaping.gate.Gate.maintain`: one query for providers whose
   complaint rate is above the threshold (bulk streams pause), one for campaigns
   whose hard bounce rate is (the campaign is held).
 * :class:`Decisions` is each worker's cache of the decisions in force (re-read
@@ -42,9 +42,9 @@ import structlog
 
 from engine.db.pool import acquire
 from engine.db.queries import q
-from engine.deliver.shaping import AutomationRule, EffectiveLimits, HealthSettings, Rate, Shaping
 from engine.errors import DatabaseUnavailable
 from engine.events.store import payload
+from engine.shaping.rules import AutomationRule, EffectiveLimits, HealthSettings, Rate, Shaping
 
 log = structlog.get_logger(__name__)
 

@@ -27,8 +27,8 @@ import structlog
 
 from engine.db.pool import acquire
 from engine.db.queries import q
-from engine.deliver.shaping import Shaping, WarmupBlock
 from engine.errors import DatabaseUnavailable
+from engine.shaping.rules import Shaping, WarmupBlock
 
 log = structlog.get_logger(__name__)
 

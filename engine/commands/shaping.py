@@ -26,12 +26,12 @@ import asyncpg
 
 from engine.db.pool import acquire
 from engine.db.queries import q
-from engine.deliver.admission import read_shaping
-from engine.deliver.automation import Decision
 from engine.deliver.routing import RouteError, Router
-from engine.deliver.shaping import EffectiveLimits, Shaping, ShapingError, load_shaping, resolve_path
-from engine.deliver.warmup import units_for
 from engine.errors import ConfigError
+from engine.shaping.automation import Decision
+from engine.shaping.gate import read_shaping
+from engine.shaping.rules import EffectiveLimits, Shaping, ShapingError, load_shaping, resolve_path
+from engine.shaping.warmup import units_for
 
 RELOAD_CHANNEL = "engine_reload"
 STALE_BEATS = 3.0  # a worker not seen for this many of its heartbeats (plus STALE_GRACE seconds) is stale

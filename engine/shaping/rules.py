@@ -19,7 +19,7 @@ at home::
     [domain."comcast.net"]
     enable_tls = "required"
 
-    [warmup.new-ip]                     # see engine.deliver.warmup
+    [warmup.new-ip]                     # see engine.shaping.warmup
     sources = ["ip1"]
     schedule = [50, 100, 200, 500, 1000]
 
@@ -34,7 +34,7 @@ shares them; a destination with no provider is its own group for the
 
 This module is pure: parsing, validation and resolution. The live state
 (token buckets, connection leases, warm-up counters) lives in Postgres and is
-handled by :mod:`engine.deliver.throttle` and :mod:`engine.deliver.warmup`.
+handled by :mod:`engine.shaping.throttle` and :mod:`engine.shaping.warmup`.
 """
 
 from __future__ import annotations
@@ -289,7 +289,7 @@ class DefaultBlock(Block):
 
 
 class WarmupBlock(_Strict):
-    """A ramp of daily caps for new sources (IPs) or sending domains; see engine.deliver.warmup."""
+    """A ramp of daily caps for new sources (IPs) or sending domains; see engine.shaping.warmup."""
 
     sources: list[str] = Field(default_factory=list, description="egress source names this ramp applies to")
     sending_domains: list[str] = Field(default_factory=list, description="envelope sender domains")
