@@ -283,9 +283,9 @@ def _spawn_reload(engine: Engine) -> None:
 
 async def _reload(engine: Engine) -> None:
     """SIGHUP: validate the shaping file here, then tell every worker (on every host) to re-read it."""
-    from engine.commands.shaping import check_configured, notify_reload
     from engine.errors import ConfigError
     from engine.shaping.rules import ShapingError
+    from engine.shaping.status import check_configured, notify_reload
 
     try:
         shaping = check_configured(engine.settings)

@@ -15,7 +15,6 @@ from typing import Any
 import asyncpg
 import pytest
 
-from engine.commands.shaping import live_state
 from engine.config import load_settings
 from engine.db.pool import create_pool
 from engine.deliver.scheduler import DeliveryWorker
@@ -23,6 +22,7 @@ from engine.feedback.reputation import CounterRow, record_counters
 from engine.ids import uuid7
 from engine.outbox import NewMessage, NewRecipient, Outbox
 from engine.shaping.rules import ShapingError, parse_shaping
+from engine.shaping.status import live_state
 from tests.receivers import Behaviour, Receiver, smtp_receiver, tls_ca  # noqa: F401
 
 TSS04 = ("421 4.7.0 [TSS04] Messages from 127.0.0.1 temporarily deferred due to unexpected volume or user "
