@@ -260,7 +260,8 @@ def test_bad_automation_rules_are_refused_naming_key_and_value(rule: dict[str, A
 
 
 def test_shipped_shaping_file_has_automation_defaults() -> None:
-    from engine.shaping.rules import Shaping, load_shaping
+    from engine.shaping.limits import Shaping
+    from engine.shaping.rules import load_shaping
 
     s = Shaping(load_shaping(Path(__file__).parent.parent / "deploy" / "shaping.toml"))
     google = [r for _, r in s.rules_for("google")]

@@ -26,7 +26,7 @@ from engine.deliver.scheduler import DeliveryWorker
 from engine.ids import uuid7
 from engine.outbox import NewMessage, NewRecipient, Outbox
 from engine.shaping.gate import Gate
-from engine.shaping.rules import load as load_shaping_for
+from engine.shaping.limits import load as load_shaping_for
 from engine.shaping.rules import resolve_path
 from engine.shaping.throttle import burst_for
 from tests.receivers import Receiver, smtp_receiver, tls_ca  # noqa: F401

@@ -14,7 +14,8 @@ import asyncpg
 import pytest
 
 from engine.db.pool import create_pool
-from engine.shaping.rules import Shaping, ShapingError, load_shaping, parse_shaping
+from engine.shaping.limits import Shaping
+from engine.shaping.rules import ShapingError, load_shaping, parse_shaping
 from engine.shaping.throttle import ConnectionSlots, TokenBuckets, burst_for
 from engine.shaping.warmup import Unit, WarmupCounters
 

@@ -30,7 +30,8 @@ from engine.deliver.routing import RouteError, Router
 from engine.errors import ConfigError
 from engine.runtime import database, print_json, run_async
 from engine.shaping.gate import read_shaping
-from engine.shaping.rules import EffectiveLimits, Shaping, ShapingError, load_shaping, resolve_path
+from engine.shaping.limits import EffectiveLimits, Shaping
+from engine.shaping.rules import ShapingError, load_shaping, resolve_path
 from engine.shaping.status import list_workers, live_state, notify_reload, reload_status
 
 if TYPE_CHECKING:

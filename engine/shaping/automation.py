@@ -44,7 +44,8 @@ from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.errors import DatabaseUnavailable
 from engine.events.store import payload
-from engine.shaping.rules import AutomationRule, EffectiveLimits, HealthSettings, Rate, Shaping
+from engine.shaping.limits import EffectiveLimits, Shaping
+from engine.shaping.rules import AutomationRule, HealthSettings, Rate
 
 log = structlog.get_logger(__name__)
 
@@ -96,9 +97,11 @@ class Decision:
 
     def describe(self, now: datetime) -> dict[str, Any]:
         state, frac = self.state(now)
-        out = {"rule": self.rule, "provider": self.provider, "source": self.source, "campaign": self.campaign,
-               "action": self.action, "reason": self.reason, "state": state, "started_at": str(self.started_at),
-               "expires_at": str(self.expires_at), "ramp_until": str(self.ramp_until)}
+        out: dict[str, Any] = {
+            "rule": self.rule, "provider": self.provider, "source": self.source, "campaign": self.campaign,
+            "action": self.action, "reason": self.reason, "state": state, "started_at": str(self.started_at),
+            "expires_at": str(self.expires_at), "ramp_until": str(self.ramp_until),
+        }
         if self.action in ("reduce_rate", "suspend", "suspend_provider"):
             out["rate_factor"] = round(self.rate_factor(now), 4)
         if self.action == "cap_connections":
@@ -120,7 +123,8 @@ class Decision:
         if state == "active":
             return limit
         steps = int(self.params.get("ramp_steps", 0))
-        return limit * 2 ** max(1, round(frac * (steps + 1)))
+        cap: int = limit * 2 ** max(1, round(frac * (steps + 1)))
+        return cap
 
 
 def _now() -> datetime:

@@ -31,7 +31,8 @@ import asyncpg
 import structlog
 
 from engine.shaping.automation import Decisions, evaluate_health
-from engine.shaping.rules import EffectiveLimits, Shaping, ShapingError, ShapingSettings, parse_shaping
+from engine.shaping.limits import EffectiveLimits, Shaping
+from engine.shaping.rules import ShapingError, ShapingSettings, parse_shaping
 from engine.shaping.throttle import ConnectionSlots, PathId, TokenBuckets
 from engine.shaping.warmup import Clock, Unit, WarmupCounters, units_for, utc_now
 

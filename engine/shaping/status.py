@@ -20,7 +20,8 @@ from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.errors import ConfigError
 from engine.shaping.automation import Decision
-from engine.shaping.rules import EffectiveLimits, Shaping, load_shaping, resolve_path
+from engine.shaping.limits import EffectiveLimits, Shaping
+from engine.shaping.rules import load_shaping, resolve_path
 from engine.shaping.warmup import units_for
 
 if TYPE_CHECKING:

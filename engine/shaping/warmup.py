@@ -28,7 +28,8 @@ import structlog
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.errors import DatabaseUnavailable
-from engine.shaping.rules import Shaping, WarmupBlock
+from engine.shaping.limits import Shaping
+from engine.shaping.rules import WarmupBlock
 
 log = structlog.get_logger(__name__)
 
