@@ -26,9 +26,9 @@ from benchmarks.harness import OUT, postgres
 from engine.config import load_settings
 from engine.db.migrate import migrate
 from engine.db.pool import create_pool
-from engine.deliver.throttle import burst_for
 from engine.ids import uuid7
 from engine.outbox import NewMessage, NewRecipient, Outbox
+from engine.shaping.throttle import burst_for
 from tests.dnsserver import DnsServer
 from tests.receivers import Receiver
 

@@ -30,11 +30,11 @@ from engine.compose.tracking import Keyring
 from engine.config import Settings, child_environment
 from engine.db.migrate import migrate
 from engine.db.pool import acquire, create_pool, resolve_dsn
-from engine.deliver import automation
 from engine.errors import DatabaseUnavailable
 from engine.events.store import EventStore
 from engine.outbox import Outbox
 from engine.outcome.reputation import Reputation
+from engine.shaping import automation
 from engine.submit.http import HttpContext, create_app, wrap
 from engine.suppression import Suppressions
 from engine.templates_db import DbTemplateStore
@@ -286,9 +286,9 @@ def _spawn_reload(engine: Engine) -> None:
 
 async def _reload(engine: Engine) -> None:
     """SIGHUP: validate the shaping file here, then tell every worker (on every host) to re-read it."""
-    from engine.deliver.shaping import ShapingError
-    from engine.deliver.shaping_cli import check_configured, notify_reload
     from engine.errors import ConfigError
+    from engine.shaping.rules import ShapingError
+    from engine.shaping.status import check_configured, notify_reload
 
     try:
         shaping = check_configured(engine.settings)

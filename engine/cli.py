@@ -32,7 +32,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.feedback",
     "engine.commands.suppress",
     "engine.commands.reputation",
-    "engine.deliver.shaping_cli",
+    "engine.commands.shaping",
 )
 
 

@@ -33,9 +33,9 @@ from engine.configtypes import (  # noqa: F401  (re-exported for section modules
 from engine.deliver.config import DeliveryConfig
 from engine.deliver.pools import PoolConfig
 from engine.deliver.routing import RoutingConfig
-from engine.deliver.shaping import ShapingSettings
 from engine.errors import ConfigError
 from engine.feedback.config import FeedbackConfig
+from engine.shaping.rules import ShapingSettings
 
 
 class ServerConfig(_Section):

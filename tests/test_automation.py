@@ -18,11 +18,11 @@ import pytest
 from engine.config import load_settings
 from engine.db.pool import create_pool
 from engine.deliver.scheduler import DeliveryWorker
-from engine.deliver.shaping import ShapingError, parse_shaping
-from engine.deliver.shaping_cli import live_state
 from engine.ids import uuid7
 from engine.outbox import NewMessage, NewRecipient, Outbox
 from engine.outcome.reputation import CounterRow, record_counters
+from engine.shaping.rules import ShapingError, parse_shaping
+from engine.shaping.status import live_state
 from tests.receivers import Behaviour, Receiver, smtp_receiver, tls_ca  # noqa: F401
 
 TSS04 = ("421 4.7.0 [TSS04] Messages from 127.0.0.1 temporarily deferred due to unexpected volume or user "
@@ -260,7 +260,8 @@ def test_bad_automation_rules_are_refused_naming_key_and_value(rule: dict[str, A
 
 
 def test_shipped_shaping_file_has_automation_defaults() -> None:
-    from engine.deliver.shaping import Shaping, load_shaping
+    from engine.shaping.limits import Shaping
+    from engine.shaping.rules import load_shaping
 
     s = Shaping(load_shaping(Path(__file__).parent.parent / "deploy" / "shaping.toml"))
     google = [r for _, r in s.rules_for("google")]

@@ -17,7 +17,6 @@ ALLOWED = {
     "cli.py",
     "runtime.py",
     "__main__.py",  # ``python -m engine``: the command line's own entry point
-    "deliver/shaping_cli.py",  # moves to engine/commands/shaping.py
 }
 
 

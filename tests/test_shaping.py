@@ -22,13 +22,13 @@ import pytest
 
 from engine.config import load_settings
 from engine.db.pool import create_pool
-from engine.deliver.admission import Gate
 from engine.deliver.scheduler import DeliveryWorker
-from engine.deliver.shaping import load as load_shaping_for
-from engine.deliver.shaping import resolve_path
-from engine.deliver.throttle import burst_for
 from engine.ids import uuid7
 from engine.outbox import NewMessage, NewRecipient, Outbox
+from engine.shaping.gate import Gate
+from engine.shaping.limits import load as load_shaping_for
+from engine.shaping.rules import resolve_path
+from engine.shaping.throttle import burst_for
 from tests.receivers import Receiver, smtp_receiver, tls_ca  # noqa: F401
 
 CAP = 20.0  # messages/s for the whole bigmail provider

@@ -14,9 +14,10 @@ import asyncpg
 import pytest
 
 from engine.db.pool import create_pool
-from engine.deliver.shaping import Shaping, ShapingError, load_shaping, parse_shaping
-from engine.deliver.throttle import ConnectionSlots, TokenBuckets, burst_for
-from engine.deliver.warmup import Unit, WarmupCounters
+from engine.shaping.limits import Shaping
+from engine.shaping.rules import ShapingError, load_shaping, parse_shaping
+from engine.shaping.throttle import ConnectionSlots, TokenBuckets, burst_for
+from engine.shaping.warmup import Unit, WarmupCounters
 
 REPO = Path(__file__).resolve().parent.parent
 

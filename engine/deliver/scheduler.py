@@ -15,7 +15,7 @@ written in batches by :class:`OutcomeWriter`, and LISTEN/NOTIFY only wakes an
 idle worker early: polling is the contract.
 
 Traffic shaping (when ``[shaping] file`` is set): right before a transaction
-the worker asks its :class:`~engine.deliver.admission.Gate` for a warm-up
+the worker asks its :class:`~engine.shaping.gate.Gate` for a warm-up
 unit, a connection slot and the rate tokens that apply. A no comes with a
 wait: only that destination's task waits (and claims skip the destination
 meanwhile), so a capped provider never slows an uncapped one; a wait longer
@@ -48,8 +48,6 @@ import structlog
 from engine.compose.pipeline import Composer, MessageRow
 from engine.db.pool import acquire
 from engine.db.queries import q
-from engine.deliver import shaping as shaping_mod
-from engine.deliver.admission import Admission, Gate, read_shaping
 from engine.deliver.config import DeliveryConfig
 from engine.deliver.pools import EgressPools, Source
 from engine.deliver.routing import Route, RouteError, Router
@@ -60,6 +58,8 @@ from engine.feedback.verp import Verp
 from engine.outbox import NOTIFY_CHANNEL, Outbox
 from engine.outcome.bounce_report import DsnBuilder
 from engine.outcome.writer import Attempt, Backoff, OutcomeWriter, monotonic_ms
+from engine.shaping import rules as shaping_mod
+from engine.shaping.gate import Admission, Gate, read_shaping
 from engine.workers import WorkerRegistry, WorkerReport
 
 log = structlog.get_logger(__name__)

@@ -32,12 +32,12 @@ import structlog
 
 from engine.accept import enqueue_notifications
 from engine.db.pool import acquire
-from engine.deliver.automation import Signal, evaluate_campaign_signals, evaluate_results, record_campaigns
 from engine.errors import DatabaseUnavailable
 from engine.feedback.classify import HARD_CATEGORIES, Classifier, default_classifier
 from engine.outbox import Attempted, Deferral, NewMessage, Outbox, Outcome, record_attempts
 from engine.outcome.feedback import SUPPRESS_CATEGORIES, apply_feedback, domain_of, scope_for, suppression_key
 from engine.outcome.reputation import CounterRow
+from engine.shaping.automation import Signal, evaluate_campaign_signals, evaluate_results, record_campaigns
 
 log = structlog.get_logger(__name__)
 

@@ -10,6 +10,10 @@ NOTIFY on ``engine_reload``: every worker on every host re-reads its file;
 then it waits (``--wait``) until every live worker's row in ``workers`` carries
 the sha256 of the file it validated, and says which did not. ``workers`` lists
 the live and stale delivery workers.
+
+Only the argparse side lives here: the reads, the NOTIFY and the reload
+verdict per worker are :mod:`engine.shaping.status`, which ``engine run``'s
+SIGHUP handler uses too.
 """
 
 from __future__ import annotations
@@ -20,22 +24,19 @@ import json
 import sys
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
-
-from engine.db.pool import acquire
-from engine.db.queries import q
-from engine.deliver.admission import read_shaping
-from engine.deliver.automation import Decision
 from engine.deliver.routing import RouteError, Router
-from engine.deliver.shaping import EffectiveLimits, Shaping, ShapingError, load_shaping, resolve_path
-from engine.deliver.warmup import units_for
 from engine.errors import ConfigError
+from engine.runtime import database, print_json, run_async
+from engine.shaping.gate import read_shaping
+from engine.shaping.limits import EffectiveLimits, Shaping
+from engine.shaping.rules import ShapingError, load_shaping, resolve_path
+from engine.shaping.status import live_state, notify_reload, reload_status
+from engine.workers import WorkerRegistry
 
-RELOAD_CHANNEL = "engine_reload"
-STALE_BEATS = 3.0  # a worker not seen for this many of its heartbeats (plus STALE_GRACE seconds) is stale
-STALE_GRACE = 2.0
+if TYPE_CHECKING:
+    from engine.config import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -75,14 +76,16 @@ def _shaping_from(args: argparse.Namespace) -> Shaping:
     return Shaping(load_shaping(path), str(path))
 
 
-def _sources(settings: Any) -> list[str]:
+def _sources(settings: Settings) -> list[str]:
     names = [s.name for p in settings.pools for s in p.sources]
     return names or ["default"]
 
 
-async def cmd_show(args: argparse.Namespace) -> int:
-    from engine.runtime import database
+def cmd_show(args: argparse.Namespace) -> int:
+    return int(run_async(_show(args)))
 
+
+async def _show(args: argparse.Namespace) -> int:
     shaping = _shaping_from(args)
     settings = args.settings
     out: dict[str, Any] = {"file": shaping.source}
@@ -102,83 +105,17 @@ async def cmd_show(args: argparse.Namespace) -> int:
     async with database(settings) as pool:
         out["live"] = await live_state(pool, shaping, limits, args.domain)
     if args.json:
-        print(json.dumps(out, default=str))
+        print_json(out)
     else:
         print(json.dumps(out, default=str, indent=2))
     return 0
 
 
-async def live_state(
-    pool: asyncpg.Pool, shaping: Shaping, limits: list[EffectiveLimits], domain: str | None
-) -> dict[str, Any]:
-    """Buckets, leases, warm-ups and suspensions for these limits (all of them when ``limits`` is empty)."""
-    every = not limits
-    rate_keys = sorted({k for lim in limits for k in (lim.rate_key, lim.group_rate_key, lim.conn_rate_key)})
-    conn_keys = sorted({k for lim in limits for k in (lim.conn_key, lim.group_conn_key)})
-    warm_keys = sorted({u.key for lim in limits for d in _sending_domains(shaping)
-                        for u in units_for(shaping, lim.source, d, lim.provider)})
-    rate_keys += [f"warm:{k}" for k in warm_keys]
-    async with acquire(pool) as conn:
-        buckets = await conn.fetch(*q("throttle_state", keys=rate_keys, all=every))
-        leases = await conn.fetch(*q("connection_lease_counts", keys=conn_keys, all=every))
-        warm = await conn.fetch(*q("warmup_state", keys=warm_keys, all=every))
-        susp = await conn.fetch(*q("suspension_list", domains=[domain.lower()] if domain else [], all=every))
-        decided = await conn.fetch(*q("automation_active"))
-    groups = {lim.group for lim in limits}
-    now = decided[0]["now"] if decided else None
-    automation = [Decision.from_row(r).describe(now) for r in decided
-                  if every or r["provider"] in groups or r["campaign"]]
-    return {
-        "tokens": {r["key"]: {"tokens": round(r["tokens"], 2), "rate_per_s": r["rate"], "burst": r["burst"]}
-                   for r in buckets},
-        "open_connections": {r["key"]: {"open": r["open"], "workers": r["owners"]} for r in leases},
-        "warmup": {r["key"]: {"step": r["step"], "day": str(r["day"]), "sent_today": r["sent"],
-                              "delivered": r["delivered"], "failed": r["failed"], "last_health": r["last_health"]}
-                   for r in warm},
-        "suspensions": {r["domain"]: {"until": str(r["until"]), "reason": r["reason"], "by": r["owner"]} for r in susp},
-        # Automation decisions in force or ramping back: state active|ramping, current rate_factor / connection_cap.
-        "automation": automation,
-    }
+def cmd_reload(args: argparse.Namespace) -> int:
+    return int(run_async(_reload(args)))
 
 
-def _sending_domains(shaping: Shaping) -> list[str]:
-    return sorted({d for w in shaping.file.warmup.values() for d in w.sending_domains}) or [""]
-
-
-async def notify_reload(pool: asyncpg.Pool, payload: str = "") -> None:
-    async with acquire(pool) as conn:
-        await conn.execute(*q("shaping_reload_notify", payload=payload))
-
-
-def check_configured(settings: Any) -> Shaping:
-    """The configured shaping file, validated; raises ShapingError / ConfigError."""
-    path = resolve_path(settings)
-    if path is None:
-        raise ConfigError("no shaping file to reload: set [shaping] file in the config")
-    return Shaping(load_shaping(path), str(path))
-
-
-async def list_workers(pool: asyncpg.Pool) -> list[dict[str, Any]]:
-    """Every worker row, with ``stale`` (not seen for a few of its own heartbeats) and ``age_seconds``."""
-    async with acquire(pool) as conn:
-        rows = await conn.fetch(*q("workers_list", beats=STALE_BEATS, grace=STALE_GRACE))
-    return [dict(r) for r in rows]
-
-
-def reload_status(worker: dict[str, Any], digest: str, reload_id: str) -> str:
-    """applied | not yet | failed: <why> | shaping off, for one live worker and the file validated."""
-    if worker["shaping_digest"] == digest:
-        return "applied"
-    if worker["shaping_digest"] is None:
-        return "shaping off"
-    if worker["reload_id"] == reload_id:
-        return f"failed: {worker['reload_error']}" if worker["reload_error"] else "failed: its file differs"
-    return "not yet"
-
-
-async def cmd_reload(args: argparse.Namespace) -> int:
-    from engine.runtime import database
-
+async def _reload(args: argparse.Namespace) -> int:
     path = resolve_path(args.settings)
     if path is None:
         print("reload refused: no shaping file, set [shaping] file in the config", file=sys.stderr)
@@ -198,7 +135,7 @@ async def cmd_reload(args: argparse.Namespace) -> int:
               f"({len(shaping.file.provider)} providers, {len(shaping.file.domain)} domains, sha256 {digest[:12]})")
         deadline = time.monotonic() + min(args.wait, 3600.0)
         while True:
-            live = [w for w in await list_workers(pool) if not w["stale"]]
+            live = [w for w in await WorkerRegistry(pool).list() if not w["stale"]]
             status = {w["owner"]: reload_status(w, digest, reload_id) for w in live}
             if all(s == "applied" for s in status.values()) or time.monotonic() >= deadline:
                 break
@@ -217,15 +154,12 @@ async def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_workers(args: argparse.Namespace) -> int:
-    from engine.runtime import database
-
-    async with database(args.settings) as pool:
-        rows = await list_workers(pool)
+def cmd_workers(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = run_async(_list_workers(args.settings))
     if args.json:
         for r in rows:
             r["state"] = "stale" if r["stale"] else "live"
-            print(json.dumps(r, default=str))
+            print_json(r)
         return 0
     if not rows:
         print("no workers")
@@ -239,3 +173,8 @@ async def cmd_workers(args: argparse.Namespace) -> int:
               f"{r['started_at']:%Y-%m-%d %H:%M:%S} {r['delivered']:>9}  {digest:<12} {applied:<19} "
               f"{r['shaping_source'] or ''}{note}")
     return 0
+
+
+async def _list_workers(settings: Settings) -> list[dict[str, Any]]:
+    async with database(settings) as pool:
+        return await WorkerRegistry(pool).list()

@@ -12,7 +12,7 @@ so every worker on every host obeys them, and lets limits come back gradually:
   per rule per period across workers (``shaping_rule_hits``), and starts or
   extends decisions; a new episode writes a ``shaping_decision`` event.
 * :func:`evaluate_health` runs every ``[default.health] evaluate_every`` from
-  :meth:`engine.deliver.admission.Gate.maintain`: one query for providers whose
+  :meth:`engine.shaping.gate.Gate.maintain`: one query for providers whose
   complaint rate is above the threshold (bulk streams pause), one for campaigns
   whose hard bounce rate is (the campaign is held).
 * :class:`Decisions` is each worker's cache of the decisions in force (re-read
@@ -42,9 +42,10 @@ import structlog
 
 from engine.db.pool import acquire
 from engine.db.queries import q
-from engine.deliver.shaping import AutomationRule, EffectiveLimits, HealthSettings, Rate, Shaping
 from engine.errors import DatabaseUnavailable
 from engine.events.store import Event, record_events
+from engine.shaping.limits import EffectiveLimits, Shaping
+from engine.shaping.rules import AutomationRule, HealthSettings, Rate
 
 log = structlog.get_logger(__name__)
 
@@ -96,9 +97,11 @@ class Decision:
 
     def describe(self, now: datetime) -> dict[str, Any]:
         state, frac = self.state(now)
-        out = {"rule": self.rule, "provider": self.provider, "source": self.source, "campaign": self.campaign,
-               "action": self.action, "reason": self.reason, "state": state, "started_at": str(self.started_at),
-               "expires_at": str(self.expires_at), "ramp_until": str(self.ramp_until)}
+        out: dict[str, Any] = {
+            "rule": self.rule, "provider": self.provider, "source": self.source, "campaign": self.campaign,
+            "action": self.action, "reason": self.reason, "state": state, "started_at": str(self.started_at),
+            "expires_at": str(self.expires_at), "ramp_until": str(self.ramp_until),
+        }
         if self.action in ("reduce_rate", "suspend", "suspend_provider"):
             out["rate_factor"] = round(self.rate_factor(now), 4)
         if self.action == "cap_connections":
@@ -120,7 +123,8 @@ class Decision:
         if state == "active":
             return limit
         steps = int(self.params.get("ramp_steps", 0))
-        return limit * 2 ** max(1, round(frac * (steps + 1)))
+        cap: int = limit * 2 ** max(1, round(frac * (steps + 1)))
+        return cap
 
 
 def _now() -> datetime:

@@ -79,6 +79,7 @@ class TokenBuckets:
                 log.warning("throttle_unavailable", key=key, error=str(exc))
                 loc.retry_at = self.clock() + _RETRY_AFTER_ERROR
                 return
+            assert row is not None  # an upsert with RETURNING always returns its row
             now = self.clock()
             loc.tokens = int(row["granted"])
             loc.expires = now + self.hold

@@ -30,10 +30,11 @@ from typing import Any
 import asyncpg
 import structlog
 
-from engine.deliver.automation import Decisions, evaluate_health
-from engine.deliver.shaping import EffectiveLimits, Shaping, ShapingError, ShapingSettings, parse_shaping
-from engine.deliver.throttle import ConnectionSlots, PathId, TokenBuckets
-from engine.deliver.warmup import Clock, Unit, WarmupCounters, units_for, utc_now
+from engine.shaping.automation import Decisions, evaluate_health
+from engine.shaping.limits import EffectiveLimits, Shaping
+from engine.shaping.rules import ShapingError, ShapingSettings, parse_shaping
+from engine.shaping.throttle import ConnectionSlots, PathId, TokenBuckets
+from engine.shaping.warmup import Clock, Unit, WarmupCounters, units_for, utc_now
 
 log = structlog.get_logger(__name__)
 

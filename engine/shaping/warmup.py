@@ -27,8 +27,9 @@ import structlog
 
 from engine.db.pool import acquire
 from engine.db.queries import q
-from engine.deliver.shaping import Shaping, WarmupBlock
 from engine.errors import DatabaseUnavailable
+from engine.shaping.limits import Shaping
+from engine.shaping.rules import WarmupBlock
 
 log = structlog.get_logger(__name__)
 
