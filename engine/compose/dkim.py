@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -145,7 +145,7 @@ class SigningKey:
         signs the 32-byte digest itself with PureEdDSA.
         """
         if self.algorithm == "rsa-sha256":
-            return self.key.sign(digest, _PKCS1, _PREHASHED)  # type: ignore[call-arg,arg-type]
+            return self.key.sign(digest, _PKCS1, _PREHASHED)  # type: ignore[call-arg]
         return self.key.sign(digest)  # type: ignore[call-arg]
 
 
@@ -180,7 +180,7 @@ def load_private_key(path: str | os.PathLike[str], algorithm: Algorithm) -> rsa.
             raise DkimKeyError(f"DKIM key file {path} is a {key.key_size}-bit RSA key; receivers reject keys under {_MIN_RSA_BITS} bits")
     elif not isinstance(key, ed25519.Ed25519PrivateKey):
         raise DkimKeyError(f"DKIM key file {path} holds an {_kind(key)} key but algorithm is ed25519-sha256")
-    return key
+    return cast("rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey", key)
 
 
 def _raw_ed25519(data: bytes) -> ed25519.Ed25519PrivateKey | None:
@@ -382,7 +382,8 @@ def relaxed_body(body: bytes) -> bytes:
     after which trailing white space is at most one space before CRLF."""
     if b"\t" in body or b"  " in body:
         body = _WSP_RUN.sub(b" ", body)
-    return correct_empty_body(strip_trailing_lines(body.replace(b" \r\n", b"\r\n")))
+    canonical: bytes = correct_empty_body(strip_trailing_lines(body.replace(b" \r\n", b"\r\n")))
+    return canonical
 
 
 def _crlf(message: bytes) -> bytes:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
+from functools import partial
 from html import escape
 from html.parser import HTMLParser
 from urllib.parse import parse_qsl, urlencode
@@ -136,6 +137,11 @@ class Token:
     issued_at: float
     """Unix seconds, minute precision."""
     key_id: int
+
+
+def _href_to(quoted: str, m: re.Match[str]) -> str:
+    """The replacement of one href attribute by the tracked URL (already HTML-escaped)."""
+    return f'{m.group(1)}"{quoted}"'
 
 
 def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
@@ -334,7 +340,7 @@ def rewrite_links(
         dest = add_utm(href, utm or {})
         new_url = make_url(len(links), dest)
         quoted = escape(new_url, quote=True)
-        new_tag, n = _HREF_RE.subn(lambda m, quoted=quoted: f'{m.group(1)}"{quoted}"', raw, count=1)
+        new_tag, n = _HREF_RE.subn(partial(_href_to, quoted), raw, count=1)
         if n != 1:
             continue
         links.append(dest)
