@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from engine.deliver.routing import NULL_MX_REASON, Hop, RouteError, Router, RoutingConfig, register
+from engine.deliver.hop import Hop
+from engine.deliver.routing import NULL_MX_REASON, RouteError, Router, RoutingConfig, register
 from tests.dnsserver import DnsServer, dns_server  # noqa: F401  (fixture)
 
 MX_PORT = 2525

@@ -445,7 +445,7 @@ class DeliveryWorker:
             provider = self.gate.limits(dest.domain, route.site, route.mx_hosts, source.name).group
         try:
             result = await self.smtp.send(
-                [(h.mx_host, h.address, h.port) for h in route.hops],
+                route.hops,
                 OutboundMessage(mail_from, rcpts, data),
                 source=source.address,
                 ehlo_name=source.ehlo,

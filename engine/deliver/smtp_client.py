@@ -37,12 +37,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import aiosmtplib
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.deliver.hop import Hop
 from engine.errors import EngineError
 
 log = structlog.get_logger(__name__)
@@ -91,14 +92,6 @@ class SmtpClientSettings(BaseModel):
 
 
 # -- values -------------------------------------------------------------------
-
-
-class Hop(NamedTuple):
-    """One MX host to try: its name (for SNI and certificate checks), IP address and port."""
-
-    host: str
-    address: str
-    port: int = 25
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,7 +339,7 @@ class _Connection:
 
     @property
     def label(self) -> str:
-        return f"{self.hop.host}[{self.hop.address}]:{self.hop.port}"
+        return self.hop.label
 
     @property
     def alive(self) -> bool:
@@ -375,10 +368,6 @@ class _Connection:
                     self.broken = True
             if self.broken:
                 self.smtp.close()
-
-
-def _hop_label(hop: Hop) -> str:
-    return f"{hop.host}[{hop.address}]:{hop.port}"
 
 
 class _Site:
@@ -508,7 +497,9 @@ class ConnectionPool:
     ) -> TransactionResult:
         """Deliver ``message`` to the first hop that takes a connection.
 
-        ``hops`` are ``(host, address, port)`` in MX preference order; on a
+        ``hops`` are :class:`~engine.deliver.hop.Hop` values in MX preference
+        order (a route's ``hops`` as they are; ``(mx_host, address, port)``
+        tuples are accepted too); on a
         transport failure before the session is ready (refused, timeout, 421
         banner, STARTTLS required but missing) the next hop is tried, like an
         MTA walks its MX list. ``source`` binds the local address and is part
@@ -518,7 +509,7 @@ class ConnectionPool:
         destination and source; a lower limit is reached as connections retire).
         """
         started = time.monotonic()
-        hop_list = [Hop(*h) for h in hops]
+        hop_list = [h if isinstance(h, Hop) else Hop(*h) for h in hops]
         policy: TlsPolicy = tls or self.settings.enable_tls
         if policy not in ("opportunistic", "required", "disabled"):
             raise ValueError(f"unknown TLS policy {policy!r}: use opportunistic, required or disabled")
@@ -672,14 +663,14 @@ class ConnectionPool:
                 return await self._open(key, hop, source, helo, policy)
             except SmtpSetupError as exc:
                 if exc.tls_handshake and policy == "opportunistic":
-                    log.warning("smtp.starttls_failed_retry_plain", host=_hop_label(hop), reason=exc.text)
+                    log.warning("smtp.starttls_failed_retry_plain", host=hop.label, reason=exc.text)
                     try:
                         return await self._open(key, hop, source, helo, "disabled")
                     except SmtpSetupError as again:
                         exc = again
                 log.info(
                     "smtp.connect_failed",
-                    host=_hop_label(hop),
+                    host=hop.label,
                     phase=exc.phase,
                     code=exc.code,
                     reason=exc.text,
@@ -692,10 +683,10 @@ class ConnectionPool:
     ) -> _Connection:
         s = self.settings
         where = f"{hop.address}:{hop.port}"
-        label = _hop_label(hop)
+        label = hop.label
         sock = await self._tcp_connect(hop, source)
         smtp = aiosmtplib.SMTP(
-            hostname=hop.host, sock=sock, local_hostname=helo, timeout=s.banner_timeout, start_tls=False
+            hostname=hop.mx_host, sock=sock, local_hostname=helo, timeout=s.banner_timeout, start_tls=False
         )
         try:
             try:
@@ -715,7 +706,7 @@ class ConnectionPool:
             if policy != "disabled" and smtp.supports_extension("starttls"):
                 ctx = self._verified_ctx if policy == "required" else self._opportunistic_ctx
                 try:
-                    await smtp.starttls(server_hostname=hop.host, tls_context=ctx, timeout=s.starttls_timeout)
+                    await smtp.starttls(server_hostname=hop.mx_host, tls_context=ctx, timeout=s.starttls_timeout)
                 except aiosmtplib.SMTPResponseException as exc:
                     if policy == "required" or exc.code == 421:
                         raise SmtpSetupError(
