@@ -55,7 +55,7 @@ from engine.deliver.config import DeliveryConfig
 from engine.deliver.outcomes import Attempt, Backoff, OutcomeWriter, monotonic_ms
 from engine.deliver.pools import EgressPools, Source
 from engine.deliver.routing import Route, RouteError, Router
-from engine.deliver.smtp_client import ConnectionPool, OutboundMessage
+from engine.deliver.smtp import ConnectionPool, OutboundMessage
 from engine.errors import DatabaseUnavailable, EngineError
 from engine.feedback.classify import load_rules
 from engine.feedback.verp import Verp
