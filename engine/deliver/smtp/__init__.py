@@ -1,12 +1,12 @@
 """Outbound SMTP: one transaction per message per destination, over pooled, reused connections.
 
 The package's face is :class:`ConnectionPool` (``send()`` one message, get a
-:class:`TransactionResult` with one :class:`DeliveryResult` per recipient)
+:class:`TransactionResult` with one :class:`RecipientReply` per recipient)
 and the values it takes and gives. Inside, one job per module:
 
 - ``settings``: :class:`SmtpClientSettings`, the ``[delivery.smtp]`` tunables;
 - ``reply``: :class:`Reply`, enhanced status codes, delivered/temporary/permanent;
-- ``results``: :class:`OutboundMessage` in, :class:`DeliveryResult` and :class:`TransactionResult` out;
+- ``results``: :class:`OutboundMessage` in, :class:`RecipientReply` and :class:`TransactionResult` out;
 - ``reader``: the protocol that parses replies in arrival order (PIPELINING);
 - ``connection``: one pooled session and how a transaction borrows its transport;
 - ``connect``: opening a session (TCP from a source address, banner, EHLO, STARTTLS), walking the MX hops;
@@ -23,7 +23,7 @@ from __future__ import annotations
 from engine.deliver.smtp.connect import SmtpSetupError
 from engine.deliver.smtp.pool import ConnectionPool
 from engine.deliver.smtp.reply import Kind, Reply, kind_of, parse_enhanced_status
-from engine.deliver.smtp.results import DeliveryResult, OutboundMessage, Phase, TransactionResult
+from engine.deliver.smtp.results import OutboundMessage, Phase, RecipientReply, TransactionResult
 from engine.deliver.smtp.settings import SmtpClientSettings, TlsPolicy
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
     "Kind",
     "OutboundMessage",
     "Phase",
-    "DeliveryResult",
+    "RecipientReply",
     "Reply",
     "SmtpClientSettings",
     "SmtpSetupError",

@@ -28,9 +28,12 @@ class OutboundMessage:
 
 
 @dataclass(frozen=True, slots=True)
-class DeliveryResult:
-    """The outcome for one recipient of one attempt.
+class RecipientReply:
+    """What one transaction decided for one recipient.
 
+    The SMTP client's raw answer, named apart from the outcome stage's
+    ``DeliveryResult``, the final result (delivered / deferred / bounced)
+    the outcome writer later decides from it.
     ``code`` is None when no server reply decided it (a transport failure);
     ``reply`` is then a sentence naming what failed and where. ``phase`` says
     at which step the outcome was decided (``rcpt`` for a rejected recipient,
@@ -46,7 +49,7 @@ class DeliveryResult:
     host: str | None = None
 
     @classmethod
-    def from_reply(cls, recipient: str, reply: Reply, phase: Phase, host: str | None) -> DeliveryResult:
+    def from_reply(cls, recipient: str, reply: Reply, phase: Phase, host: str | None) -> RecipientReply:
         return cls(recipient, kind_of(reply.code), reply.code, reply.enhanced_status, str(reply), phase, host)
 
 
@@ -54,7 +57,7 @@ class DeliveryResult:
 class TransactionResult:
     """Per-recipient results of one message to one destination, plus the end-of-data reply."""
 
-    results: list[DeliveryResult]
+    results: list[RecipientReply]
     data_reply: Reply | None = None
     host: str | None = None
     tls: bool = False
@@ -65,7 +68,7 @@ class TransactionResult:
     def delivered(self) -> list[str]:
         return [r.recipient for r in self.results if r.kind == "delivered"]
 
-    def for_recipient(self, recipient: str) -> DeliveryResult:
+    def for_recipient(self, recipient: str) -> RecipientReply:
         for r in self.results:
             if r.recipient == recipient:
                 return r
@@ -84,8 +87,8 @@ class TransactionResult:
         enhanced: str | None = None,
     ) -> TransactionResult:
         """The same outcome for every recipient: a transport failure or a local problem."""
-        results = [DeliveryResult(r, kind, code, enhanced, text, phase, None) for r in message.rcpt_tos]
+        results = [RecipientReply(r, kind, code, enhanced, text, phase, None) for r in message.rcpt_tos]
         return cls(results=results, duration=time.monotonic() - started)
 
 
-__all__ = ["OutboundMessage", "Phase", "DeliveryResult", "TransactionResult"]
+__all__ = ["OutboundMessage", "Phase", "RecipientReply", "TransactionResult"]

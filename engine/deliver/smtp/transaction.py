@@ -3,7 +3,7 @@
 MAIL and all RCPTs go out in one write when the server offers PIPELINING
 (RFC 2920), one by one otherwise; DATA is only sent once at least one RCPT was
 accepted. Every recipient ends with exactly one
-:class:`~engine.deliver.smtp.results.DeliveryResult`: the reply that decided
+:class:`~engine.deliver.smtp.results.RecipientReply`: the reply that decided
 it, or, when the session broke, a temporary result whose text names the step
 and the host (``"timed out after 300s waiting for the reply to RCPT TO from
 mx[192.0.2.1]:25"``).
@@ -24,7 +24,7 @@ import structlog
 from engine.deliver.smtp.connection import Connection
 from engine.deliver.smtp.reader import BadReply, ConnectionLost, ReplyReader
 from engine.deliver.smtp.reply import Reply
-from engine.deliver.smtp.results import DeliveryResult, OutboundMessage, Phase, TransactionResult
+from engine.deliver.smtp.results import OutboundMessage, Phase, RecipientReply, TransactionResult
 from engine.deliver.smtp.settings import SmtpClientSettings
 
 log = structlog.get_logger(__name__)
@@ -161,7 +161,7 @@ class Transaction:
         self.acquired = time.monotonic()
         self.label = conn.label
         self.rcpts = list(message.rcpt_tos)
-        self.results: dict[int, DeliveryResult] = {}
+        self.results: dict[int, RecipientReply] = {}
         self.data_reply: Reply | None = None
         self.replied = False  # any reply at all: a reused session that answered was not stale
         self.phase: Phase = "mail"
@@ -204,7 +204,7 @@ class Transaction:
         """The envelope cannot go to this server at all: permanent for everyone, nothing sent."""
         label = self.label
         for i, r in enumerate(self.rcpts):
-            self.results[i] = DeliveryResult(r, "permanent", None, "5.6.7", f"{problem} ({label})", "local", label)
+            self.results[i] = RecipientReply(r, "permanent", None, "5.6.7", f"{problem} ({label})", "local", label)
         return self._finish()
 
     async def _envelope(
@@ -239,18 +239,18 @@ class Transaction:
             conn.broken = True  # the server is closing this session
         if not mail_reply.ok:
             for i, r in enumerate(rcpts):
-                results[i] = DeliveryResult.from_reply(r, mail_reply, "mail", label)
+                results[i] = RecipientReply.from_reply(r, mail_reply, "mail", label)
             return []
         accepted: list[int] = []
         for i, (r, reply) in enumerate(zip(rcpts, rcpt_replies, strict=True)):
             if reply.code in (250, 251):
                 accepted.append(i)
             else:
-                results[i] = DeliveryResult.from_reply(r, reply, "rcpt", label)
+                results[i] = RecipientReply.from_reply(r, reply, "rcpt", label)
         if accepted and conn.broken:
             text = f"session with {label} closed before DATA"
             for i in accepted:
-                results[i] = DeliveryResult(rcpts[i], "temporary", None, None, text, "rcpt", label)
+                results[i] = RecipientReply(rcpts[i], "temporary", None, None, text, "rcpt", label)
             return []
         return accepted
 
@@ -263,7 +263,7 @@ class Transaction:
         if reply.code != 354:
             conn.broken = conn.broken or reply.code == 421
             for i in accepted:
-                results[i] = DeliveryResult.from_reply(rcpts[i], reply, "data", label)
+                results[i] = RecipientReply.from_reply(rcpts[i], reply, "data", label)
             return self._finish()
         self.phase, self.timeout = "dot", s.data_block_timeout
         rd.write(dot_stuffed(self.message.data))
@@ -273,7 +273,7 @@ class Transaction:
         conn.needs_rset = False
         conn.broken = conn.broken or data_reply.code == 421
         for i in accepted:
-            results[i] = DeliveryResult.from_reply(rcpts[i], data_reply, "dot", label)
+            results[i] = RecipientReply.from_reply(rcpts[i], data_reply, "dot", label)
         return self._finish()
 
     # -- endings --------------------------------------------------------------------
@@ -292,7 +292,7 @@ class Transaction:
             text = f"connection to {label} lost during {step}"
         for i, r in enumerate(self.rcpts):
             if i not in self.results:
-                self.results[i] = DeliveryResult(r, "temporary", None, None, text, self.phase, label)
+                self.results[i] = RecipientReply(r, "temporary", None, None, text, self.phase, label)
         stale = isinstance(exc, ConnectionLost) and self.reused and not self.replied
         result = self._finish(quiet=stale)
         if stale:
