@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from engine.commands.dns import register
-from engine.deliver.routing import NULL_MX_REASON, Hop, RouteError, Router, RoutingConfig
+from engine.deliver.hop import Hop
+from engine.deliver.routing import NULL_MX_REASON, RouteError, Router, RoutingConfig
 from tests.dnsserver import DnsServer, dns_server  # noqa: F401  (fixture)
 
 MX_PORT = 2525

@@ -13,7 +13,7 @@ import ssl
 import pytest
 import structlog
 
-from engine.deliver.smtp_client import (
+from engine.deliver.smtp import (
     ConnectionPool,
     OutboundMessage,
     SmtpClientSettings,

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, field_validator
 
 from engine.configtypes import Duration, _Section
-from engine.deliver.smtp_client import SmtpClientSettings
-
-TlsPolicy = Literal["opportunistic", "required", "disabled"]
+from engine.deliver.smtp.settings import SmtpClientSettings, TlsPolicy
 
 
 class DeliveryConfig(_Section):

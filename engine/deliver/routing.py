@@ -44,6 +44,7 @@ import idna
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from engine.configtypes import Duration
+from engine.deliver.hop import Hop
 from engine.errors import EngineError
 
 NULL_MX_REASON = "domain does not accept mail (null MX, RFC 7505)"
@@ -63,16 +64,6 @@ class RouteError(EngineError):
         self.reason = reason
         self.permanent = permanent
         self.domain = domain
-
-
-@dataclass(frozen=True, slots=True)
-class Hop:
-    """One address to try, in order. ``mx_host`` is the name to expect in TLS certificates."""
-
-    mx_host: str
-    address: str
-    port: int
-    preference: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,7 @@ from engine.db.queries import q
 from engine.deliver.config import DeliveryConfig
 from engine.deliver.pools import EgressPools, Source
 from engine.deliver.routing import Route, RouteError, Router
-from engine.deliver.smtp_client import ConnectionPool, OutboundMessage
+from engine.deliver.smtp import ConnectionPool, OutboundMessage
 from engine.errors import DatabaseUnavailable, EngineError
 from engine.feedback.classify import load_rules
 from engine.feedback.verp import Verp
@@ -446,7 +446,7 @@ class DeliveryWorker:
             provider = self.gate.limits(dest.domain, route.site, route.mx_hosts, source.name).group
         try:
             result = await self.smtp.send(
-                [(h.mx_host, h.address, h.port) for h in route.hops],
+                route.hops,
                 OutboundMessage(mail_from, rcpts, data),
                 source=source.address,
                 ehlo_name=source.ehlo,
