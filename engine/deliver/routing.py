@@ -239,8 +239,8 @@ class Router:
     def __init__(self, config: RoutingConfig | None = None, *, rng: random.Random | None = None) -> None:
         self.config = config or RoutingConfig()
         self._rng = rng or random.Random()
-        self._cache: OrderedDict[tuple[str, int], tuple[float, _Answer]] = OrderedDict()
-        self._inflight: dict[tuple[str, int], asyncio.Future[_Answer]] = {}
+        self._cache: OrderedDict[tuple[str, dns.rdatatype.RdataType], tuple[float, _Answer]] = OrderedDict()
+        self._inflight: dict[tuple[str, dns.rdatatype.RdataType], asyncio.Future[_Answer]] = {}
         self.stats = {"queries": 0, "cache_hits": 0, "shared": 0}
         self._resolver, self._no_resolver_reason = self._make_resolver()
 
@@ -376,7 +376,7 @@ class Router:
 
     # ----- cached, single-flight lookups ------------------------------------
 
-    async def _lookup(self, name: str, rdtype: int) -> _Answer:
+    async def _lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Answer:
         key = (name, rdtype)
         cached = self._cache.get(key)
         if cached is not None:
@@ -395,7 +395,7 @@ class Router:
         # shield: one caller giving up must not cancel the lookup the others wait for.
         return await asyncio.shield(future)
 
-    async def _fetch(self, key: tuple[str, int]) -> _Answer:
+    async def _fetch(self, key: tuple[str, dns.rdatatype.RdataType]) -> _Answer:
         try:
             self.stats["queries"] += 1
             answer = await self._query(*key)
@@ -408,7 +408,7 @@ class Router:
         finally:
             self._inflight.pop(key, None)
 
-    async def _query(self, name: str, rdtype: int) -> _Answer:
+    async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Answer:
         cfg = self.config
         what = f"{name} {dns.rdatatype.to_text(rdtype)}"
         if self._resolver is None:

@@ -40,7 +40,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import structlog
@@ -52,6 +52,7 @@ from engine.deliver.config import DeliveryConfig
 from engine.deliver.pools import EgressPools, Source
 from engine.deliver.routing import Route, RouteError, Router
 from engine.deliver.smtp import ConnectionPool, OutboundMessage
+from engine.deliver.smtp.settings import TlsPolicy
 from engine.errors import DatabaseUnavailable, EngineError
 from engine.feedback.classify import load_rules
 from engine.feedback.verp import Verp
@@ -61,6 +62,9 @@ from engine.outcome.writer import Attempt, Backoff, OutcomeWriter, monotonic_ms
 from engine.shaping import rules as shaping_mod
 from engine.shaping.gate import Admission, Gate, read_shaping
 from engine.workers import WorkerRegistry, WorkerReport
+
+if TYPE_CHECKING:
+    from engine.config import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -96,7 +100,7 @@ class DeliveryWorker:
 
     def __init__(
         self,
-        settings: Any,
+        settings: Settings,
         pool: asyncpg.Pool,
         *,
         owner: str | None = None,
@@ -148,7 +152,7 @@ class DeliveryWorker:
         self._gone = False  # our workers row was deleted at shutdown: write it no more
         self._pruned_at = 0.0
 
-    def _make_gate(self, settings: Any, pool: asyncpg.Pool) -> Gate | None:
+    def _make_gate(self, settings: Settings, pool: asyncpg.Pool) -> Gate | None:
         """The shaping gate when ``[shaping] file`` is set; a bad file stops the worker at start."""
         path = shaping_mod.resolve_path(settings)
         if path is None:
@@ -488,7 +492,7 @@ class DeliveryWorker:
 
     async def _admit(
         self, dest: Destination, job: Job, route: Route, source: Source
-    ) -> tuple[Admission, Source, str | None] | None:
+    ) -> tuple[Admission, Source, TlsPolicy | None] | None:
         """Wait (this destination only) until shaping admits the transaction; None: the job was handed back."""
         gate = self.gate
         assert gate is not None

@@ -22,13 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from engine.deliver.smtp.settings import TlsPolicy
 from engine.shaping.rules import (
     AutomationRule,
     Block,
     Limits,
     Rate,
     ShapingFile,
-    TlsPolicy,
     load_shaping,
     resolve_path,
 )

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.configtypes import Duration, parse_duration
+from engine.deliver.smtp.settings import TlsPolicy
 from engine.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -87,8 +88,6 @@ def parse_rate(value: Any) -> Rate:
         raise ValueError(f"a rate must be above 0, got {value!r}")
     return Rate(value.strip(), n / _RATE_UNITS[m.group(2)])
 
-
-TlsPolicy = Literal["opportunistic", "required", "disabled"]
 
 # --------------------------------------------------------------------------- the file's models
 
