@@ -39,7 +39,7 @@ def settings_for(keys: dict[str, Path], tmp: Path):  # type: ignore[no-untyped-d
 
 
 def bench_row() -> MessageRow:
-    return MessageRow(
+    return MessageRow.from_stored(
         id=uuid7(), mail_from="shop@example.com", stream="bulk", raw=None, metadata={"campaign": "c1"},
         content={"from": {"email": "shop@example.com", "name": "Shop"}, "to": [{"email": "ann@example.net"}],
                  "cc": [], "subject": None, "text": None, "html": None, "headers": {}, "template": "receipt",
@@ -63,7 +63,9 @@ def measure_mime(composer: Composer, seconds: float, fast: bool) -> float:
     """build_message alone, on the subject and bodies the composer rendered (with tracking)."""
     from engine.compose.tracking import track_html, unsubscribe_url
 
-    subject, html, text = composer._parts(bench_row().content or {}, {"name": "Customer 1"})
+    content = bench_row().content
+    assert content is not None
+    subject, html, text = composer._parts(content, {"name": "Customer 1"})
     assert composer.keyring is not None and html is not None
     html, _ = track_html(html, 1000, composer.keyring, composer.settings.tracking, composer.base_url)
     content = MessageContent(

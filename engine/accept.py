@@ -19,7 +19,9 @@ import structlog
 
 from engine.addresses import normalize_domain, split_address
 from engine.apikeys import ApiKey
+from engine.compose.mime import Mailbox
 from engine.compose.render import Renderer, TemplateError
+from engine.compose.stored import StoredAttachment, StoredContent, StoredImage, pin_template
 from engine.config import Settings
 from engine.db.pool import acquire
 from engine.db.queries import q
@@ -46,12 +48,9 @@ class Accepted:
     replayed: bool = False
 
 
-def _mailbox_json(value: AddressIn) -> dict[str, Any]:
+def _stored_mailbox(value: AddressIn) -> Mailbox:
     mb = as_mailbox(value)
-    out: dict[str, Any] = {"email": mb.email}
-    if mb.name:
-        out["name"] = mb.name
-    return out
+    return Mailbox(mb.email, mb.name)
 
 
 def _recipient(
@@ -219,23 +218,22 @@ class Acceptor:
             assert item.from_ is not None
             mail_from = as_mailbox(item.from_).email
             raw = None
-            content = {
-                "from": _mailbox_json(item.from_),
-                "to": [_mailbox_json(a) for a in item.to],
-                "cc": [_mailbox_json(a) for a in item.cc],
-                "subject": item.subject,
-                "text": item.text,
-                "html": item.html,
-                "headers": item.headers,
-                "template": item.template,
-                "vars": item.vars,
-            }
-            if item.inline_images:
-                content["inline_images"] = [i.model_dump() for i in item.inline_images]
-            if item.attachments:
-                content["attachments"] = [a.model_dump() for a in item.attachments]
-            if item.reply_to is not None:
-                content["reply_to"] = _mailbox_json(item.reply_to)
+            content = StoredContent(
+                sender=_stored_mailbox(item.from_),
+                to=[_stored_mailbox(a) for a in item.to],
+                cc=[_stored_mailbox(a) for a in item.cc],
+                subject=item.subject,
+                text=item.text,
+                html=item.html,
+                headers=item.headers,
+                template=item.template,
+                vars=item.vars,
+                inline_images=[StoredImage(i.content_id, i.content_type, i.content, i.filename) for i in item.inline_images]
+                if item.inline_images else [],
+                attachments=[StoredAttachment(a.filename, a.content_type, a.content) for a in item.attachments]
+                if item.attachments else [],
+                reply_to=_stored_mailbox(item.reply_to) if item.reply_to is not None else None,
+            ).to_json()
         limit = self.settings.api.max_recipients_per_message
         if len(recipients) > limit:
             raise ValidationFailed(f"too many recipients: {len(recipients)} > {limit}", f"{prefix}to")
@@ -312,7 +310,7 @@ class Acceptor:
                 required = self.renderer.required_variables(pinned)
             except TemplateError as exc:
                 raise ValidationFailed(exc.message, f"{p}template") from None
-            msg.content["template"] = pinned
+            pin_template(msg.content, pinned)
             self._check_vars(item, pinned, required, p)
 
     @staticmethod

@@ -21,11 +21,11 @@ from engine.compose.mime import (
     Mailbox,
     MessageContent,
     MimeConfig,
-    MimeError,
     add_headers_to_raw,
     build_message,
     has_header,
 )
+from engine.compose.mime_policy import MimeError
 from engine.errors import ValidationFailed
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256))

@@ -12,9 +12,9 @@ from engine.compose.render import (
     Renderer,
     TemplateConfig,
     TemplateError,
-    html_to_text,
     merge_vars,
 )
+from engine.compose.text import html_to_text
 from engine.errors import ValidationFailed
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"

@@ -17,24 +17,21 @@ multipart/related around the HTML; attachments -> multipart/mixed around all.
 
 The common shapes (text, html or both; no images or attachments; no SMTPUTF8) skip
 the stdlib builder, which costs ~1 ms a message, and are written directly with the
-same headers, order, encodings and boundaries (see "direct writer" below). Where the
-stdlib's folding garbles a value (it can drop a space next to an encoded word, encode
-a long URL in List-Unsubscribe, or encode the comma between two addresses and so lose
-a recipient) the direct writer's output reads back as the value given.
+same headers, order, encodings and boundaries by the direct writer in
+:mod:`engine.compose.mime_fast`, after the same checks. Where the stdlib's folding
+garbles a value (it can drop a space next to an encoded word, encode a long URL in
+List-Unsubscribe, or encode the comma between two addresses and so lose a
+recipient) the direct writer's output reads back as the value given.
+
+The policy and :class:`MimeError` both writers share are in
+:mod:`engine.compose.mime_policy`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import email.headerregistry
-import email.policy
-import email.quoprimime
 import ipaddress
-import random
 import re
 import string
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,31 +44,9 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.addresses import AddressError, split_address
-from engine.errors import ValidationFailed
+from engine.compose.mime_fast import fast_body, fast_head
+from engine.compose.mime_policy import POLICY, POLICY_UTF8, MimeError
 from engine.ids import uuid7
-
-
-class _CachedHeaderRegistry(email.headerregistry.HeaderRegistry):
-    """The stdlib registry builds a new header class with ``type()`` on every lookup
-    (about 80 us each, 15% of composing a message); the classes never change, so keep them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._classes: dict[str, type] = {}
-
-    def __getitem__(self, name: str) -> type:
-        key = name.lower()
-        cls = self._classes.get(key)
-        if cls is None:
-            cls = self._classes[key] = super().__getitem__(name)
-        return cls
-
-
-_HEADERS = _CachedHeaderRegistry()
-POLICY = email.policy.SMTP.clone(cte_type="7bit", header_factory=_HEADERS)
-"""CRLF, RFC 2047 headers, 7bit-clean bodies."""
-POLICY_UTF8 = email.policy.SMTPUTF8.clone(cte_type="7bit", header_factory=_HEADERS)
-"""For messages with non-ASCII local parts (sent with SMTPUTF8): UTF-8 headers, 7bit-clean bodies."""
 
 _FIELD_NAME_RE = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,76}$")
 _CID_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]{1,200}$")
@@ -91,10 +66,6 @@ _RESERVED_HEADERS = frozenset(
     )
 )
 _RESERVED_PREFIXES = ("content-", "arc-", "resent-", "x-engine-")
-
-
-class MimeError(ValidationFailed):
-    """Content cannot be turned into a safe message; ``field`` names the input at fault."""
 
 
 class MimeConfig(BaseModel):
@@ -229,7 +200,8 @@ def _mailbox(value: Mailbox | str | Any, field_name: str) -> tuple[Address, bool
     elif isinstance(value, (tuple, list)) and len(value) == 2:
         value = Mailbox(address=value[1], name=value[0])
     elif isinstance(value, Mapping):
-        value = Mailbox(address=value.get("email") or value.get("address"), name=value.get("name"))
+        address = value.get("email") or value.get("address")
+        value = Mailbox(address=address, name=value.get("name")) if isinstance(address, str) else None
     if not isinstance(value, Mailbox) or not isinstance(value.address, str):
         raise MimeError(f"{field_name} must be an address or {{name, email}}", field=field_name)
     check_header_value(value.address, field_name, 254)
@@ -344,7 +316,7 @@ def build_message(
     """Structured content -> CRLF bytes. Raises MimeError naming the faulty field.
 
     Text and/or HTML without images or attachments, with ASCII addresses (the common
-    case), is written directly by :func:`_fast_head`/:func:`_fast_body`, about ten times
+    case), is written directly by :mod:`engine.compose.mime_fast`, about ten times
     faster than the stdlib generator; ``fast=False`` forces the stdlib builder, which
     every other shape uses and which tests compare the direct writer against.
     """
@@ -414,14 +386,14 @@ def build_message(
     if fast and not smtputf8 and not content.inline_images and not content.attachments:
         _check_text_parts(content)
         try:
-            head = _fast_head(
+            head = fast_head(
                 date=format_datetime((date or datetime.now(UTC)).astimezone(UTC)),
                 sender=sender, to=to, cc=cc, reply_to=reply_to, subject=subject, msgid=msgid,
                 feedback_id=(_feedback_id(cfg.feedback_id_format, {**content.feedback, "stream": content.stream, "domain": domain})
                              if cfg.feedback_id_enabled else None),
                 unsub=", ".join(unsub_values), one_click=one_click, custom=custom,
             )
-            raw = _fast_body(head, content.text, content.html)
+            raw = fast_body(head, content.text, content.html)
         except (UnicodeError, ValueError):
             pass  # e.g. a lone surrogate: the stdlib path below reports it as it always has
         else:
@@ -508,216 +480,6 @@ def _body(policy: Any, content: MessageContent) -> MIMEPart:
                 raise MimeError(f"attachments[{i}].filename is required", field=f"attachments[{i}].filename")
         body = _multipart(policy, "mixed", [body, *atts])
     return body
-
-
-# --------------------------------------------------------------------------- direct writer
-#
-# The stdlib builder parses every header it is given into a tree and folds that tree
-# back, and builds a MIMEPart per leaf: ~1 ms a message. For the shapes nearly every
-# message has (text, html, or both; ASCII addresses) the bytes are simple enough to
-# write directly. Equivalence with the stdlib builder (same headers in the same order,
-# same decoded values, same content types, charsets, transfer encodings and decoded
-# bodies; where the stdlib garbles a value, the value given) is what tests/test_mime.py
-# checks over generated content. Anything the
-# writer is not sure about (a value that looks like an encoded word, odd whitespace in
-# a value that needs folding, a word that cannot fit in 998 characters) is handed to
-# the stdlib's own header folding, so it comes out exactly as before.
-
-_MAX_LINE = 78  # POLICY.max_line_length: fold here where possible
-_HARD_LINE = 998  # RFC 5322: never longer
-_EW_BYTES = 42  # raw bytes per encoded word: 56 base64 chars, "=?utf-8?b?...?=" is 68 wide
-_CLEAN_WORDS_RE = re.compile(r"^[^\s]+(?: [^\s]+)*$")
-"""Words separated by single spaces: the only whitespace folding and encoding may touch."""
-_BODY_7BIT_MAX = POLICY.max_line_length
-
-
-def _stdlib_fold(name: str, value: str) -> str:
-    return _HEADERS(name, value).fold(policy=POLICY)
-
-
-def _fold(name: str, pieces: Sequence[str]) -> str | None:
-    """``Name:`` then pieces that each start with a space (a legal fold point).
-
-    Greedy: a piece goes on the current line if that stays within 78 characters, else it
-    starts a continuation line (it begins with a space, so unfolding restores it
-    exactly), as the stdlib folder does. None when a piece cannot fit in 998 characters.
-    """
-    lines: list[str] = []
-    bare = cur = name + ":"
-    for p in pieces:
-        if len(cur) + len(p) <= _MAX_LINE:
-            cur += p
-        elif cur is bare and len(p) > _MAX_LINE:
-            # Moving it would not make it fit, and a break right after the colon reads
-            # back as a leading space; the stdlib keeps such a word on the first line too.
-            if len(cur) + len(p) > _HARD_LINE:
-                return None
-            cur += p
-        else:
-            if len(p) > _HARD_LINE:
-                return None
-            lines.append(cur)
-            cur = p
-    lines.append(cur)
-    return "\r\n".join(lines) + "\r\n"
-
-
-def _encoded_words(value: str) -> list[str]:
-    """RFC 2047 ``B`` encoded words for ``value``, each whole characters and 68 wide at most."""
-    data = value.encode("utf-8")
-    words: list[str] = []
-    start = 0
-    n = len(data)
-    while start < n:
-        end = min(start + _EW_BYTES, n)
-        while end < n and 0x80 <= data[end] < 0xC0:  # never split a character
-            end -= 1
-        words.append("=?utf-8?b?" + base64.b64encode(data[start:end]).decode("ascii") + "?=")
-        start = end
-    return words
-
-
-def _unstructured(name: str, value: str) -> str:
-    """A free-text header (Subject, Feedback-ID, List-Unsubscribe, custom ones), folded."""
-    if "=?" in value:  # the stdlib decodes look-alike encoded words: let it do so
-        return _stdlib_fold(name, value)
-    if value.isascii():
-        if not value:
-            return name + ":\r\n"
-        if len(name) + 2 + len(value) <= _MAX_LINE:
-            return f"{name}: {value}\r\n"
-        if not _CLEAN_WORDS_RE.match(value):
-            return _stdlib_fold(name, value)
-        folded = _fold(name, [" " + w for w in value.split(" ")])
-        return folded if folded is not None else _stdlib_fold(name, value)
-    if not _CLEAN_WORDS_RE.match(value):
-        return _stdlib_fold(name, value)
-    # ASCII words stay readable; each run of words with non-ASCII characters becomes
-    # encoded words (spaces inside a run are encoded with it: the blank between two
-    # encoded words is dropped on decoding, the one next to a plain word is kept).
-    pieces: list[str] = []
-    run: list[str] = []
-    for w in value.split(" "):
-        if w.isascii():
-            if run:
-                pieces.extend(" " + ew for ew in _encoded_words(" ".join(run)))
-                run = []
-            pieces.append(" " + w)
-        else:
-            run.append(w)
-    if run:
-        pieces.extend(" " + ew for ew in _encoded_words(" ".join(run)))
-    folded = _fold(name, pieces)
-    return folded if folded is not None else _stdlib_fold(name, value)
-
-
-def _mailbox_pieces(addr: Address) -> list[str] | None:
-    """Fold units of one mailbox; None when the stdlib must format it."""
-    name = addr.display_name
-    if not name:
-        return [" " + addr.addr_spec]
-    if "=?" in name:
-        return None
-    if name != name.strip():  # the stdlib drops or keeps such blanks depending on folding
-        return None
-    angle = f" <{addr.addr_spec}>"
-    if name.isascii():
-        text = str(addr)  # the stdlib's own quoting of the display name
-        if not text.endswith(angle):
-            return None
-        phrase = text[: -len(angle)]
-        if phrase.startswith('"') or not _CLEAN_WORDS_RE.match(phrase):
-            return [" " + phrase, angle]  # a quoted string stays whole
-        return [" " + w for w in phrase.split(" ")] + [angle]
-    return [" " + ew for ew in _encoded_words(name)] + [angle]
-
-
-def _address_header(name: str, addrs: Sequence[Address]) -> str:
-    pieces: list[str] = []
-    for i, a in enumerate(addrs):
-        mp = _mailbox_pieces(a)
-        if mp is None:
-            return _HEADERS(name, list(addrs)).fold(policy=POLICY)
-        if i < len(addrs) - 1:
-            mp[-1] += ","
-        pieces.extend(mp)
-    folded = _fold(name, pieces)
-    return folded if folded is not None else _HEADERS(name, list(addrs)).fold(policy=POLICY)
-
-
-def _fast_head(*, date: str, sender: Address, to: Sequence[Address], cc: Sequence[Address],
-               reply_to: Sequence[Address], subject: str, msgid: str, feedback_id: str | None,
-               unsub: str, one_click: bool, custom: Sequence[tuple[str, str]]) -> str:
-    """The header block before Content-Type, in the stdlib builder's order."""
-    out = [f"Date: {date}\r\n", _address_header("From", [sender]), _address_header("To", to)]
-    if cc:
-        out.append(_address_header("Cc", cc))
-    if reply_to:
-        out.append(_address_header("Reply-To", reply_to))
-    out.append(_unstructured("Subject", subject))
-    out.append(_fold("Message-ID", [" " + msgid]) or _stdlib_fold("Message-ID", msgid))
-    out.append("MIME-Version: 1.0\r\n")
-    if feedback_id:
-        out.append(_unstructured("Feedback-ID", feedback_id))
-    if unsub:
-        out.append(_unstructured("List-Unsubscribe", unsub))
-        if one_click:
-            out.append("List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n")
-    for name, value in custom:
-        out.append(_unstructured(name, value))
-    return "".join(out)
-
-
-def _encode_text(text: str) -> tuple[str, str]:
-    """(transfer encoding, CRLF body): the choice ``set_content`` makes under ``POLICY``.
-
-    7bit when ASCII with lines of at most 78 octets; else quoted-printable, or base64
-    when the first ten lines come out shorter that way (mostly non-Latin scripts).
-    """
-    lines = text.encode("utf-8").splitlines()
-    if max((len(x) for x in lines), default=0) <= _BODY_7BIT_MAX:
-        body = b"\r\n".join(lines) + b"\r\n"
-        if body.isascii():
-            return "7bit", body.decode("ascii")
-    sniff = b"\r\n".join(lines[:10]) + b"\r\n"
-    sniff_qp = email.quoprimime.body_encode(sniff.decode("latin-1"), _BODY_7BIT_MAX)
-    if len(sniff_qp) > len(binascii.b2a_base64(sniff)):
-        data = b"\r\n".join(lines) + b"\r\n"
-        step = _BODY_7BIT_MAX // 4 * 3
-        return "base64", "".join(
-            binascii.b2a_base64(data[i : i + step]).decode("ascii") for i in range(0, len(data), step)
-        ).replace("\n", "\r\n")
-    if len(lines) <= 10:
-        qp = sniff_qp
-    else:
-        qp = email.quoprimime.body_encode((b"\n".join(lines) + b"\n").decode("latin-1"), _BODY_7BIT_MAX)
-    return "quoted-printable", qp.replace("\n", "\r\n")
-
-
-def _leaf_bytes(text: str, subtype: str) -> str:
-    cte, body = _encode_text(text)
-    return f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n\r\n{body}'
-
-
-def _boundary(parts: Sequence[str]) -> str:
-    """A random boundary (the stdlib's shape) that occurs nowhere in the parts, not even
-    mid-line: stricter than RFC 2046 needs, and a redraw is a one-in-2**63 event."""
-    for _ in range(100):
-        b = "=" * 15 + "%019d" % random.randrange(sys.maxsize) + "=="
-        if not any(b in p for p in parts):
-            return b
-    raise MimeError("no multipart boundary could be found", field="content")  # pragma: no cover
-
-
-def _fast_body(head: str, text: str | None, html: str | None) -> bytes:
-    if text is not None and html is not None:
-        parts = [_leaf_bytes(text, "plain"), _leaf_bytes(html, "html")]
-        b = _boundary(parts)
-        msg = (f'{head}Content-Type: multipart/alternative;\r\n boundary="{b}"\r\n\r\n'
-               f"--{b}\r\n{parts[0]}\r\n--{b}\r\n{parts[1]}\r\n--{b}--\r\n")
-    else:
-        msg = head + (_leaf_bytes(text, "plain") if text is not None else _leaf_bytes(html or "", "html"))
-    return msg.encode("ascii")
 
 
 # --------------------------------------------------------------------------- raw messages

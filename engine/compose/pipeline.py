@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.compose.dkim import DkimSigner
-from engine.compose.mime import Attachment, InlineImage, ListUnsubscribe, Mailbox, MessageContent, build_message
+from engine.compose.mime import Attachment, InlineImage, ListUnsubscribe, MessageContent, build_message
 from engine.compose.render import Renderer, merge_vars
+from engine.compose.stored import StoredContent, StoredContentError
 from engine.compose.tracking import Keyring, rewrite_links, track_html, unsubscribe_url
 
 if TYPE_CHECKING:
@@ -33,19 +34,42 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class MessageRow:
-    """The parts of a ``messages`` row composition needs."""
+    """The parts of a ``messages`` row composition needs, the content already parsed."""
 
     id: Any
     mail_from: str
     stream: str
     raw: bytes | None
-    content: Mapping[str, Any] | None
+    content: StoredContent | None
     metadata: Mapping[str, Any]
     source: str = "http"
+    content_error: str | None = None
+    """Why the stored content could not be read (``content`` is then None); compose refuses the message."""
 
+    @classmethod
+    def from_stored(
+        cls,
+        id: Any,
+        mail_from: str,
+        stream: str,
+        raw: bytes | None,
+        content: Mapping[str, Any] | None,
+        metadata: Mapping[str, Any],
+        source: str = "http",
+    ) -> MessageRow:
+        """From the columns as loaded, parsing the content JSON once per message (not per recipient).
 
-def _mailbox(obj: Mapping[str, Any]) -> Mailbox:
-    return Mailbox(obj["email"], obj.get("name"))
+        A damaged content does not raise here, where a worker loads a whole batch of
+        messages: it is kept as ``content_error`` and :meth:`Composer.compose` refuses
+        that one message.
+        """
+        if content is None:
+            return cls(id, mail_from, stream, raw, None, metadata, source)
+        try:
+            parsed = StoredContent.from_json(content)
+        except StoredContentError as exc:
+            return cls(id, mail_from, stream, raw, None, metadata, source, str(exc))
+        return cls(id, mail_from, stream, raw, parsed, metadata, source)
 
 
 class Composer:
@@ -70,15 +94,21 @@ class Composer:
         """Does each recipient get different bytes (tokens, variables)? Else one transaction serves all."""
         if msg.raw is not None:
             return False
-        return bool(self.keyring) or (msg.content or {}).get("template") is not None or msg.stream in self.settings.mime.bulk_streams
+        return (
+            bool(self.keyring)
+            or (msg.content is not None and msg.content.template is not None)
+            or msg.stream in self.settings.mime.bulk_streams
+        )
 
     def compose(self, msg: MessageRow, recipient_id: int, recipient_vars: Mapping[str, Any] | None = None) -> bytes:
         """The final bytes for this recipient (or for every recipient, when not personalized)."""
         if msg.raw is not None:
             return self._sign(msg.raw)
-        content = msg.content or {}
+        content = msg.content
+        if content is None:
+            raise StoredContentError(msg.content_error or "the message has neither raw bytes nor content")
         subject, html, text = self._parts(content, recipient_vars)
-        sender = _mailbox(content["from"])
+        sender = content.sender
         list_unsub = None
         if html is not None and self.keyring is not None and (self.settings.tracking.track_clicks or self.settings.tracking.track_opens):
             html, _ = track_html(html, recipient_id, self.keyring, self.settings.tracking, self.base_url)
@@ -93,22 +123,21 @@ class Composer:
         built = build_message(
             MessageContent(
                 sender=sender,
-                to=[_mailbox(m) for m in content.get("to", [])],
-                cc=[_mailbox(m) for m in content.get("cc", [])],
-                reply_to=[_mailbox(content["reply_to"])] if content.get("reply_to") else (),
+                to=content.to,
+                cc=content.cc,
+                reply_to=[content.reply_to] if content.reply_to else (),
                 subject=subject,
                 text=text,
                 html=html,
-                headers=content.get("headers") or {},
+                headers=content.headers,
                 stream=msg.stream,
                 list_unsubscribe=list_unsub,
                 inline_images=[
-                    InlineImage(i["content_id"], i["content_type"], base64.b64decode(i["content"]), i.get("filename"))
-                    for i in content.get("inline_images") or ()
+                    InlineImage(i.content_id, i.content_type, base64.b64decode(i.content), i.filename)
+                    for i in content.inline_images
                 ],
                 attachments=[
-                    Attachment(a["filename"], a["content_type"], base64.b64decode(a["content"]))
-                    for a in content.get("attachments") or ()
+                    Attachment(a.filename, a.content_type, base64.b64decode(a.content)) for a in content.attachments
                 ],
                 feedback={k: str(v) for k, v in msg.metadata.items() if k in ("campaign", "customer", "sender_id")},
             ),
@@ -128,13 +157,13 @@ class Composer:
         _, links = rewrite_links(html, lambda i, u: u, utm=self.settings.tracking.utm, max_links=self.settings.tracking.max_links)
         return links
 
-    def _parts(self, content: Mapping[str, Any], recipient_vars: Mapping[str, Any] | None) -> tuple[str, str | None, str | None]:
-        template = content.get("template")
+    def _parts(self, content: StoredContent, recipient_vars: Mapping[str, Any] | None) -> tuple[str, str | None, str | None]:
+        template = content.template
         if template:
-            rendered = self.renderer.render(template, merge_vars(content.get("vars") or {}, dict(recipient_vars or {})))
-            subject = content.get("subject") or rendered.subject
+            rendered = self.renderer.render(template, merge_vars(content.vars, dict(recipient_vars or {})))
+            subject = content.subject or rendered.subject
             return subject, rendered.html, rendered.text
-        return content.get("subject") or "", content.get("html"), content.get("text")
+        return content.subject or "", content.html, content.text
 
     def _sign(self, raw: bytes) -> bytes:
         if self.signer is None:

@@ -1,16 +1,11 @@
-"""Sandboxed template rendering: subject, HTML and text parts of one message.
+"""Template rendering: subject, HTML and text parts of one message.
 
-Templates come from untrusted customers, so everything runs in Jinja2's
-``ImmutableSandboxedEnvironment`` with ``StrictUndefined`` and extra bounds:
-
-* parse time: attribute/item access to names starting with ``_`` is refused
-  with the line number (``''.__class__``, ``cycler.__init__.__globals__``,
-  ``self._TemplateReference__context``), so an escape attempt never compiles;
-* render time: the sandbox blocks unsafe attributes and callables, ``range``
-  is capped at ``MAX_RANGE``, every ``{% for %}`` draws from a per-render
-  iteration budget and deadline, ``*``/``**``/``+``/``~``, filters and calls
-  refuse results larger than the output cap, and the output itself is
-  streamed and cut at ``max_output_size``.
+Templates come from untrusted customers; they are compiled and run in the
+bounded sandbox of :mod:`engine.compose.sandbox` (escapes refused at parse
+time, loops, sizes and time bounded at render time). This module names,
+loads, validates and renders them, and turns every failure into a
+:class:`TemplateError` that says which template, part and line. A missing
+text part is derived from the HTML (:mod:`engine.compose.text`).
 
 Compiled templates are cached by the Jinja environment (keyed by name and,
 for uploaded templates, version: versions are immutable), so a batch of one
@@ -25,15 +20,12 @@ Jinja the parts are ``welcome/html.html`` (files) or ``welcome@3/html.html``
 
 from __future__ import annotations
 
-import contextvars
-import functools
 import re
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,10 +41,10 @@ from jinja2 import (
     select_autoescape,
 )
 from jinja2.exceptions import SecurityError, TemplateRuntimeError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.visitor import NodeTransformer
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.compose.sandbox import LimitExceeded, Sandbox
+from engine.compose.text import html_to_text
 from engine.configtypes import Duration, Size
 from engine.errors import ValidationFailed
 
@@ -167,190 +159,7 @@ class InMemoryTemplateStore:
         return len(self._parts)
 
 
-# --------------------------------------------------------------------------- budget
-
-
-class _Budget:
-    """Per-render limits shared by loops, operators, filters and output."""
-
-    __slots__ = ("iterations", "deadline", "max_size")
-
-    def __init__(self, iterations: int, timeout: float, max_size: int) -> None:
-        self.iterations = iterations
-        self.deadline = time.monotonic() + timeout
-        self.max_size = max_size
-
-    def tick(self) -> None:
-        self.iterations -= 1
-        if self.iterations < 0:
-            raise _LimitExceeded("too many loop iterations (the render's loop budget is spent)")
-        if self.iterations % 1024 == 0 and time.monotonic() > self.deadline:
-            raise _LimitExceeded("rendering took too long")
-
-
-class _LimitExceeded(Exception):
-    """Internal: a render bound was hit; turned into TemplateError by the caller."""
-
-
-_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("render_budget", default=None)
-_DEFAULT_MAX = 5 * 1024 * 1024
-
-
-def _max_size() -> int:
-    b = _BUDGET.get()
-    return b.max_size if b is not None else _DEFAULT_MAX
-
-
-def _check_size(value: Any, what: str) -> Any:
-    if isinstance(value, (str, bytes, list, tuple)) and len(value) > _max_size():
-        raise _LimitExceeded(f"{what} would produce {len(value)} items, over the output limit")
-    return value
-
-
-# Callables whose integer arguments are output sizes (widths, counts): a huge one allocates at once.
-_SIZING_FILTERS = frozenset({"center", "indent", "slice"})
-_SIZING_METHODS = frozenset({"ljust", "rjust", "center", "zfill", "expandtabs"})
-
-
-def _check_args(args: Iterable[Any], what: str) -> None:
-    limit = _max_size()
-    for a in args:
-        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > limit:
-            raise _LimitExceeded(f"{what}: number {a} is over the output limit")
-
-
-_FORMAT_NUM_RE = re.compile(r"\d{4,}")
-
-
-def _check_format_string(fmt: Any, what: str) -> None:
-    """A width like ``{:>999999999}`` or ``%999999999d`` allocates before any check could run."""
-    if isinstance(fmt, str):
-        limit = _max_size()
-        for m in _FORMAT_NUM_RE.finditer(fmt):
-            if int(m.group()) > limit:
-                raise _LimitExceeded(f"{what}: format width {m.group()} is over the output limit")
-
-
-def _loop_guard(iterable: Any) -> Iterator[Any]:
-    budget = _BUDGET.get()
-    if budget is None:  # rendered outside Renderer.render: still bounded
-        budget = _Budget(200_000, 5.0, _DEFAULT_MAX)
-    for item in iterable:
-        budget.tick()
-        yield item
-
-
-def _size_guard(value: Any) -> Any:
-    return _check_size(value, "concatenation")
-
-
-class _Bounder(NodeTransformer):
-    """Wrap every for-loop iterable and every ``~`` concatenation in a guard filter."""
-
-    def visit_For(self, node: nodes.For) -> nodes.Node:
-        node = self.generic_visit(node)
-        node.iter = nodes.Filter(node.iter, "_engine_loop_guard", [], [], None, None, lineno=node.lineno)
-        return node
-
-    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
-        node = self.generic_visit(node)
-        return nodes.Filter(node, "_engine_size_guard", [], [], None, None, lineno=node.lineno)
-
-
-def _reject_private_access(ast: nodes.Template, name: str | None, filename: str | None) -> None:
-    """Refuse ``x.__y``, ``x['_y']`` and ``x|attr('_y')`` before the template ever runs."""
-    for node in ast.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
-        attr: Any = None
-        if isinstance(node, nodes.Getattr):
-            attr = node.attr
-        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
-            attr = node.arg.value
-        elif isinstance(node, nodes.Filter) and node.name == "attr" and node.args:
-            if isinstance(node.args[0], nodes.Const):
-                attr = node.args[0].value
-        if isinstance(attr, str) and attr.startswith("_"):
-            raise TemplateSyntaxError(
-                f"access to private attribute {attr!r} is not allowed in templates",
-                node.lineno, name, filename,
-            )
-
-
-# --------------------------------------------------------------------------- environment
-
-
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """The sandbox plus size checks on the operators and calls that can explode."""
-
-    intercepted_binops = frozenset({"*", "**", "+", "%"})
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.parse_count = 0  # how many sources were compiled: proves the cache works
-        self.globals.pop("lipsum", None)  # lipsum(n=10**6) builds megabytes in one call; no use in mail
-        for fname, func in list(self.filters.items()):
-            self.filters[fname] = _guard_filter(fname, func)
-        self.filters["_engine_loop_guard"] = _loop_guard
-        self.filters["_engine_size_guard"] = _size_guard
-
-    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
-        self.parse_count += 1
-        ast = super()._parse(source, name, filename)
-        _reject_private_access(ast, name, filename)
-        return _Bounder().visit(ast)
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        limit = _max_size()
-        if operator == "**" and isinstance(left, int) and isinstance(right, int):
-            if right > 0 and max(left.bit_length(), 1) * right > 64 * 1024:
-                raise _LimitExceeded(f"{left} ** {right} is too large")
-        elif operator == "*":
-            if isinstance(left, int) and isinstance(right, int):
-                if left.bit_length() + right.bit_length() > 64 * 1024:
-                    raise _LimitExceeded("integer product is too large")
-            for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > limit:
-                    raise _LimitExceeded("repetition would exceed the output limit")
-        elif operator == "+":
-            if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
-                if len(left) + len(right) > limit:
-                    raise _LimitExceeded("concatenation would exceed the output limit")
-        elif operator == "%":
-            _check_format_string(left, "string formatting")
-        return super().call_binop(context, operator, left, right)
-
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-        what = getattr(__obj, "__name__", "call")
-        if what in _SIZING_METHODS:
-            _check_args(args, what)
-            _check_args(kwargs.values(), what)
-        if what == "replace" and isinstance(getattr(__obj, "__self__", None), str) and len(args) >= 2:
-            s, old, new = __obj.__self__, args[0], args[1]
-            if isinstance(old, str) and isinstance(new, str):
-                count = (len(s) + 1) if old == "" else s.count(old)
-                if len(s) + count * max(len(new) - len(old), 0) > _max_size():
-                    raise _LimitExceeded("replace() would exceed the output limit")
-        return _check_size(super().call(__context, __obj, *args, **kwargs), what)
-
-    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
-        wrapped = super().wrap_str_format(value)
-        if wrapped is not None:
-            _check_format_string(value.__self__, "str.format")
-        return wrapped
-
-
-def _guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
-    """Filters run outside ``Sandbox.call``; give them the same argument/result bounds."""
-
-    @functools.wraps(func)  # copies jinja_pass_arg, so pass_context filters still work
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        if name in _SIZING_FILTERS:
-            _check_args(args, f"filter {name}")
-            _check_args(kwargs.values(), f"filter {name}")
-        if name == "format" and args:
-            _check_format_string(args[0], "filter format")
-        return _check_size(func(*args, **kwargs), f"filter {name}")
-
-    return guarded
+# --------------------------------------------------------------------------- loader
 
 
 def _throttled(check: Callable[[], bool], interval: float) -> Callable[[], bool]:
@@ -419,7 +228,7 @@ class Renderer:
         self._loader = _Loader(
             Path(self.config.directory), store, self.config.max_part_size, self.config.reload_check_interval
         )
-        self.env = _Sandbox(
+        self.env = Sandbox(
             loader=self._loader,
             undefined=StrictUndefined,
             autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=False, default=False),
@@ -587,20 +396,11 @@ class Renderer:
 
     def _render_part(self, ref: str, part: str, jname: str, variables: Mapping[str, Any]) -> str:
         cfg = self.config
-        token = _BUDGET.set(_Budget(cfg.max_loop_iterations, cfg.render_timeout, cfg.max_output_size))
         try:
-            template = self.env.get_template(jname)
-            out: list[str] = []
-            size = 0
-            deadline = time.monotonic() + cfg.render_timeout
-            for chunk in template.generate(dict(variables)):
-                size += len(chunk)
-                if size > cfg.max_output_size:
-                    raise _LimitExceeded(f"output is over the limit of {cfg.max_output_size} characters")
-                if time.monotonic() > deadline:
-                    raise _LimitExceeded("rendering took too long")
-                out.append(chunk)
-            return "".join(out)
+            return self.env.render_bounded(
+                jname, variables, max_iterations=cfg.max_loop_iterations, timeout=cfg.render_timeout,
+                max_output_size=cfg.max_output_size,
+            )
         except TemplateError:
             raise
         except TemplateSyntaxError as exc:
@@ -616,7 +416,7 @@ class Renderer:
             ) from None
         except SecurityError as exc:
             raise TemplateError(f"unsafe operation: {exc}", template=ref, part=part, line=_template_line(exc)) from None
-        except _LimitExceeded as exc:
+        except LimitExceeded as exc:
             raise TemplateError(f"render limit: {exc}", template=ref, part=part, line=_template_line(exc)) from None
         except OverflowError as exc:
             raise TemplateError(f"render limit: {exc}", template=ref, part=part, line=_template_line(exc)) from None
@@ -628,8 +428,6 @@ class Renderer:
             raise TemplateError(
                 f"{type(exc).__name__}: {exc}", template=ref, part=part, line=_template_line(exc)
             ) from None
-        finally:
-            _BUDGET.reset(token)
 
 
 def merge_vars(message_vars: Mapping[str, Any] | None, recipient_vars: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -666,121 +464,3 @@ def _optional_names(ast: nodes.Template) -> set[str]:
         if guarded and isinstance(node.node, nodes.Name):
             out.add(node.node.name)
     return out
-
-
-# --------------------------------------------------------------------------- html -> text
-
-_BLOCKS = frozenset(
-    "address article aside blockquote dd div dl dt fieldset figcaption figure footer form h1 h2 h3 h4 h5 h6 "
-    "header hr li main nav ol p pre section table tbody thead tfoot tr ul".split()
-)
-_SKIP = frozenset({"script", "style", "head", "title", "template"})
-_PARAGRAPHS = frozenset({"p", "h1", "h2", "h3", "h4", "h5", "h6", "table", "blockquote", "ul", "ol", "dl"})
-_SPACES_RE = re.compile(r"[ \t\n\r\f\v]+")  # not \s: a no-break space is content
-
-
-class _TextExtractor(HTMLParser):
-    """Collects text; block elements become line breaks, links become ``text (url)``.
-
-    Line breaks are kept *pending* and only written before the next visible
-    text, so nested blocks (``<td><p>``) never pile up blank lines.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.out: list[str] = []
-        self.skip = 0
-        self.pre = 0
-        self.pending = 0  # newlines owed before the next text
-        self.at_line_start = True
-        self.links: list[tuple[str, int]] = []  # (href, len(out) when <a> opened)
-
-    def _break(self, count: int) -> None:
-        if self.out:
-            self.pending = max(self.pending, count)
-
-    def _emit(self, text: str) -> None:
-        if self.pending:
-            if self.out:
-                self.out[-1] = self.out[-1].rstrip(" ")
-            self.out.append("\n" * self.pending)
-            self.pending = 0
-            self.at_line_start = True
-        if self.at_line_start and not self.pre:
-            text = text.lstrip(" ")
-            if not text:
-                return
-        self.out.append(text)
-        self.at_line_start = text.endswith("\n")
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _SKIP:
-            self.skip += 1
-            return
-        if tag == "br":
-            self._emit("\n")  # explicit: a <br> is a line break even between two texts
-        elif tag == "pre":
-            self.pre += 1
-            self._break(2)
-        elif tag == "li":
-            self._break(1)
-            self._emit("- ")
-        elif tag in ("td", "th"):
-            self._emit(" ")
-        elif tag == "hr":
-            self._break(1)
-            self._emit("----")
-            self._break(1)
-        elif tag in _BLOCKS:
-            self._break(2 if tag in _PARAGRAPHS else 1)
-        if tag == "a":
-            href = (dict(attrs).get("href") or "").strip()
-            self.links.append((href, len(self.out)))
-        elif tag == "img":
-            alt = (dict(attrs).get("alt") or "").strip()
-            if alt:
-                self._emit(alt)
-
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.handle_starttag(tag, attrs)
-        if tag not in ("br", "hr", "img"):
-            self.handle_endtag(tag)
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in _SKIP:
-            self.skip = max(0, self.skip - 1)
-        elif tag == "pre":
-            self.pre = max(0, self.pre - 1)
-            self._break(2)
-        elif tag == "a" and self.links:
-            href, start = self.links.pop()
-            label = " ".join("".join(self.out[start:]).split())
-            if href and not href.startswith("#") and label != href and href.removeprefix("mailto:") != label:
-                self._emit(f" ({href})" if label else href)
-        elif tag in _BLOCKS and tag != "li":
-            self._break(2 if tag in _PARAGRAPHS else 1)
-
-    def handle_data(self, data: str) -> None:
-        if self.skip:
-            return
-        if self.pre:
-            self._emit(data)
-            return
-        text = _SPACES_RE.sub(" ", data)
-        if text.strip(" "):
-            self._emit(text)
-        elif self.out and not self.at_line_start and not self.pending:
-            self._emit(" ")
-
-    def text(self) -> str:
-        text = "".join(self.out)
-        text = "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
-        return text + "\n" if text else ""
-
-
-def html_to_text(html: str) -> str:
-    """A readable plain-text version of an HTML body: paragraphs, list dashes, ``text (url)``."""
-    parser = _TextExtractor()
-    parser.feed(html)
-    parser.close()
-    return parser.text()

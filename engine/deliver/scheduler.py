@@ -352,12 +352,12 @@ class DeliveryWorker:
         missing = [i for i in ids if i not in self._messages]
         if missing:
             for r in await self.outbox.messages_for_delivery(missing):
-                self._messages[r["id"]] = MessageRow(
+                self._messages[r["id"]] = MessageRow.from_stored(
                     r["id"], r["mail_from"], r["stream"], r["raw"], r["content"], r["metadata"] or {}, r["source"]
                 )
             # Uploaded templates pinned by these messages must be in the renderer's mirror before rendering.
             store = getattr(self.composer.renderer, "store", None)
-            refs = [m.content["template"] for i in missing if (m := self._messages.get(i)) and m.content and m.content.get("template")]
+            refs = [m.content.template for i in missing if (m := self._messages.get(i)) and m.content and m.content.template]
             if refs and hasattr(store, "prepare"):
                 await store.prepare(refs)
         for i in ids:

@@ -142,16 +142,15 @@ def tracking_router(deps: TrackingDeps) -> APIRouter:
         return RedirectResponse(url, status_code=302, headers={**NO_CACHE, "Referrer-Policy": "no-referrer"})
 
     async def _link(row: Any, index: int) -> str:
-        content = row["content"]
-        if row["is_raw"] or not content or deps.composer is None:
+        if row["is_raw"] or not row["content"] or deps.composer is None:
             log.warning("click_without_links", recipient_id=row["id"])
             raise _Refused(404)
-        if content.get("template") and deps.templates is not None:
-            await deps.templates.prepare([content["template"]])
-        msg = MessageRow(
+        msg = MessageRow.from_stored(
             id=row["message_id"], mail_from=row["mail_from"], stream=row["stream"], raw=None,
-            content=content, metadata=row["metadata"] or {},
+            content=row["content"], metadata=row["metadata"] or {},
         )
+        if msg.content is not None and msg.content.template and deps.templates is not None:
+            await deps.templates.prepare([msg.content.template])
         try:
             links = await asyncio.to_thread(deps.composer.links, msg, row["vars"] or {})
         except EngineError as exc:  # the template can no longer be rendered
