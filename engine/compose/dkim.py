@@ -120,8 +120,11 @@ class DomainDkimConfig(BaseModel):
 class _DomainLike(Protocol):
     """What :meth:`DkimSigner.from_config` needs, so the future engine.config model fits as is."""
 
-    name: str
-    dkim: Sequence[DkimKeyConfig]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dkim(self) -> Sequence[DkimKeyConfig]: ...
 
 
 # ---------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from engine.outcome.bounce_report import DsnBuilder
 from engine.outcome.writer import Attempt, Backoff, OutcomeWriter, monotonic_ms
 from engine.shaping import rules as shaping_mod
 from engine.shaping.gate import Admission, Gate, read_shaping
+from engine.templates_db import DbTemplateStore
 from engine.workers import WorkerRegistry, WorkerReport
 
 if TYPE_CHECKING:
@@ -356,9 +357,9 @@ class DeliveryWorker:
                     r["id"], r["mail_from"], r["stream"], r["raw"], r["content"], r["metadata"] or {}, r["source"]
                 )
             # Uploaded templates pinned by these messages must be in the renderer's mirror before rendering.
-            store = getattr(self.composer.renderer, "store", None)
+            store = self.composer.renderer.store
             refs = [m.content.template for i in missing if (m := self._messages.get(i)) and m.content and m.content.template]
-            if refs and hasattr(store, "prepare"):
+            if refs and isinstance(store, DbTemplateStore):
                 await store.prepare(refs)
         for i in ids:
             self._messages.move_to_end(i)

@@ -81,7 +81,7 @@ def as_mailbox(value: _RawAddress) -> Mailbox:
         if len(name) > 200:
             raise ValueError("name is longer than 200 characters")
         _no_crlf(name, "name")
-    return Mailbox.model_construct(_fields_set=_FROM_STRING, email=email, name=name or None, vars=None)
+    return Mailbox.model_construct(_fields_set=set(_FROM_STRING), email=email, name=name or None, vars=None)
 
 
 def _checked_mailbox(value: _RawAddress) -> Mailbox:
