@@ -25,7 +25,13 @@ changed shaping file is picked up on SIGHUP or a NOTIFY on ``engine_reload``.
 Every worker keeps a row in ``workers`` (upserted by the lease heartbeat and
 right after a reload attempt, deleted on a clean stop) with the sha256 of the
 shaping file it applied, so ``engine reload`` can confirm the reload reached
-every live worker and ``engine workers`` can list them.
+every live worker and ``engine workers`` can list them (through
+:mod:`engine.workers`, which owns that table).
+
+Why one module of ~600 lines: this is the delivery loop's control flow (claim,
+queue per destination, admit, send, settle, suspend, drain), every step reading
+and changing the same per-destination state. The SMTP client, routing, shaping
+and outcome writing it drives each live in their own rooms.
 """
 
 from __future__ import annotations
