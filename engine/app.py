@@ -24,6 +24,7 @@ import structlog
 import uvicorn
 
 from engine.accept import Acceptor
+from engine.api.app import HttpContext, create_app, wrap
 from engine.apikeys import ApiKeys
 from engine.compose.render import Renderer
 from engine.compose.tracking import Keyring
@@ -34,7 +35,6 @@ from engine.db.queries import q
 from engine.errors import DatabaseUnavailable
 from engine.events.store import EventStore
 from engine.outbox import Outbox
-from engine.submit.http import HttpContext, create_app, wrap
 from engine.suppression import Suppressions
 from engine.templates_db import DbTemplateStore
 
@@ -135,8 +135,8 @@ class Engine:
         )
 
     async def _start_http(self) -> None:
+        from engine.api.tracking import TrackingDeps
         from engine.compose.pipeline import Composer
-        from engine.events.tracking_http import TrackingDeps
 
         tracking = TrackingDeps(
             pool=self.pool,

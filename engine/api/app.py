@@ -40,8 +40,8 @@ from engine.submit.models import (
 )
 
 if TYPE_CHECKING:
+    from engine.api.tracking import TrackingDeps
     from engine.compose.render import Renderer
-    from engine.events.tracking_http import TrackingDeps
     from engine.templates_db import DbTemplateStore
 
 log = structlog.get_logger(__name__)
@@ -64,7 +64,7 @@ class HttpContext:
     outbox: Outbox
     apikeys: ApiKeys
     acceptor: Acceptor
-    # Optional routers' dependencies (engine.templates_http, engine.events.tracking_http).
+    # Optional routers' dependencies (engine.api.templates, engine.api.tracking).
     templates: DbTemplateStore | None = None
     renderer: Renderer | None = None
     tracking: TrackingDeps | None = None
@@ -293,15 +293,15 @@ def create_app(ctx: HttpContext) -> FastAPI:
         }
 
     if ctx.templates is not None and ctx.renderer is not None:
-        from engine.templates_http import templates_router
+        from engine.api.templates import templates_router
 
         app.include_router(templates_router(ctx.templates, ctx.renderer, require))
     if ctx.acceptor.suppressions is not None:
-        from engine.suppression_http import suppressions_router
+        from engine.api.suppressions import suppressions_router
 
         app.include_router(suppressions_router(ctx.acceptor.suppressions, require))
     if ctx.tracking is not None:
-        from engine.events.tracking_http import tracking_router
+        from engine.api.tracking import tracking_router
 
         app.include_router(tracking_router(ctx.tracking))
 
