@@ -8,96 +8,66 @@ the API: a bad address or scope is a 422 naming the field, never a 500.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from datetime import datetime
 from typing import Any
 
 import structlog
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 
+from engine.api.deps import get_suppressions, require_admin, require_read
+from engine.api.models import SuppressionAdded, SuppressionIn, SuppressionList, SuppressionRemoved
 from engine.apikeys import ApiKey
 from engine.errors import NotFound
-from engine.suppression import GLOBAL, Suppressions, normalize_address
+from engine.suppression import Suppressions, normalize_address
 
 log = structlog.get_logger(__name__)
 
-Require = Callable[[str], Callable[..., Awaitable[ApiKey]]]
+router = APIRouter(prefix="/v1/suppressions", tags=["suppressions"])
 
 
-class SuppressionIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    address: str = Field(max_length=320, description="The address to stop mailing (matched case-insensitively).")
-    scope: str = Field(default=GLOBAL, max_length=64, description="A stream name, or '*' (default) for every stream.")
-    reason: str = Field(default="manual", max_length=200)
-
-
-class SuppressionOut(BaseModel):
-    address: str
-    scope: str
-    reason: str
-    source: str
-    created_at: datetime
-
-
-class SuppressionList(BaseModel):
-    suppressions: list[SuppressionOut]
+@router.get("", response_model=SuppressionList, summary="Suppressions, newest first (optionally one address)")
+async def list_suppressions(
+    address: str | None = Query(default=None, max_length=320),
+    limit: int = Query(default=100, ge=1, le=1000),
+    key: ApiKey = Depends(require_read),
+    suppressions: Suppressions = Depends(get_suppressions),
+) -> dict[str, Any]:
+    rows = await suppressions.list(address or None, limit)
+    return {
+        "suppressions": [
+            {"address": r.address, "scope": r.scope, "reason": r.reason, "source": r.source, "created_at": r.created_at}
+            for r in rows
+        ]
+    }
 
 
-class SuppressionAdded(BaseModel):
-    address: str
-    scope: str
-    created: bool = Field(description="False when the address was already suppressed for this scope.")
-    pending_suppressed: int = Field(description="Queued recipients of this address that will now not be sent.")
-
-
-class SuppressionRemoved(BaseModel):
-    address: str
-    removed_scopes: list[str]
-
-
-def suppressions_router(suppressions: Suppressions, require: Require) -> APIRouter:
-    router = APIRouter(prefix="/v1/suppressions", tags=["suppressions"])
-
-    @router.get("", response_model=SuppressionList, summary="Suppressions, newest first (optionally one address)")
-    async def list_suppressions(
-        address: str | None = Query(default=None, max_length=320),
-        limit: int = Query(default=100, ge=1, le=1000),
-        key: ApiKey = Depends(require("read")),
-    ) -> dict[str, Any]:
-        rows = await suppressions.list(address or None, limit)
-        return {
-            "suppressions": [
-                {"address": r.address, "scope": r.scope, "reason": r.reason, "source": r.source, "created_at": r.created_at}
-                for r in rows
-            ]
-        }
-
-    @router.post(
-        "", status_code=201, response_model=SuppressionAdded,
-        summary="Suppress an address (201 new, 200 already suppressed); stops its queued mail",
+@router.post(
+    "", status_code=201, response_model=SuppressionAdded,
+    summary="Suppress an address (201 new, 200 already suppressed); stops its queued mail",
+)
+async def add_suppression(
+    body: SuppressionIn,
+    key: ApiKey = Depends(require_admin),
+    suppressions: Suppressions = Depends(get_suppressions),
+) -> JSONResponse:
+    new, moved = await suppressions.suppress(body.address, body.scope, body.reason, f"api:{key.name}"[:200])
+    address = normalize_address(body.address)
+    log.info("suppression_added", address=address, scope=body.scope, new=new, pending_suppressed=moved)
+    return JSONResponse(
+        {"address": address, "scope": body.scope, "created": new, "pending_suppressed": moved},
+        status_code=201 if new else 200,
     )
-    async def add_suppression(body: SuppressionIn, key: ApiKey = Depends(require("admin"))) -> JSONResponse:
-        new, moved = await suppressions.suppress(body.address, body.scope, body.reason, f"api:{key.name}"[:200])
-        address = normalize_address(body.address)
-        log.info("suppression_added", address=address, scope=body.scope, new=new, pending_suppressed=moved)
-        return JSONResponse(
-            {"address": address, "scope": body.scope, "created": new, "pending_suppressed": moved},
-            status_code=201 if new else 200,
-        )
 
-    @router.delete("/{address}", response_model=SuppressionRemoved, summary="Lift a suppression (every scope unless ?scope=)")
-    async def remove_suppression(
-        address: str,
-        scope: str | None = Query(default=None, max_length=64),
-        key: ApiKey = Depends(require("admin")),
-    ) -> dict[str, Any]:
-        removed = await suppressions.remove(address, scope)
-        if not removed:
-            raise NotFound(f"{address} is not suppressed" + (f" for scope {scope!r}" if scope else ""))
-        log.info("suppression_removed", address=normalize_address(address), scopes=removed)
-        return {"address": normalize_address(address), "removed_scopes": removed}
 
-    return router
+@router.delete("/{address}", response_model=SuppressionRemoved, summary="Lift a suppression (every scope unless ?scope=)")
+async def remove_suppression(
+    address: str,
+    scope: str | None = Query(default=None, max_length=64),
+    key: ApiKey = Depends(require_admin),
+    suppressions: Suppressions = Depends(get_suppressions),
+) -> dict[str, Any]:
+    removed = await suppressions.remove(address, scope)
+    if not removed:
+        raise NotFound(f"{address} is not suppressed" + (f" for scope {scope!r}" if scope else ""))
+    log.info("suppression_removed", address=normalize_address(address), scopes=removed)
+    return {"address": normalize_address(address), "removed_scopes": removed}
