@@ -35,7 +35,6 @@ from engine.events.store import EventStore
 from engine.outbox import Outbox
 from engine.outcome.reputation import Reputation
 from engine.shaping import automation
-from engine.submit.http import HttpContext, create_app, wrap
 from engine.suppression import Suppressions
 from engine.templates_db import DbTemplateStore
 
@@ -136,20 +135,25 @@ class Engine:
         )
 
     async def _start_http(self) -> None:
+        # Imported here: one-shot commands build an Engine too, and never need FastAPI.
+        from engine.api.app import create_app, wrap
+        from engine.api.deps import HttpContext, TrackingDeps
         from engine.compose.pipeline import Composer
-        from engine.events.tracking_http import TrackingDeps
 
+        # All set by connect(); asserted so the types below hold.
+        assert self.pool is not None and self.outbox is not None and self.apikeys is not None
+        assert self.acceptor is not None and self.events is not None and self.suppressions is not None
         tracking = TrackingDeps(
             pool=self.pool,
             keyring=self.keyring,
             # Only links() is used here (click redirects); it re-renders with the shared Renderer.
             composer=Composer(self.settings, renderer=self.renderer, keyring=self.keyring) if self.keyring else None,
-            events=self.events,  # type: ignore[arg-type]
-            suppressions=self.suppressions,  # type: ignore[arg-type]
+            events=self.events,
+            suppressions=self.suppressions,
             templates=self.templates,
         )
         ctx = HttpContext(
-            self.settings, self.outbox, self.apikeys, self.acceptor,  # type: ignore[arg-type]
+            self.settings, self.outbox, self.apikeys, self.acceptor,
             templates=self.templates, renderer=self.renderer, tracking=tracking,
         )
         app = wrap(create_app(ctx), self.settings)

@@ -1,0 +1,195 @@
+"""The REST application: assemble the routers, translate errors, serve OpenAPI at ``/openapi.json``.
+
+The handlers live in one module per resource (:mod:`engine.api.messages`,
+:mod:`~engine.api.templates`, :mod:`~engine.api.suppressions`, :mod:`~engine.api.tracking`,
+:mod:`~engine.api.health`); this module only wires them up, turns every error into JSON
+``{"error": ..., "field": ...}`` with the right status, and adds the body-size limit
+around the whole app (:func:`wrap`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine import __version__
+from engine.accept import IdempotencyConflict
+from engine.api import health, messages, suppressions, templates, tracking
+from engine.api.deps import HttpContext
+from engine.api.responses import RETRY_AFTER_SECONDS, ApiError, error_response
+from engine.config import Settings
+from engine.errors import DatabaseUnavailable, NotFound, ValidationFailed
+from engine.submit.models import ErrorOut
+
+log = structlog.get_logger(__name__)
+
+
+class BodyLimit:
+    """Refuse request bodies over the limit with 413, whether announced or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._reject(send)
+                    return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        body = JSONResponse(
+            {"error": f"request body is larger than {self.limit} bytes", "field": None}, status_code=413
+        )
+        await body({"type": "http"}, _empty_receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _empty_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def wrap(app: FastAPI, settings: Settings) -> ASGIApp:
+    """The ASGI stack actually served: body limit outermost."""
+    return BodyLimit(app, settings.http.max_body_size)
+
+
+# ---- errors: every one becomes {"error", "field"} with its status
+
+_BRANCH_NOISE = frozenset({"string_type", "model_type", "dict_type", "model_attributes_type"})
+
+
+def _loc_to_field(loc: tuple[Any, ...]) -> str:
+    parts = [p for p in loc if p not in ("body",)]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            # Union branches show up as type names in the location; they are noise for users.
+            if p in ("str", "Mailbox", "constrained-str") or str(p).startswith("function-"):
+                continue
+            out += ("." if out else "") + str(p)
+    return out.replace("from_", "from")
+
+
+async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    # For "address or object" unions pydantic reports every branch; the wrong-type branch is noise.
+    specific = [e for e in errors if e.get("type") not in _BRANCH_NOISE]
+    errors = specific or errors
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error_response(400, "request body is not valid JSON", None)
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    field = _loc_to_field(tuple(first.get("loc", ())))
+    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    details = [
+        {"field": _loc_to_field(tuple(e.get("loc", ()))), "error": str(e.get("msg", "")).removeprefix("Value error, ")}
+        for e in errors[:50]
+    ]
+    return error_response(422, f"{field or 'body'}: {msg}", field or None, details=details)
+
+
+async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse({"error": exc.message, "field": exc.field}, status_code=exc.status, headers=exc.headers)
+
+
+async def on_validation_failed(_: Request, exc: ValidationFailed) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.field)
+
+
+async def on_idempotency_conflict(_: Request, exc: IdempotencyConflict) -> JSONResponse:
+    return error_response(409, str(exc), "Idempotency-Key")
+
+
+async def on_not_found(_: Request, exc: NotFound) -> JSONResponse:
+    return error_response(404, str(exc))
+
+
+async def on_database_unavailable(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
+    log.warning("database_unavailable", error=str(exc))
+    return JSONResponse(
+        {"error": "the database is unavailable; nothing was accepted, retry later", "field": None},
+        status_code=503,
+        headers={"Retry-After": RETRY_AFTER_SECONDS},
+    )
+
+
+# ---- the app
+
+def create_app(ctx: HttpContext) -> FastAPI:
+    """The FastAPI app over ``ctx`` (kept on ``app.state`` for :func:`engine.api.deps.get_ctx`).
+
+    Optional routers are mounted only when their part of the context is there.
+    """
+    app = FastAPI(
+        title="engine",
+        version=__version__,
+        description="Self-hosted email sending engine: submit mail, follow its delivery.",
+        responses={401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+    )
+    app.state.ctx = ctx
+    app.exception_handler(RequestValidationError)(on_validation_error)
+    app.exception_handler(ApiError)(on_api_error)
+    app.exception_handler(ValidationFailed)(on_validation_failed)
+    app.exception_handler(IdempotencyConflict)(on_idempotency_conflict)
+    app.exception_handler(NotFound)(on_not_found)
+    app.exception_handler(DatabaseUnavailable)(on_database_unavailable)
+
+    app.include_router(messages.router)
+    if ctx.templates is not None and ctx.renderer is not None:
+        app.include_router(templates.router)
+    if ctx.acceptor.suppressions is not None:
+        app.include_router(suppressions.router)
+    if ctx.tracking is not None:
+        app.include_router(tracking.router)
+    app.include_router(health.router)
+    app.openapi = partial(openapi, app)  # type: ignore[method-assign]
+    return app
+
+
+def openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the request models the handlers parse themselves (see messages.parse_json)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in messages.SELF_PARSED_MODELS:
+            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(js.pop("$defs", {}))
+            components[model.__name__] = js
+        app.openapi_schema = schema
+    return app.openapi_schema

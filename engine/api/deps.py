@@ -1,0 +1,127 @@
+"""What handlers need, handed to them as FastAPI dependencies instead of closed over.
+
+:func:`engine.api.app.create_app` stores one :class:`HttpContext` on ``app.state``;
+:func:`get_ctx` reads it back for each request, so every handler is a plain module-level
+function that tools (and people) can name. The dependencies are ``async def`` on purpose:
+FastAPI runs a plain ``def`` dependency in its thread pool. Each resolved dependency costs
+every request a little, so the submission handlers and ``require_*`` (which authenticate
+the bearer key and check its scope) read the context from the request they already hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from engine.api.responses import ApiError
+from engine.apikeys import ApiKey
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from engine.accept import Acceptor
+    from engine.apikeys import ApiKeys
+    from engine.compose.pipeline import Composer
+    from engine.compose.render import Renderer
+    from engine.compose.tracking import Keyring
+    from engine.config import Settings
+    from engine.events.store import EventStore
+    from engine.outbox import Outbox
+    from engine.suppression import Suppressions
+    from engine.templates_db import DbTemplateStore
+
+
+@dataclass
+class TrackingDeps:
+    """What the tracking endpoints need; ``keyring`` None (no ``[[tracking.keys]]``) makes every token a 404."""
+
+    pool: asyncpg.Pool
+    keyring: Keyring | None
+    composer: Composer | None
+    events: EventStore
+    suppressions: Suppressions
+    templates: DbTemplateStore | None = None
+
+
+@dataclass
+class HttpContext:
+    """Everything the handlers use, built once by the engine (see ``Engine._start_http``)."""
+
+    settings: Settings
+    outbox: Outbox
+    apikeys: ApiKeys
+    acceptor: Acceptor
+    # Optional routers' dependencies: each router is mounted only when its part is set.
+    templates: DbTemplateStore | None = None
+    renderer: Renderer | None = None
+    tracking: TrackingDeps | None = None
+
+
+def context(request: Request) -> HttpContext:
+    """The context straight from the request: no dependency to resolve, for the submission path."""
+    ctx: HttpContext = request.app.state.ctx
+    return ctx
+
+
+async def get_ctx(request: Request) -> HttpContext:
+    """The context as a dependency: ``ctx: HttpContext = Depends(get_ctx)``."""
+    return context(request)
+
+
+class _NotMounted(RuntimeError):
+    """A handler of an optional router ran although create_app did not mount it (a bug)."""
+
+
+async def get_template_store(ctx: HttpContext = Depends(get_ctx)) -> DbTemplateStore:
+    if ctx.templates is None:
+        raise _NotMounted("templates")
+    return ctx.templates
+
+
+async def get_renderer(ctx: HttpContext = Depends(get_ctx)) -> Renderer:
+    if ctx.renderer is None:
+        raise _NotMounted("renderer")
+    return ctx.renderer
+
+
+async def get_suppressions(ctx: HttpContext = Depends(get_ctx)) -> Suppressions:
+    if ctx.acceptor.suppressions is None:
+        raise _NotMounted("suppressions")
+    return ctx.acceptor.suppressions
+
+
+async def get_tracking(ctx: HttpContext = Depends(get_ctx)) -> TrackingDeps:
+    if ctx.tracking is None:
+        raise _NotMounted("tracking")
+    return ctx.tracking
+
+
+bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>`")
+
+
+def require(scope: str) -> Callable[..., Awaitable[ApiKey]]:
+    """A dependency returning the request's API key: 401 without a valid key, 403 without ``scope``."""
+
+    async def dependency(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ApiKey:
+        if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
+        key = await context(request).apikeys.verify(creds.credentials)
+        if key is None:
+            raise ApiError(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        if not key.allows(scope):
+            raise ApiError(403, f"this API key lacks the '{scope}' scope")
+        structlog.contextvars.bind_contextvars(api_key=key.name)
+        return key
+
+    dependency.__name__ = dependency.__qualname__ = f"require_{scope}"
+    return dependency
+
+
+require_send = require("send")
+require_read = require("read")
+require_admin = require("admin")

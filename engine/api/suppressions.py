@@ -1,0 +1,73 @@
+"""``/v1/suppressions``: list (read scope), add and lift (admin scope) suppressions.
+
+Adding is an operator decision with lasting effect (mail to the address stops,
+including mail already queued), so it needs ``admin`` like other configuration;
+reading needs ``read``. Errors are JSON ``{"error", "field"}`` like the rest of
+the API: a bad address or scope is a 422 naming the field, never a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse
+
+from engine.api.deps import get_suppressions, require_admin, require_read
+from engine.api.models import SuppressionAdded, SuppressionIn, SuppressionList, SuppressionRemoved
+from engine.apikeys import ApiKey
+from engine.errors import NotFound
+from engine.suppression import Suppressions, normalize_address
+
+log = structlog.get_logger(__name__)
+
+router = APIRouter(prefix="/v1/suppressions", tags=["suppressions"])
+
+
+@router.get("", response_model=SuppressionList, summary="Suppressions, newest first (optionally one address)")
+async def list_suppressions(
+    address: str | None = Query(default=None, max_length=320),
+    limit: int = Query(default=100, ge=1, le=1000),
+    key: ApiKey = Depends(require_read),
+    suppressions: Suppressions = Depends(get_suppressions),
+) -> dict[str, Any]:
+    rows = await suppressions.list(address or None, limit)
+    return {
+        "suppressions": [
+            {"address": r.address, "scope": r.scope, "reason": r.reason, "source": r.source, "created_at": r.created_at}
+            for r in rows
+        ]
+    }
+
+
+@router.post(
+    "", status_code=201, response_model=SuppressionAdded,
+    summary="Suppress an address (201 new, 200 already suppressed); stops its queued mail",
+)
+async def add_suppression(
+    body: SuppressionIn,
+    key: ApiKey = Depends(require_admin),
+    suppressions: Suppressions = Depends(get_suppressions),
+) -> JSONResponse:
+    new, moved = await suppressions.suppress(body.address, body.scope, body.reason, f"api:{key.name}"[:200])
+    address = normalize_address(body.address)
+    log.info("suppression_added", address=address, scope=body.scope, new=new, pending_suppressed=moved)
+    return JSONResponse(
+        {"address": address, "scope": body.scope, "created": new, "pending_suppressed": moved},
+        status_code=201 if new else 200,
+    )
+
+
+@router.delete("/{address}", response_model=SuppressionRemoved, summary="Lift a suppression (every scope unless ?scope=)")
+async def remove_suppression(
+    address: str,
+    scope: str | None = Query(default=None, max_length=64),
+    key: ApiKey = Depends(require_admin),
+    suppressions: Suppressions = Depends(get_suppressions),
+) -> dict[str, Any]:
+    removed = await suppressions.remove(address, scope)
+    if not removed:
+        raise NotFound(f"{address} is not suppressed" + (f" for scope {scope!r}" if scope else ""))
+    log.info("suppression_removed", address=normalize_address(address), scopes=removed)
+    return {"address": normalize_address(address), "removed_scopes": removed}
