@@ -15,9 +15,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import asyncpg
 import structlog
@@ -30,11 +29,12 @@ from engine.compose.tracking import Keyring
 from engine.config import Settings, child_environment
 from engine.db.migrate import migrate
 from engine.db.pool import acquire, create_pool, resolve_dsn
-from engine.errors import DatabaseUnavailable
+from engine.errors import DatabaseUnavailable, EngineError
 from engine.events.store import EventStore
 from engine.outbox import Outbox
 from engine.outcome.reputation import Reputation
 from engine.shaping import automation
+from engine.submit.server import SmtpListenerHandle
 from engine.suppression import Suppressions
 from engine.templates_db import DbTemplateStore
 
@@ -51,39 +51,96 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What :meth:`Engine.connect` made: the pool and, over it, the owner of each concern.
+
+    One value, made whole or not at all, so code after ``connect`` never checks a field for None.
+    """
+
+    dsn: str
+    pool: asyncpg.Pool
+    outbox: Outbox
+    apikeys: ApiKeys
+    acceptor: Acceptor
+    templates: DbTemplateStore
+    renderer: Renderer
+    suppressions: Suppressions
+    events: EventStore
+    keyring: Keyring | None
+
+
 @dataclass
 class Engine:
     settings: Settings
     dsn: str | None = None
-    pool: asyncpg.Pool | None = None
-    outbox: Outbox | None = None
-    apikeys: ApiKeys | None = None
-    acceptor: Acceptor | None = None
-    templates: DbTemplateStore | None = None
-    renderer: Renderer | None = None
-    suppressions: Suppressions | None = None
-    events: EventStore | None = None
-    keyring: Keyring | None = None
+    services: Services | None = None
     http_address: tuple[str, int] | None = None
     smtp_addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
     inbound_address: tuple[str, int] | None = None
-    inbound: Any = None  # the bounce/FBL listener (engine.submit.server.SmtpListenerHandle) when [feedback.inbound] is enabled
-    _embedded: Any = None
+    inbound: SmtpListenerHandle | None = None  # the bounce/FBL listener when [feedback.inbound] is enabled
+    _embedded: object | None = None  # the embedded Postgres this process started (pgserver), if any
     _http: _QuietServer | None = None
     _http_task: asyncio.Task[None] | None = None
-    _smtp: list[Any] = field(default_factory=list)
+    _smtp: list[SmtpListenerHandle] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
+    @property
+    def svc(self) -> Services:
+        """The connected services; an error before :meth:`connect` or after :meth:`stop`."""
+        if self.services is None:
+            raise EngineError("the engine is not connected to its database")
+        return self.services
+
+    # Shorthands used by the CLI, benchmarks and tests.
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.svc.pool
+
+    @property
+    def outbox(self) -> Outbox:
+        return self.svc.outbox
+
+    @property
+    def acceptor(self) -> Acceptor:
+        return self.svc.acceptor
+
+    @property
+    def apikeys(self) -> ApiKeys:
+        return self.svc.apikeys
+
+    @property
+    def templates(self) -> DbTemplateStore:
+        return self.svc.templates
+
+    @property
+    def suppressions(self) -> Suppressions:
+        return self.svc.suppressions
+
+    @property
+    def events(self) -> EventStore:
+        return self.svc.events
+
+    @property
+    def renderer(self) -> Renderer:
+        return self.svc.renderer
+
+    @property
+    def keyring(self) -> Keyring | None:
+        return self.svc.keyring
+
     async def connect(self, retry_for: float = 60.0) -> None:
         """Resolve the DSN (starting embedded Postgres if needed), open the pool, migrate."""
-        if self.dsn is None:
-            self.dsn, self._embedded = await asyncio.to_thread(resolve_dsn, self.settings)
+        dsn = self.dsn
+        if dsn is None:
+            resolved, self._embedded = await asyncio.to_thread(resolve_dsn, self.settings)
+            dsn = self.dsn = resolved
         deadline = asyncio.get_running_loop().time() + retry_for
         delay = 0.2
         while True:
             try:
-                self.pool = await create_pool(self.dsn, self.settings)
+                pool = await create_pool(dsn, self.settings)
                 break
             except DatabaseUnavailable as exc:
                 if asyncio.get_running_loop().time() > deadline:
@@ -91,42 +148,56 @@ class Engine:
                 log.warning("database_not_ready", error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        async with acquire(self.pool) as conn:
-            applied = await migrate(conn)
-        if applied:
-            log.info("migrations_applied", versions=applied)
-        self.outbox = Outbox(self.pool, self.settings.queue.max_age)
-        self.apikeys = ApiKeys(self.pool, self.settings.api.key_cache_ttl)
-        # Uploaded templates mirrored in memory for the (synchronous) Renderer; suppressions at accept.
-        self.templates = DbTemplateStore(self.pool)
-        await self.templates.load()
-        self.renderer = Renderer(self.settings.templates, store=self.templates)
-        self.suppressions = Suppressions(self.pool)
-        self.events = EventStore(self.pool)
-        if self.settings.tracking.keys:
-            self.keyring = Keyring.from_config(self.settings.tracking)
-        self.acceptor = Acceptor(
-            self.settings, self.outbox, renderer=self.renderer, templates=self.templates, suppressions=self.suppressions
+        try:
+            async with acquire(pool) as conn:
+                applied = await migrate(conn)
+            if applied:
+                log.info("migrations_applied", versions=applied)
+            outbox = Outbox(pool, self.settings.queue.max_age)
+            # Uploaded templates mirrored in memory for the (synchronous) Renderer; suppressions at accept.
+            templates = DbTemplateStore(pool)
+            await templates.load()
+        except BaseException:
+            await pool.close()
+            raise
+        renderer = Renderer(self.settings.templates, store=templates)
+        suppressions = Suppressions(pool)
+        self.services = Services(
+            dsn=dsn,
+            pool=pool,
+            outbox=outbox,
+            apikeys=ApiKeys(pool, self.settings.api.key_cache_ttl),
+            acceptor=Acceptor(self.settings, outbox, renderer=renderer, templates=templates, suppressions=suppressions),
+            templates=templates,
+            renderer=renderer,
+            suppressions=suppressions,
+            events=EventStore(pool),
+            keyring=Keyring.from_config(self.settings.tracking) if self.settings.tracking.keys else None,
         )
+
+    async def close_pool(self) -> None:
+        """Close the database pool (one-shot commands and workers, which start nothing else)."""
+        if self.services is not None:
+            services, self.services = self.services, None
+            await services.pool.close()
 
     async def start(self) -> None:
         """Start listeners and housekeeping. Call after :meth:`connect`."""
-        assert self.outbox and self.apikeys and self.acceptor
+        svc = self.svc
         if self.settings.http.enabled:
-            await self._start_http()
+            await self._start_http(svc)
         if self.settings.smtp.enabled and self.settings.smtp.listeners:
             from engine.submit.smtp import start_smtp_listeners
 
-            self._smtp = await start_smtp_listeners(self.settings, self.acceptor, self.apikeys)
+            self._smtp = await start_smtp_listeners(self.settings, svc.acceptor, svc.apikeys)
             self.smtp_addresses = {h.name: h.address for h in self._smtp}
         if self.settings.feedback.inbound.enabled:
             from engine.outcome.inbound import start_inbound
 
-            self.inbound = await start_inbound(self.settings, self.pool)  # type: ignore[arg-type]
+            self.inbound = await start_inbound(self.settings, svc.pool)
             self.inbound_address = self.inbound.address
-        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
-        if self.templates is not None:
-            self._tasks.append(asyncio.create_task(self.templates.run_refresh(self._stopping), name="templates-refresh"))
+        self._tasks.append(asyncio.create_task(self._housekeeping(svc), name="housekeeping"))
+        self._tasks.append(asyncio.create_task(svc.templates.run_refresh(self._stopping), name="templates-refresh"))
         log.info(
             "engine_started",
             http=self.http_address,
@@ -134,27 +205,24 @@ class Engine:
             database="embedded" if self._embedded else "external",
         )
 
-    async def _start_http(self) -> None:
+    async def _start_http(self, svc: Services) -> None:
         # Imported here: one-shot commands build an Engine too, and never need FastAPI.
         from engine.api.app import create_app, wrap
         from engine.api.deps import HttpContext, TrackingDeps
         from engine.compose.pipeline import Composer
 
-        # All set by connect(); asserted so the types below hold.
-        assert self.pool is not None and self.outbox is not None and self.apikeys is not None
-        assert self.acceptor is not None and self.events is not None and self.suppressions is not None
         tracking = TrackingDeps(
-            pool=self.pool,
-            keyring=self.keyring,
+            pool=svc.pool,
+            keyring=svc.keyring,
             # Only links() is used here (click redirects); it re-renders with the shared Renderer.
-            composer=Composer(self.settings, renderer=self.renderer, keyring=self.keyring) if self.keyring else None,
-            events=self.events,
-            suppressions=self.suppressions,
-            templates=self.templates,
+            composer=Composer(self.settings, renderer=svc.renderer, keyring=svc.keyring) if svc.keyring else None,
+            events=svc.events,
+            suppressions=svc.suppressions,
+            templates=svc.templates,
         )
         ctx = HttpContext(
-            self.settings, self.outbox, self.apikeys, self.acceptor,
-            templates=self.templates, renderer=self.renderer, tracking=tracking,
+            self.settings, svc.outbox, svc.apikeys, svc.acceptor,
+            templates=svc.templates, renderer=svc.renderer, tracking=tracking,
         )
         app = wrap(create_app(ctx), self.settings)
         host, port = self.settings.http.listen
@@ -179,23 +247,22 @@ class Engine:
                 self._http_task.result()
             await asyncio.sleep(0.01)
 
-    async def _housekeeping(self) -> None:
+    async def _housekeeping(self, svc: Services) -> None:
         """Reclaim leases of dead workers, expire idempotency keys, prune rolling counters.
 
         Survives DB outages. Counters and decisions only matter over their windows (24 h
         at most), so they are kept for ``RETENTION`` and then dropped, hourly: their tables
         stay as big as the traffic of a week, whatever the uptime.
         """
-        assert self.outbox is not None and self.pool is not None
-        reputation = Reputation(self.pool)
+        reputation = Reputation(svc.pool)
         next_prune = 0.0
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             try:
-                n = await self.outbox.reclaim_expired_leases()
+                n = await svc.outbox.reclaim_expired_leases()
                 if n:
                     log.info("leases_reclaimed", count=n)
-                async with acquire(self.pool) as conn:
+                async with acquire(svc.pool) as conn:
                     await Acceptor.expire_idempotency_keys(conn, self.settings.api.idempotency_ttl)
                     if loop.time() >= next_prune:
                         await automation.prune(conn, RETENTION)
@@ -230,10 +297,10 @@ class Engine:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self.pool is not None:
+        if self.services is not None:
+            pool, self.services = self.services.pool, None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.pool.close(), timeout=timeout)
-            self.pool = None
+                await asyncio.wait_for(pool.close(), timeout=timeout)
         log.info("engine_stopped")
 
     async def wait_stopped(self) -> None:
@@ -270,7 +337,7 @@ async def serve(settings: Settings, workers: int | None = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, engine.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: _spawn_reload(engine))
-        supervisor = WorkerSupervisor(settings, engine.dsn or "", n)
+        supervisor = WorkerSupervisor(settings, engine.svc.dsn, n)
         await supervisor.start()
         try:
             await engine.wait_stopped()
@@ -366,7 +433,6 @@ async def run_worker(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     engine = Engine(settings)
     await engine.connect()
-    assert engine.pool is not None
     from engine.compose.pipeline import Composer
 
     # The renderer reads uploaded templates through the engine's DB-backed store.
@@ -384,10 +450,10 @@ async def run_worker(settings: Settings) -> None:
     finally:
         if orphan_watch is not None:
             orphan_watch.cancel()
-        await engine.pool.close()
+        await engine.close_pool()
 
 
-async def _stop_when_orphaned(stop: Any) -> None:
+async def _stop_when_orphaned(stop: Callable[[], None]) -> None:
     """A supervised worker drains and exits when its supervisor is gone (even after a kill -9)."""
     parent = os.getppid()
     while True:

@@ -35,11 +35,10 @@ async def database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     small = settings.model_copy(update={"database": settings.database.model_copy(update={"pool_min": 1, "pool_max": 2})})
     engine = Engine(small)
     await engine.connect(retry_for=3)
-    assert engine.pool is not None
     try:
         yield engine.pool
     finally:
-        await engine.pool.close()
+        await engine.close_pool()
 
 
 def print_json(obj: Any) -> None:
