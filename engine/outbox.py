@@ -226,20 +226,6 @@ class Outbox:
     async def _enqueue(
         self, conn: asyncpg.Connection, messages: Sequence[NewMessage]
     ) -> list[list[EnqueuedRecipient]]:
-        await conn.execute(
-            *q(
-                "insert_messages",
-                ids=[m.id for m in messages],
-                sources=[m.source for m in messages],
-                mail_froms=[m.mail_from for m in messages],
-                raws=[m.raw for m in messages],
-                contents=[m.content for m in messages],
-                streams=[m.stream for m in messages],
-                metadatas=[m.metadata for m in messages],
-                api_key_ids=[m.api_key_id for m in messages],
-                send_ats=[m.send_at for m in messages],
-            )
-        )
         mids: list[uuid.UUID] = []
         addresses: list[str] = []
         domains: list[str] = []
@@ -262,21 +248,29 @@ class Outbox:
                 nexts.append(m.send_at)
         rows = await conn.fetch(
             *q(
-                "insert_recipients",
+                "enqueue",
+                ids=[m.id for m in messages],
+                sources=[m.source for m in messages],
+                mail_froms=[m.mail_from for m in messages],
+                raws=[m.raw for m in messages],
+                contents=[m.content for m in messages],
+                streams=[m.stream for m in messages],
+                metadatas=[m.metadata for m in messages],
+                api_key_ids=[m.api_key_id for m in messages],
+                send_ats=[m.send_at for m in messages],
                 message_ids=mids,
                 addresses=addresses,
                 domains=domains,
                 kinds=kinds,
                 vars=vars_,
                 states=states,
-                streams=streams,
+                rcpt_streams=streams,
                 priorities=prios,
                 next_attempt_ats=nexts,
                 max_age=self.max_age,
+                notify="queued" in states,
             )
         )
-        if any(st == "queued" for st in states):
-            await conn.execute(*q("notify_outbox"))
         by_key = {(r["message_id"], r["address"]): r for r in rows}
         out: list[list[EnqueuedRecipient]] = []
         events: list[Event] = []

@@ -103,3 +103,23 @@ async def test_group_commit_shares_transactions_and_keeps_results_apart(pool, se
     assert await pool.fetchval("SELECT count(*) FROM recipients") == 100
     # 50 concurrent commits were coalesced into far fewer transactions.
     assert 1 <= transactions <= 5, transactions
+
+
+async def test_enqueue_wakes_listeners_only_when_something_is_ready(pool, db_dsn) -> None:
+    import asyncpg
+
+    from engine.outbox import NOTIFY_CHANNEL
+
+    listener = await asyncpg.connect(db_dsn)
+    got: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener(NOTIFY_CHANNEL, lambda *args: got.put_nowait(args[3]))
+    try:
+        held = NewMessage(uuid7(), "http", "a@x.test", "default", 5, [NewRecipient("s@y.test", "y.test", state="suppressed")],
+                          content={"subject": "s"})
+        await Outbox(pool, 3600).enqueue([held])
+        await asyncio.sleep(0.3)
+        assert got.empty()  # nothing ready: no wake-up
+        await Outbox(pool, 3600).enqueue([_msg(1)])
+        assert await asyncio.wait_for(got.get(), 5) == ""
+    finally:
+        await listener.close()

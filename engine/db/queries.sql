@@ -1,26 +1,29 @@
 -- Every SQL statement the engine runs, as named blocks. Python calls them by name
 -- (engine.db.queries); ":name" placeholders become asyncpg's $n in one place.
 
--- name: insert_messages
-INSERT INTO messages (id, source, mail_from, raw, content, stream, metadata, api_key_id, send_at)
-SELECT * FROM unnest(:ids::uuid[], :sources::text[], :mail_froms::text[], :raws::bytea[],
-                     :contents::jsonb[], :streams::text[], :metadatas::jsonb[],
-                     :api_key_ids::bigint[], :send_ats::timestamptz[]);
-
--- name: insert_recipients
-INSERT INTO recipients (message_id, address, domain, kind, vars, state, stream, priority,
-                        next_attempt_at, expires_at)
-SELECT u.message_id, u.address, u.domain, u.kind, u.vars, u.state, u.stream, u.priority,
-       coalesce(u.next_attempt_at, now()), coalesce(u.next_attempt_at, now()) + make_interval(secs => :max_age)
-FROM unnest(:message_ids::uuid[], :addresses::text[], :domains::text[], :kinds::text[],
-            :vars::jsonb[], :states::text[], :streams::text[], :priorities::smallint[],
-            :next_attempt_ats::timestamptz[])
-     AS u(message_id, address, domain, kind, vars, state, stream, priority, next_attempt_at)
-RETURNING id, message_id, address, state;
-
--- name: notify_outbox
--- A wake-up hint for idle delivery workers; they poll anyway (LISTEN is a hint, not a contract).
-SELECT pg_notify('engine_outbox', '');
+-- name: enqueue
+-- Messages and their recipient rows in one statement (one round trip per group commit), plus the
+-- wake-up hint for idle workers when something is ready (an uncorrelated subquery: evaluated once).
+-- The foreign key from recipients to messages is checked at the end of the statement, after both.
+WITH m AS (
+    INSERT INTO messages (id, source, mail_from, raw, content, stream, metadata, api_key_id, send_at)
+    SELECT * FROM unnest(:ids::uuid[], :sources::text[], :mail_froms::text[], :raws::bytea[],
+                         :contents::jsonb[], :streams::text[], :metadatas::jsonb[],
+                         :api_key_ids::bigint[], :send_ats::timestamptz[])
+), ins AS (
+    INSERT INTO recipients (message_id, address, domain, kind, vars, state, stream, priority,
+                            next_attempt_at, expires_at)
+    SELECT u.message_id, u.address, u.domain, u.kind, u.vars, u.state, u.stream, u.priority,
+           coalesce(u.next_attempt_at, now()), coalesce(u.next_attempt_at, now()) + make_interval(secs => :max_age)
+    FROM unnest(:message_ids::uuid[], :addresses::text[], :domains::text[], :kinds::text[],
+                :vars::jsonb[], :states::text[], :rcpt_streams::text[], :priorities::smallint[],
+                :next_attempt_ats::timestamptz[])
+         AS u(message_id, address, domain, kind, vars, state, stream, priority, next_attempt_at)
+    RETURNING id, message_id, address, state
+)
+SELECT ins.id, ins.message_id, ins.address, ins.state,
+       (SELECT pg_notify('engine_outbox', '') WHERE :notify::boolean) AS notified
+FROM ins;
 
 -- name: claim
 -- One statement picks ready rows with SKIP LOCKED and leases them, so many

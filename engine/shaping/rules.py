@@ -443,11 +443,10 @@ def load_shaping(path: str | Path) -> ShapingFile:
 
 def resolve_path(settings: Settings) -> Path | None:
     """``[shaping] file``, relative to the config file's directory (else the working directory)."""
-    shaping = getattr(settings, "shaping", None)
-    if shaping is None or shaping.file is None:
+    if settings.shaping.file is None:
         return None
-    path = Path(shaping.file)
-    config_path = getattr(settings, "config_path", None)
+    path = Path(settings.shaping.file)
+    config_path = settings.config_path
     if not path.is_absolute() and config_path:
         candidate = Path(config_path).parent / path
         if candidate.exists() or not path.exists():

@@ -1,7 +1,7 @@
 """The SMTP server base both of the engine's listeners stand on.
 
 The submission relay (:mod:`engine.submit.smtp`) and the bounce/FBL listener
-(:mod:`engine.feedback.inbound`) differ in policy only: who may send, which
+(:mod:`engine.outcome.inbound`) differ in policy only: who may send, which
 recipients are taken, what ``DATA`` does. Everything below the policy is the
 same, and lives here so the two cannot drift apart:
 
