@@ -70,35 +70,6 @@ def envelope_recipient(address: str) -> NewRecipient:
     return _recipient(address, "envelope")
 
 
-SUPPRESSED_AT_SUBMIT = "on the suppression list"
-
-
-async def mark_suppressed(
-    suppressions: Suppressions, messages: Sequence[NewMessage], conn: asyncpg.Connection | None = None
-) -> int:
-    """Recipients suppressed for their message's stream (or globally) start as ``suppressed``: one query.
-
-    They are still stored (so GET /v1/messages/{id} shows them, with their event) but never claimed.
-    Returns how many were marked.
-    """
-    by_stream: dict[str, set[str]] = {}
-    for m in messages:
-        by_stream.setdefault(m.stream, set()).update(r.address for r in m.recipients if r.state == "queued")
-    found = await suppressions.suppressed_pairs(by_stream, conn=conn)
-    if not found:
-        return 0
-    count = 0
-    for m in messages:
-        hit = found.get(m.stream)
-        if hit:
-            for r in m.recipients:
-                if r.address in hit:
-                    r.state = "suppressed"
-                    r.reason = SUPPRESSED_AT_SUBMIT
-                    count += 1
-    return count
-
-
 async def enqueue_notifications(conn: asyncpg.Connection, outbox: Outbox, messages: Sequence[NewMessage]) -> None:
     """Mail the engine writes itself (DSNs back to relay senders) enters the queue by the same door.
 
@@ -107,8 +78,7 @@ async def enqueue_notifications(conn: asyncpg.Connection, outbox: Outbox, messag
     """
     if not messages:
         return
-    await mark_suppressed(Suppressions(outbox.pool), messages, conn=conn)
-    await outbox.enqueue(messages, conn=conn)
+    await outbox.enqueue(messages, conn=conn, suppress=True)
 
 
 def _dedupe(recipients: list[NewRecipient]) -> list[NewRecipient]:
@@ -280,12 +250,7 @@ class Acceptor:
         return await self._group.submit(messages)
 
     async def _commit_now(self, messages: Sequence[NewMessage]) -> list[list[EnqueuedRecipient]]:
-        if self.suppressions is None:
-            return await self.outbox.enqueue(messages)
-        # One connection for the suppression lookup and the enqueue transaction.
-        async with acquire(self.outbox.pool) as conn, conn.transaction():
-            await self.apply_suppressions(messages, conn=conn)
-            return await self.outbox.enqueue(messages, conn=conn)
+        return await self.outbox.enqueue(messages, suppress=self.suppressions is not None)
 
     # -- policy: templates and suppressions ----------------------------------------------
 
@@ -343,19 +308,6 @@ class Acceptor:
                 f"{p}{lacking[0]}.vars.{var}",
             )
 
-    async def apply_suppressions(
-        self, messages: Sequence[NewMessage], conn: asyncpg.Connection | None = None
-    ) -> None:
-        """Mark recipients suppressed for their stream (or globally) as ``suppressed``: one query per batch.
-
-        They are still stored (so GET /v1/messages/{id} shows them) but never claimed.
-        """
-        if self.suppressions is None:
-            return
-        count = await mark_suppressed(self.suppressions, messages, conn)
-        if count:
-            log.info("recipients_suppressed", count=count)
-
     async def accept_http(
         self,
         key: ApiKey,
@@ -386,8 +338,7 @@ class Acceptor:
             )
             if claimed is None:
                 return await self._replay(conn, key, idempotency_key, request_hash)
-            await self.apply_suppressions(messages, conn=conn)
-            rows = await self.outbox.enqueue(messages, conn=conn)
+            rows = await self.outbox.enqueue(messages, conn=conn, suppress=self.suppressions is not None)
             body = self._wrap(self._body(messages, rows), batch)
             await conn.execute(
                 *q("idempotency_store", api_key_id=key.id, key=idempotency_key, status_code=202, response=body)

@@ -41,6 +41,7 @@ from engine.db.queries import q
 from engine.events.store import Event, record_events
 
 NOTIFY_CHANNEL = "engine_outbox"
+SUPPRESSED_AT_SUBMIT = "on the suppression list"
 _MANAGE_EVENTS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "retry": (None, {}),  # the row stays queued/deferred, only sooner: no state change
     "hold": ("held", {"origin": "operator"}),
@@ -211,20 +212,23 @@ class Outbox:
         self.max_age = max_age
 
     async def enqueue(
-        self, messages: Sequence[NewMessage], conn: asyncpg.Connection | None = None
+        self, messages: Sequence[NewMessage], conn: asyncpg.Connection | None = None, *, suppress: bool = False
     ) -> list[list[EnqueuedRecipient]]:
-        """Insert messages and their recipient rows in one transaction (two statements).
+        """Insert messages, their recipient rows and their events in one transaction (two statements).
 
         Returns, per message, its recipient rows in submission order. Pass ``conn``
         to join a transaction the caller already holds (idempotency bookkeeping).
+        ``suppress``: recipients on the suppression list for their stream start as
+        ``suppressed`` (the accept layer's policy, applied inside the insert so a
+        submission costs no extra round trip).
         """
         if conn is None:
             async with acquire(self.pool) as c, c.transaction():
-                return await self._enqueue(c, messages)
-        return await self._enqueue(conn, messages)
+                return await self._enqueue(c, messages, suppress)
+        return await self._enqueue(conn, messages, suppress)
 
     async def _enqueue(
-        self, conn: asyncpg.Connection, messages: Sequence[NewMessage]
+        self, conn: asyncpg.Connection, messages: Sequence[NewMessage], suppress: bool
     ) -> list[list[EnqueuedRecipient]]:
         mids: list[uuid.UUID] = []
         addresses: list[str] = []
@@ -260,6 +264,7 @@ class Outbox:
                 send_ats=[m.send_at for m in messages],
                 message_ids=mids,
                 addresses=addresses,
+                lowered=[a.lower() for a in addresses],
                 domains=domains,
                 kinds=kinds,
                 vars=vars_,
@@ -269,6 +274,7 @@ class Outbox:
                 next_attempt_ats=nexts,
                 max_age=self.max_age,
                 notify="queued" in states,
+                check_suppressions=suppress,
             )
         )
         by_key = {(r["message_id"], r["address"]): r for r in rows}
@@ -284,7 +290,8 @@ class Outbox:
                     events.append(Event("accepted", row["id"], m.id, accepted))
                 else:
                     events.append(
-                        Event(row["state"], row["id"], m.id, {**accepted, "reason": rcpt.reason, "at": "submit"})
+                        Event(row["state"], row["id"], m.id,
+                              {**accepted, "reason": rcpt.reason or SUPPRESSED_AT_SUBMIT, "at": "submit"})
                     )
             out.append(lst)
         await record_events(conn, events)

@@ -5,6 +5,8 @@
 -- Messages and their recipient rows in one statement (one round trip per group commit), plus the
 -- wake-up hint for idle workers when something is ready (an uncorrelated subquery: evaluated once).
 -- The foreign key from recipients to messages is checked at the end of the statement, after both.
+-- With :check_suppressions (accept's policy), a recipient on the suppression list for its stream
+-- (or every stream) starts as 'suppressed'; :lowered holds the keys, lower-cased in Python.
 WITH m AS (
     INSERT INTO messages (id, source, mail_from, raw, content, stream, metadata, api_key_id, send_at)
     SELECT * FROM unnest(:ids::uuid[], :sources::text[], :mail_froms::text[], :raws::bytea[],
@@ -13,12 +15,17 @@ WITH m AS (
 ), ins AS (
     INSERT INTO recipients (message_id, address, domain, kind, vars, state, stream, priority,
                             next_attempt_at, expires_at)
-    SELECT u.message_id, u.address, u.domain, u.kind, u.vars, u.state, u.stream, u.priority,
+    SELECT u.message_id, u.address, u.domain, u.kind, u.vars,
+           CASE WHEN :check_suppressions::boolean AND u.state = 'queued' AND EXISTS (
+                    SELECT 1 FROM suppressions s
+                    WHERE s.address = u.lowered AND (s.scope = u.stream OR s.scope = '*'))
+                THEN 'suppressed' ELSE u.state END,
+           u.stream, u.priority,
            coalesce(u.next_attempt_at, now()), coalesce(u.next_attempt_at, now()) + make_interval(secs => :max_age)
-    FROM unnest(:message_ids::uuid[], :addresses::text[], :domains::text[], :kinds::text[],
+    FROM unnest(:message_ids::uuid[], :addresses::text[], :lowered::text[], :domains::text[], :kinds::text[],
                 :vars::jsonb[], :states::text[], :rcpt_streams::text[], :priorities::smallint[],
                 :next_attempt_ats::timestamptz[])
-         AS u(message_id, address, domain, kind, vars, state, stream, priority, next_attempt_at)
+         AS u(message_id, address, lowered, domain, kind, vars, state, stream, priority, next_attempt_at)
     RETURNING id, message_id, address, state
 )
 SELECT ins.id, ins.message_id, ins.address, ins.state,
