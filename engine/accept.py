@@ -25,7 +25,7 @@ from engine.compose.stored import StoredAttachment, StoredContent, StoredImage, 
 from engine.config import Settings
 from engine.db.pool import acquire
 from engine.db.queries import q
-from engine.errors import EngineError, ValidationFailed
+from engine.errors import DatabaseUnavailable, EngineError, ValidationFailed
 from engine.ids import uuid7
 from engine.outbox import EnqueuedRecipient, NewMessage, NewRecipient, Outbox
 from engine.submit.models import AddressIn, MessageIn, as_mailbox
@@ -98,8 +98,14 @@ class GroupCommitter:
     Twenty SMTP sessions each committing one message would cost twenty
     transactions and ~100 round trips; while one commit is in flight, the
     others queue and the next transaction takes them all. A lone caller waits
-    for nothing extra. If the shared transaction fails, every caller in it gets
-    the error (and answers "try later"); none is told "accepted" without a commit.
+    for nothing extra. None is told "accepted" without a commit.
+
+    One caller can never fail another: when the shared transaction fails, the
+    batch is split in halves and each half retried in its own transaction, down
+    to the member that fails alone and gets its error (one culprit among N costs
+    about 2*log2(N) extra transactions, and only when something failed). A
+    database outage (:class:`DatabaseUnavailable`) is not split: everyone in the
+    batch gets it at once and answers "try later".
     """
 
     def __init__(
@@ -125,21 +131,33 @@ class GroupCommitter:
                 item = self._waiting.pop(0)
                 batch.append(item)
                 count += len(item[0])
-            messages = [m for ms, _ in batch for m in ms]
-            try:
-                rows = await self._commit(messages)
-            except BaseException as exc:  # noqa: BLE001 - handed to every waiter
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                continue
-            i = 0
-            for ms, fut in batch:
+            await self._commit_batch(batch)
+
+    async def _commit_batch(
+        self, batch: list[tuple[Sequence[NewMessage], asyncio.Future[list[list[EnqueuedRecipient]]]]]
+    ) -> None:
+        """Commit ``batch`` in one transaction; on failure, bisect so only the failing member fails."""
+        messages = [m for ms, _ in batch for m in ms]
+        try:
+            rows = await self._commit(messages)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiters it concerns
+            if len(batch) > 1 and isinstance(exc, Exception) and not isinstance(exc, DatabaseUnavailable):
+                log.warning("group_commit_split", members=len(batch), error=f"{type(exc).__name__}: {exc}")
+                half = len(batch) // 2
+                await self._commit_batch(batch[:half])
+                await self._commit_batch(batch[half:])
+                return
+            for _, fut in batch:
                 if not fut.done():
-                    fut.set_result(rows[i : i + len(ms)])
-                i += len(ms)
+                    fut.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        i = 0
+        for ms, fut in batch:
+            if not fut.done():
+                fut.set_result(rows[i : i + len(ms)])
+            i += len(ms)
 
 
 class Acceptor:

@@ -173,3 +173,45 @@ async def test_healthz_and_openapi(api) -> None:
     spec = (await api.get("/openapi.json")).json()
     assert "/v1/messages" in spec["paths"] and "/v1/messages/batch" in spec["paths"]
     assert "MessageIn" in spec["components"]["schemas"]
+
+
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"text": "a\x00b"}, "text"),
+    ({"html": "<p>\x00</p>"}, "html"),
+    ({"metadata": {"order": {"note": "x\x00y"}}}, "metadata.order.note"),
+    ({"metadata": {"a\x00": 1}}, "metadata.a\\u0000"),
+    ({"metadata": {"n": [1, 2**70]}}, "metadata.n[1]"),
+    ({"metadata": {"n": -(2**63) - 1}}, "metadata.n"),
+    ({"vars": {"deep": {"list": ["ok", "\x00"]}}}, "vars.deep.list[1]"),
+    ({"vars": {"big": 2**64}}, "vars.big"),
+    ({"to": [{"email": "a@example.net", "vars": {"k": "\x00"}}]}, "to[0].vars.k"),
+    ({"template": "a\x00b"}, "template"),
+    ({"subject": "s\x00"}, "subject"),
+    ({"attachments": [{"filename": "a\x00.txt", "content": "eA=="}]}, "attachments[0].filename"),
+])
+async def test_unstorable_input_is_422_naming_the_field(api, conn, patch, field) -> None:
+    """NUL characters and integers beyond 64 bits cannot be stored: refused at the edge, never a 500."""
+    r = await api.post("/v1/messages", json={**MSG, **patch}, headers=auth(api.send_key))
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == field, r.text
+    assert await conn.fetchval("SELECT count(*) FROM messages") == 0
+
+
+async def test_storable_edge_values_still_accepted(api, conn) -> None:
+    edge = {"metadata": {"max": 2**63 - 1, "min": -(2**63), "f": 1.5e300, "t": True, "s": "\u0001 ok"}}
+    r = await api.post("/v1/messages", json={**MSG, **edge}, headers=auth(api.send_key))
+    assert r.status_code == 202, r.text
+
+
+async def test_poisoned_submission_does_not_fail_concurrent_good_ones(api, conn) -> None:
+    """One bad body among 60 concurrent good ones: only it is refused, the others are all accepted."""
+    import asyncio
+
+    good = [api.post("/v1/messages", json={**MSG, "to": [f"u{i}@example.net"]}, headers=auth(api.send_key))
+            for i in range(60)]
+    bad = [api.post("/v1/messages", json={**MSG, "metadata": {"x": "\x00", "n": 2**70}}, headers=auth(api.send_key)),
+           api.post("/v1/messages", json={**MSG, "text": "\x00"}, headers=auth(api.send_key))]
+    results = await asyncio.gather(*good, *bad)
+    assert [r.status_code for r in results[:60]] == [202] * 60
+    assert [r.status_code for r in results[60:]] == [422, 422]
+    assert await conn.fetchval("SELECT count(*) FROM messages") == 60

@@ -105,6 +105,53 @@ async def test_group_commit_shares_transactions_and_keeps_results_apart(pool, se
     assert 1 <= transactions <= 5, transactions
 
 
+async def test_group_commit_isolates_a_failing_member(pool, settings) -> None:
+    """A member whose rows Postgres refuses fails alone; every other member of its batch commits."""
+    import asyncpg
+
+    from engine.accept import Acceptor
+
+    acc = Acceptor(settings, Outbox(pool, 3600))
+    msgs = [acc.build_smtp_message("s@example.com", [f"r{i}@example.net"], b"Subject: x\r\n\r\nx\r\n", None)
+            for i in range(40)]
+    # Content the edge would refuse, crafted past it: NUL is not storable as jsonb text.
+    msgs[17].metadata = {"note": "x\x00y"}
+    msgs[31].metadata = {"n": 2**70}
+    results = await asyncio.gather(*(acc.commit([m]) for m in msgs), return_exceptions=True)
+    assert isinstance(results[17], asyncpg.UntranslatableCharacterError), results[17]
+    assert isinstance(results[31], asyncpg.DataError), results[31]
+    ok = [i for i, r in enumerate(results) if not isinstance(r, BaseException)]
+    assert ok == [i for i in range(40) if i not in (17, 31)], results
+    assert await pool.fetchval("SELECT count(*) FROM messages") == 38
+    assert await pool.fetchval("SELECT count(*) FROM recipients") == 38
+
+
+async def test_group_commit_outage_fails_everyone_at_once() -> None:
+    """DatabaseUnavailable is not split member by member: one attempt, everyone told 'try later'."""
+    from engine.accept import GroupCommitter
+    from engine.errors import DatabaseUnavailable
+
+    calls: list[int] = []
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def commit(messages):  # the committer's injected commit function: an unreachable database
+        calls.append(len(messages))
+        started.set()
+        await release.wait()
+        raise DatabaseUnavailable("database unavailable: connection refused")
+
+    gc = GroupCommitter(commit)
+    first = asyncio.create_task(gc.submit([_msg(1)]))
+    await started.wait()
+    rest = [asyncio.create_task(gc.submit([_msg(1)])) for _ in range(20)]
+    await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert all(isinstance(r, DatabaseUnavailable) for r in results), results
+    assert calls == [1, 20]  # the lone first commit, then the twenty queued behind it: no retries
+
+
 async def test_enqueue_wakes_listeners_only_when_something_is_ready(pool, db_dsn) -> None:
     import asyncpg
 

@@ -182,3 +182,16 @@ async def test_upload_seen_by_another_engine_process(api, engine_factory, conn) 
         assert r.status_code == 422 and r.json()["field"] == "vars.b"
         r = await api.post("/v1/messages", json=msg("shared", vars={"b": 1}), headers=auth(api.send_key))
         assert await stored_template(conn, r.json()["id"]) == "shared@2"
+
+
+async def test_unstorable_template_names_and_parts(api, conn) -> None:
+    """NUL in a path or body never reaches Postgres: 404 for the path, 422 naming the part."""
+    for path in ("/v1/templates/a%00b", "/v1/templates/a%00b/1", "/v1/templates/%00"):
+        r = await api.get(path, headers=auth(api.read_key))
+        assert r.status_code == 404, (path, r.text)
+    r = await api.post("/v1/templates", headers=auth(api.admin_key),
+                       json={"name": "nul", "parts": {"subject": "s", "html": "<p>\x00</p>"}})
+    assert r.status_code == 422 and r.json()["field"] == "parts.html", r.text
+    r = await api.post("/v1/templates", headers=auth(api.admin_key), json={"name": "a\x00b", "parts": {"subject": "s"}})
+    assert r.status_code == 422 and r.json()["field"] == "name", r.text
+    assert await conn.fetchval("SELECT count(*) FROM templates") == 0

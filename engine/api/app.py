@@ -26,7 +26,7 @@ from engine.api.deps import HttpContext
 from engine.api.responses import RETRY_AFTER_SECONDS, ApiError, error_response
 from engine.config import Settings
 from engine.errors import DatabaseUnavailable, NotFound, ValidationFailed
-from engine.submit.models import ErrorOut
+from engine.submit.models import UNSTORABLE, ErrorOut
 
 log = structlog.get_logger(__name__)
 
@@ -105,6 +105,16 @@ def _loc_to_field(loc: tuple[Any, ...]) -> str:
     return out.replace("from_", "from")
 
 
+def _error_field(error: Any) -> str:
+    """The field an error names; a :func:`~engine.submit.models.storable` error adds its path inside it."""
+    field = _loc_to_field(tuple(error.get("loc", ())))
+    if error.get("type") == UNSTORABLE:
+        path = str((error.get("ctx") or {}).get("path", ""))
+        if path:
+            field += path if path.startswith("[") or not field else f".{path}"
+    return field
+
+
 async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
     # For "address or object" unions pydantic reports every branch; the wrong-type branch is noise.
@@ -113,12 +123,12 @@ async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONRe
     if any(e.get("type") == "json_invalid" for e in errors):
         return error_response(400, "request body is not valid JSON", None)
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    field = _loc_to_field(tuple(first.get("loc", ())))
+    field = _error_field(first)
     msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden":
         msg = "unknown field"
     details = [
-        {"field": _loc_to_field(tuple(e.get("loc", ()))), "error": str(e.get("msg", "")).removeprefix("Value error, ")}
+        {"field": _error_field(e), "error": str(e.get("msg", "")).removeprefix("Value error, ")}
         for e in errors[:50]
     ]
     return error_response(422, f"{field or 'body'}: {msg}", field or None, details=details)

@@ -9,8 +9,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from engine.submit.models import storable
 from engine.suppression import GLOBAL
 
 # ---- /v1/templates
@@ -21,6 +22,11 @@ class TemplateIn(BaseModel):
 
     name: str = Field(max_length=200, description="[a-z0-9_-], 1-100 characters, starting with a letter or digit.")
     parts: dict[str, Any] = Field(description="subject (required), html and/or text: Jinja2 sources.")
+
+    @field_validator("parts")
+    @classmethod
+    def _parts(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return storable(v)  # stored as jsonb: no NUL, no integer beyond 64 bits
 
 
 class TemplateCreated(BaseModel):

@@ -20,7 +20,7 @@ from engine.api.models import TemplateCreated, TemplateIn
 from engine.apikeys import ApiKey
 from engine.compose.render import PARTS, Renderer, TemplateError
 from engine.errors import NotFound, ValidationFailed
-from engine.templates_db import DbTemplateStore, check_name
+from engine.templates_db import NAME_RE, DbTemplateStore, check_name
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"])
 
@@ -92,7 +92,8 @@ async def get_versions(
     store: DbTemplateStore = Depends(get_template_store),
     renderer: Renderer = Depends(get_renderer),
 ) -> dict[str, Any]:
-    rows = await store.versions(name) if len(name) <= 100 else []
+    # A name that could never have been uploaded (NUL, too long, ...) is not looked up: 404.
+    rows = await store.versions(name) if NAME_RE.match(name) else []
     if not rows:
         if name in _file_templates(renderer):
             return {"name": name, "source": "file", "versions": []}
@@ -115,7 +116,7 @@ async def get_version(
     store: DbTemplateStore = Depends(get_template_store),
     renderer: Renderer = Depends(get_renderer),
 ) -> dict[str, Any]:
-    row = await store.fetch(name, version) if len(name) <= 100 and 1 <= version < 2**31 else None
+    row = await store.fetch(name, version) if NAME_RE.match(name) and 1 <= version < 2**31 else None
     if row is None:
         raise NotFound(f"no template {name}@{version}")
     required = sorted(await asyncio.to_thread(renderer.required_variables, f"{name}@{version}"))

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from engine.addresses import AddressError, split_address
 
@@ -22,6 +23,55 @@ MAX_HEADER_VALUE = 998
 def _no_crlf(value: str, what: str) -> str:
     if "\r" in value or "\n" in value or "\x00" in value:
         raise ValueError(f"{what} must not contain CR, LF or NUL characters")
+    return value
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+# Error type of :func:`storable`; its ``ctx["path"]`` extends the field's location (see engine.api.app).
+UNSTORABLE = "unstorable"
+
+
+def _unstorable(path: str, what: str) -> PydanticCustomError:
+    return PydanticCustomError(UNSTORABLE, "{what}", {"path": path, "what": what})
+
+
+def _walk(value: Any, path: str) -> None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise _unstorable(path, "must not contain NUL (\\u0000) characters")
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, int):
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise _unstorable(path, "integer is outside the signed 64-bit range")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and "\x00" in k:
+                raise _unstorable(sub.replace("\x00", "\\u0000"), "key must not contain NUL (\\u0000) characters")
+            _walk(v, sub)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _walk(v, f"{path}[{i}]")
+
+
+JsonT = TypeVar("JsonT")
+
+
+def storable(value: JsonT) -> JsonT:
+    """Refuse what Postgres cannot store as text/jsonb: NUL characters, integers beyond 64 bits.
+
+    One recursive walk; ``"\\x00" in s`` per string (no per-character loop). The error's
+    ``ctx["path"]`` is the offending key path inside the field (``order.items[2].note``).
+    """
+    _walk(value, "")
+    return value
+
+
+def _no_nul(value: str | None) -> str | None:
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain NUL (\\u0000) characters")
     return value
 
 
@@ -43,6 +93,11 @@ class Mailbox(_Model):
     email: Annotated[str, Field(max_length=254)]
     name: Annotated[str | None, Field(max_length=200)] = None
     vars: dict[str, Any] | None = None
+
+    @field_validator("vars")
+    @classmethod
+    def _vars(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return storable(v)
 
     @field_validator("email")
     @classmethod
@@ -181,6 +236,16 @@ class MessageIn(_Model):
     attachments: list[AttachmentIn] = Field(default_factory=list, max_length=50)
     raw: str | None = Field(default=None, description="A complete RFC 5322 message; needs `envelope`.")
     envelope: Envelope | None = None
+
+    @field_validator("text", "html", "template")
+    @classmethod
+    def _text(cls, v: str | None) -> str | None:
+        return _no_nul(v)
+
+    @field_validator("vars", "metadata")
+    @classmethod
+    def _json(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return storable(v)
 
     @field_validator("subject")
     @classmethod
