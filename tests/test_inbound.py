@@ -8,6 +8,8 @@ sent to the listener with aiosmtplib, and their effect is read back from Postgre
 from __future__ import annotations
 
 import asyncio
+import email
+import json
 import time
 import uuid
 from typing import Any
@@ -16,6 +18,8 @@ import aiosmtplib
 import httpx
 import pytest
 
+from engine.compose.pipeline import Composer, MessageRow
+from engine.compose.tracking import Keyring
 from engine.config import load_settings
 from engine.deliver.scheduler import DeliveryWorker
 from engine.feedback.verp import Verp
@@ -239,17 +243,87 @@ async def test_soft_bounce_records_event_only(env) -> None:
     assert await env.suppressions() == []
 
 
-async def test_message_id_fallback_without_verp(env) -> None:
-    out = await env.submit(["erin@example.net"])
-    rid = out["recipients"][0]["id"]
+async def test_unsigned_message_id_is_recorded_unverified_never_applied(env) -> None:
+    """Issue 16: the unsigned Message-ID is visible to every recipient; it names nobody with proof."""
+    out = await env.submit(["erin@example.net", "fay@example.net"])
+    r_erin, r_fay = (r["id"] for r in out["recipients"])
+    await env.deliver(r_fay)
+    # What the engine writes for a non-personalized message, and the old unsigned per-recipient form.
+    for mid in (f"<{out['id']}@sender.test>", f"<{out['id']}.{r_fay}@sender.test>"):
+        _, reply = await env.send(dsn("fay@example.net", original_headers=f"Message-ID: {mid}\r\n"),
+                                  ["postmaster@fbl.example.test"])
+        assert "applied" not in reply and "unverified" in reply, reply
+    assert (await env.row(r_fay))["state"] == "delivered"
+    assert (await env.row(r_erin))["state"] == "queued"
+    assert await env.suppressions() == []
+    bounced = await env.events("bounced")
+    assert len(bounced) == 2
+    for ev in bounced:
+        assert ev["recipient_id"] is None and ev["message_id"] is None
+        assert ev["data"]["verified"] is False and ev["data"]["origin"] == "dsn"
+        assert ev["data"]["reported_recipient"] == "fay@example.net"
+    assert await env.pool.fetchval("SELECT count(*) FROM reputation_counters") == 0
+    assert env.eng.inbound.handler.stats["unverified"] == 2 and env.eng.inbound.handler.stats["applied"] == 0
+
+
+async def test_forged_dsn_and_arf_about_another_recipient_change_nothing(env) -> None:
+    """Bob got the message (To/Cc show carol and the Message-ID) and forges reports about her."""
+    out = await env.submit(["bob@example.net", "carol@example.net"])
+    r_bob, r_carol = (r["id"] for r in out["recipients"])
+    await env.deliver(r_carol)
     headers = f"Message-ID: <{out['id']}@sender.test>\r\n"
-    await env.send(dsn("erin@example.net", original_headers=headers), ["postmaster@fbl.example.test"])
-    assert (await env.row(rid))["state"] == "bounced"
-    # A Message-ID naming a row of another message is not believed.
-    other = await env.submit(["fay@example.net"])
-    forged_mid = f"Message-ID: <{uuid.uuid4()}.{other['recipients'][0]['id']}@sender.test>\r\n"
-    await env.send(dsn("fay@example.net", original_headers=forged_mid), ["postmaster@fbl.example.test"])
-    assert (await env.row(other["recipients"][0]["id"]))["state"] == "queued"
+    _, reply = await env.send(dsn("carol@example.net", original_headers=headers), [f"anything@{BOUNCE_DOMAIN}"])
+    assert "applied" not in reply, reply
+    _, reply = await env.send(arf("carol@example.net", original_headers=headers), ["fbl@fbl.example.test"],
+                              sender="bob@example.net")
+    assert "applied" not in reply, reply
+    assert (await env.row(r_carol))["state"] == "delivered"
+    assert (await env.row(r_bob))["state"] == "queued"
+    assert await env.suppressions() == []
+    later = await env.submit(["carol@example.net"])
+    assert later["recipients"][0]["state"] == "queued"
+    [b] = await env.events("bounced")
+    [c] = await env.events("complained")
+    assert b["data"]["verified"] is False and c["data"]["verified"] is False and c["data"]["origin"] == "fbl"
+    assert b["recipient_id"] is None and c["recipient_id"] is None
+    assert c["data"]["reported_recipient"] == "carol@example.net"
+    # A genuine (signed) complaint from carol still applies: the forged one did not use up her dedup.
+    await env.send(arf("carol@example.net", original_headers=f"Return-Path: <{VERP.return_path(r_carol)}>\r\n"),
+                   ["fbl@fbl.example.test"])
+    assert await env.suppressions() == [("carol@example.net", "*", "complaint", "fbl")]
+    [_, genuine] = await env.events("complained")
+    assert genuine["recipient_id"] == r_carol and genuine["data"]["verified"] is True
+
+
+async def test_signed_message_id_of_a_personalized_copy_applies(env) -> None:
+    """A report that returns only the original message: the signed Message-ID the engine wrote is proof."""
+    out = await env.submit(["gus@example.com", "hal@example.com"])
+    r_gus, r_hal = (r["id"] for r in out["recipients"])
+    await env.deliver(r_gus)
+    m = await env.pool.fetchrow("SELECT id, mail_from, stream, raw, content, metadata FROM messages WHERE id = $1",
+                                uuid.UUID(out["id"]))
+    content = m["content"] if not isinstance(m["content"], str) else json.loads(m["content"])
+    metadata = m["metadata"] if not isinstance(m["metadata"], str) else json.loads(m["metadata"])
+    row = MessageRow.from_stored(m["id"], m["mail_from"], m["stream"], m["raw"], content, metadata)
+    composer = Composer(env.eng.settings, keyring=Keyring({1: "tracking-secret-" + "t" * 32}))  # personalized
+    mid = email.message_from_bytes(composer.compose(row, r_gus))["Message-ID"].strip()
+    assert mid.startswith(f"<{out['id']}.") and VERP.parse_token(mid[1:].split("@")[0].split(".")[1]) == r_gus
+    # A tampered token is not believed.
+    bad = mid.replace(".", ".a", 1)
+    _, reply = await env.send(arf("gus@example.com", original_headers=f"Message-ID: {bad}\r\n"), ["fbl@fbl.example.test"])
+    assert "unverified" in reply
+    assert await env.suppressions() == []
+    _, reply = await env.send(arf("gus@example.com", original_headers=f"Message-ID: {mid}\r\n"), ["fbl@fbl.example.test"])
+    assert "applied" in reply
+    assert await env.suppressions() == [("gus@example.com", "*", "complaint", "fbl")]
+    # The token names gus's row only: a report listing hal with gus's Message-ID does not reach hal.
+    two = dsn("hal@example.com", original_headers=f"Message-ID: {mid}\r\n").replace(
+        b"Final-Recipient: rfc822; hal@example.com\r\n",
+        b"Final-Recipient: rfc822; hal@example.com\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+        b"Final-Recipient: rfc822; zed@example.com\r\n")
+    await env.send(two, ["postmaster@fbl.example.test"])
+    assert (await env.row(r_hal))["state"] == "queued"
+    assert (await env.row(r_gus))["state"] == "delivered"
 
 
 # ------------------------------------------------------------------------------------- ARF

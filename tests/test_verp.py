@@ -113,3 +113,14 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         _settings(tmp_path, '[feedback]\nsuppress_scope = "everywhere"\n')
     with pytest.raises(ConfigError, match="inbound"):
         _settings(tmp_path, "[feedback.inbound]\nenabled = true\n")
+
+
+def test_bare_token_for_message_ids() -> None:
+    """The token the composer puts in a personalized Message-ID verifies alone; anything else gives None."""
+    v = make()
+    tok = v.token(4242)
+    assert v.parse_token(tok) == 4242 and v.parse_token(tok.upper()) == 4242
+    assert v.parse_token(tok[:-1] + ("a" if tok[-1] != "a" else "b")) is None
+    assert Verp(DOMAIN, {1: "other-" + "x" * 32}).parse_token(tok) is None
+    for junk in ("", "4242", "a" * 24, "a" * 400, None, 12):
+        assert v.parse_token(junk) is None  # type: ignore[arg-type]

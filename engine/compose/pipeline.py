@@ -13,6 +13,12 @@ and link index, and :meth:`Composer.links` re-renders the recipient's HTML to
 find the URL behind that index. Rendering is deterministic for a pinned
 template version, so the redirect can only ever lead to a URL that was in the
 message, at zero cost on the sending hot path.
+
+A personalized copy's Message-ID names its recipient row with the signed VERP
+token (``<{message uuid}.{token}@{domain}>``, when ``[feedback] bounce_domain``
+is set): a feedback-loop report that returns only the original message is then
+proof of which row it is about. Anything else in a Message-ID is never believed
+by the inbound listener (every recipient sees it; anyone could copy it).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from engine.compose.mime import Attachment, InlineImage, ListUnsubscribe, Messag
 from engine.compose.render import Renderer, merge_vars
 from engine.compose.stored import StoredContent, StoredContentError
 from engine.compose.tracking import Keyring, rewrite_links, track_html, unsubscribe_url
+from engine.feedback.verp import Verp
 
 if TYPE_CHECKING:
     from engine.config import Settings
@@ -89,6 +96,7 @@ class Composer:
         if self.keyring is None and settings.tracking.keys:
             self.keyring = Keyring.from_config(settings.tracking)
         self.base_url = (settings.tracking.base_url or settings.http.public_url).rstrip("/")
+        self.verp = Verp.from_settings(settings)
 
     def personalized(self, msg: MessageRow) -> bool:
         """Does each recipient get different bytes (tokens, variables)? Else one transaction serves all."""
@@ -142,10 +150,16 @@ class Composer:
                 feedback={k: str(v) for k, v in msg.metadata.items() if k in ("campaign", "customer", "sender_id")},
             ),
             sending_domain=domain,
-            message_id=f"{msg.id}.{recipient_id}" if self.personalized(msg) else str(msg.id),
+            message_id=self._message_id(msg, recipient_id),
             config=self.settings.mime,
         )
         return self._sign(built.raw)
+
+    def _message_id(self, msg: MessageRow, recipient_id: int) -> str:
+        """The left part of the Message-ID: per recipient (signed when VERP is on) for personalized copies."""
+        if not self.personalized(msg):
+            return str(msg.id)
+        return f"{msg.id}.{self.verp.token(recipient_id) if self.verp is not None else recipient_id}"
 
     def links(self, msg: MessageRow, recipient_vars: Mapping[str, Any] | None = None) -> list[str]:
         """The tracked link URLs of this recipient's copy, in index order (for click redirects)."""

@@ -12,6 +12,11 @@ case-insensitive in practice, so the alphabet must survive case folding)::
 
     key_id:u8  recipient_id:varint  HMAC-SHA256(secret, "engine-verp\\0" + key_id + recipient_id)[:10]
 
+The same token signs the Message-ID of a personalized message
+(``<{message uuid}.{token}@{sending domain}>``, :mod:`engine.compose.pipeline`), so a
+feedback-loop report that comes back without the envelope still names its row
+with proof (:meth:`Verp.parse_token`).
+
 A recipient id below 2**28 gives a 24-character token (``b-`` + 24 + ``@domain``,
 well under the 64-octet local-part limit). 80 bits of tag make a forgery a
 2**-80 guess per attempt; the listener logs and ignores forgeries.
@@ -131,11 +136,20 @@ class Verp:
         except Exception:  # noqa: BLE001 - the contract: hostile input gives None
             return None
 
+    def parse_token(self, token: str, *, now: float | None = None) -> int | None:
+        """The recipient id of a genuine bare token (as in our Message-IDs); None for anything else. Never raises."""
+        try:
+            return self._verify(token.lower(), now) if isinstance(token, str) else None
+        except Exception:  # noqa: BLE001 - the contract: hostile input gives None
+            return None
+
     def _parse(self, address: str, now: float | None) -> int | None:
         local, domain = _split(address)
         if local is None or domain not in self.domains or not local.startswith(PREFIX):
             return None
-        tok = local[len(PREFIX):]
+        return self._verify(local[len(PREFIX):], now)
+
+    def _verify(self, tok: str, now: float | None) -> int | None:
         if len(tok) > _MAX_TOKEN_CHARS or not _TOKEN_RE.match(tok):
             return None
         try:

@@ -33,7 +33,7 @@ import structlog
 from engine.errors import ValidationFailed
 from engine.events.store import Event, event_exists_for_recipient, record_events
 from engine.feedback.classify import HARD_CATEGORIES
-from engine.feedback.report import RecipientResult
+from engine.feedback.report import RecipientResult, Report
 from engine.outbox import Bounce, mark_bounced
 from engine.outcome.reputation import CounterRow, record_counters
 from engine.suppression import GLOBAL, add_many, normalize_address
@@ -161,6 +161,7 @@ async def apply_report_results(
                     mid,
                     {
                         "origin": "fbl",
+                        "verified": True,
                         "feedback_type": res.feedback_type or "abuse",
                         "format": report_format,
                         "stream": stream,
@@ -180,6 +181,7 @@ async def apply_report_results(
         seen.add((rid, "bounced"))
         data: dict[str, Any] = {
             "origin": "dsn",
+            "verified": True,
             "format": report_format,
             "category": res.category,
             "status": res.status,
@@ -203,3 +205,34 @@ async def apply_report_results(
         reply = (res.reply or f"{res.status or '5.0.0'} asynchronous bounce ({res.category})")[:1000]
         batch.bounced.append((Bounce(rid, res.status, reply, data), mid))
     return await batch.write(conn, stats)
+
+
+UNVERIFIED_MAX_RESULTS = 20
+"""At most this many events for one unverified report (a hostile report may list thousands)."""
+
+
+async def record_unverified_report(conn: asyncpg.Connection, report: Report, *, peer: str | None = None) -> int:
+    """Record a report that no signed token ties to a recipient row, in the caller's transaction.
+
+    Observations only: ``bounced`` (a DSN) or ``complained`` (an ARF) events with ``verified: false``,
+    the reported address and the Message-ID it claims, and no ``recipient_id`` / ``message_id``. No row
+    changes, nothing is suppressed or counted, and ``complained`` dedup per row is not touched (a forged
+    report must not stop a later genuine one). Returns how many events were written.
+    """
+    kind = "complained" if report.kind == "arf" else "bounced"
+    events = []
+    for res in report.recipients[:UNVERIFIED_MAX_RESULTS]:
+        data: dict[str, Any] = {
+            "origin": "fbl" if report.kind == "arf" else "dsn",
+            "verified": False,
+            "format": report.format,
+            "reported_recipient": (res.recipient or res.original_recipient or "")[:320] or None,
+            "claimed_message_id": (report.original_message_id or "")[:200] or None,
+            "peer": peer,
+        }
+        if report.kind == "arf":
+            data["feedback_type"] = res.feedback_type or "abuse"
+        else:
+            data.update(category=res.category, status=res.status, permanent=bool(res.permanent))
+        events.append(Event(kind, None, None, data))
+    return await record_events(conn, events)

@@ -13,13 +13,21 @@ is stored, and a message only changes state through the results it parses to.
    by ``parse_concurrency``: a hostile 10 MB message must not stall the loop);
 2. find the recipient row each result is about: the VERP token of the
    envelope recipient, else a VERP address inside the report (its To, the
-   original message's Return-Path, an ARF's Original-Mail-From...), else our
-   own Message-ID (``<{message uuid}.{recipient id}@...>`` names the row;
-   ``<{message uuid}@...>`` plus the reported address finds it). One token
-   names one row; its siblings in the same SMTP transaction are found by
-   address within that message;
+   original message's Return-Path, an ARF's Original-Mail-From...), else the
+   signed token in the Message-ID of a personalized copy
+   (``<{message uuid}.{token}@...>``, which names exactly that one row). One
+   VERP token names one row; its siblings in the same SMTP transaction are
+   found by address within that message;
 3. apply everything in one transaction (:func:`engine.outcome.feedback.apply_report_results`)
    and answer ``250`` after the commit.
+
+Only signed evidence changes state. A Message-ID without a token
+(``<{message uuid}@...>``, or a relayed message's own) is visible to every
+recipient of the message, so a report that names its recipients only through
+it and the reported addresses could be written by anyone about anyone: it is
+recorded as ``bounced`` / ``complained`` events with ``verified: false`` and no
+recipient row (:func:`engine.outcome.feedback.record_unverified_report`), and
+changes no row, adds no suppression and counts nothing.
 
 A report carrying a forged VERP token changes nothing (logged). Reports that
 map to nothing, auto-replies and unparseable mail are answered ``250`` (so the
@@ -33,8 +41,9 @@ import asyncio
 import collections
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import structlog
@@ -47,14 +56,14 @@ from engine.errors import DatabaseUnavailable
 from engine.feedback.classify import Classifier, load_rules
 from engine.feedback.report import Report, parse_report
 from engine.feedback.verp import Verp
-from engine.outcome.feedback import MappedResult, ProviderOf, apply_report_results
+from engine.outcome.feedback import MappedResult, ProviderOf, apply_report_results, record_unverified_report
 from engine.submit.server import NULL_SENDER, ListenerHandler, SmtpListenerHandle, format_peer, format_reply, start_listener
 
 log = structlog.get_logger(__name__)
 
 _SCAN_CHARS = 256 * 1024  # how much of a report is searched for a VERP address when nothing else names one
 _MSGID_RE = re.compile(
-    r"<?\s*([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:\.(\d{1,19}))?@[^>\s]+", re.I
+    r"<?\s*([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.([a-z2-7]{16,40})@[^>\s]+", re.I
 )
 
 
@@ -149,9 +158,12 @@ class InboundHandler(ListenerHandler):
             self.stats["forged"] += 1
             log.warning("inbound_verp_forged", forged=forged, **info)
             return "ignored"
+        signed = None if ids else self._signed_message_id(report)
+        if not ids and signed is None:
+            return await self._record_unverified(report, peer, info)
         fb = self.settings.feedback
         async with acquire(self.pool) as conn, conn.transaction():
-            mapped, unmapped = await self._map(conn, report, ids)
+            mapped, unmapped = await self._map(conn, report, ids, signed)
             if not mapped:
                 self.stats["unmapped"] += 1
                 log.info("inbound_report_unmapped", verp_ids=ids, message_id=report.original_message_id, **info)
@@ -197,7 +209,27 @@ class InboundHandler(ListenerHandler):
             return ids, forged
         return self.verp.find([raw[:_SCAN_CHARS].decode("latin-1")])
 
-    async def _map(self, conn: asyncpg.Connection, report: Report, ids: list[int]) -> tuple[list[MappedResult], int]:
+    async def _record_unverified(self, report: Report, peer: str | None, info: Mapping[str, Any]) -> str:
+        """No signed token names a row: an observation only, never applied (anyone can write such a report)."""
+        async with acquire(self.pool) as conn, conn.transaction():
+            n = await record_unverified_report(conn, report, peer=peer)
+        self.stats["unverified"] += 1
+        log.info("inbound_report_unverified", message_id=(report.original_message_id or "")[:200], events=n, **info)
+        return "recorded unverified (no signed token), nothing changed"
+
+    def _signed_message_id(self, report: Report) -> tuple[uuid.UUID, int] | None:
+        """(message uuid, recipient id) from a genuinely signed Message-ID of ours, else None."""
+        if self.verp is None:
+            return None
+        parsed = _parse_message_id(report)
+        if parsed is None:
+            return None
+        rid = self.verp.parse_token(parsed[1])
+        return None if rid is None else (parsed[0], rid)
+
+    async def _map(
+        self, conn: asyncpg.Connection, report: Report, ids: list[int], signed: tuple[uuid.UUID, int] | None = None
+    ) -> tuple[list[MappedResult], int]:
         anchors = []
         for rid in ids[:20]:
             row = await conn.fetchrow(*q("feedback_recipient", recipient_id=rid))
@@ -205,7 +237,11 @@ class InboundHandler(ListenerHandler):
                 log.info("inbound_verp_recipient_gone", recipient_id=rid)
             else:
                 anchors.append(row)
-        by_msgid = None if ids else _parse_message_id(report)
+        by_msgid = None
+        if not ids and signed is not None:
+            cand = await conn.fetchrow(*q("feedback_recipient", recipient_id=signed[1]))
+            if cand is not None and cand["message_id"] == signed[0]:
+                by_msgid = cand  # the token names this row, and the row belongs to that message
         mapped: list[MappedResult] = []
         unmapped = 0
         single = len(report.recipients) == 1
@@ -221,14 +257,8 @@ class InboundHandler(ListenerHandler):
                             break
                 if row is None and len(anchors) == 1 and (single or not addr):
                     row = anchors[0]  # the token names the row; the report shows a rewritten address
-            elif by_msgid is not None:
-                msg_uuid, msg_rid = by_msgid
-                if msg_rid is not None:
-                    cand = await conn.fetchrow(*q("feedback_recipient", recipient_id=msg_rid))
-                    if cand is not None and cand["message_id"] == msg_uuid:
-                        row = cand
-                elif addr:
-                    row = await conn.fetchrow(*q("feedback_recipient_in_message", message_id=msg_uuid, address=addr))
+            elif by_msgid is not None and (single or not addr or by_msgid["address"].lower() == addr):
+                row = by_msgid  # a personalized copy went to this row alone: no siblings by address
             if row is None:
                 unmapped += 1
             else:
@@ -236,15 +266,15 @@ class InboundHandler(ListenerHandler):
         return mapped, unmapped
 
 
-def _parse_message_id(report: Report) -> tuple[uuid.UUID, int | None] | None:
-    """Our Message-ID in the report: (message uuid, recipient id or None)."""
+def _parse_message_id(report: Report) -> tuple[uuid.UUID, str] | None:
+    """A Message-ID of ours with a token in the report: (message uuid, token still to verify)."""
     candidates = [report.original_message_id]
     candidates += [v for k, v in report.original_headers.items() if k.lower() == "message-id"]
     for text in candidates:
         m = _MSGID_RE.search(text or "")
         if m:
             try:
-                return uuid.UUID(m.group(1)), int(m.group(2)) if m.group(2) else None
+                return uuid.UUID(m.group(1)), m.group(2)
             except ValueError:
                 continue
     return None
