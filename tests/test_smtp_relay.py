@@ -65,10 +65,12 @@ async def relay(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[StartRe
     """Factory: start one listener with the given config; all are closed at teardown."""
     started: list[SmtpListenerHandle] = []
 
-    async def start(listener: SmtpListener, *, db: asyncpg.Pool | None = None, **smtp: Any) -> SmtpListenerHandle:
+    async def start(
+        listener: SmtpListener, *, db: asyncpg.Pool | None = None, key_cache_ttl: float = 5.0, **smtp: Any
+    ) -> SmtpListenerHandle:
         s = _variant(settings, [listener], **smtp)
         acceptor = Acceptor(s, Outbox(db or pool, s.queue.max_age))
-        handles = await start_smtp_listeners(s, acceptor, ApiKeys(db or pool))
+        handles = await start_smtp_listeners(s, acceptor, ApiKeys(db or pool, key_cache_ttl))
         started.extend(handles)
         return handles[0]
 
@@ -251,6 +253,30 @@ async def test_trusted_listener_offers_auth_without_tls(relay: StartRelay, pool:
         client.close()
     msg, _ = await _stored(pool, settings, message_id)
     assert msg["api_key_id"] == key_id
+
+
+async def test_revoked_key_stops_an_authenticated_session(relay: StartRelay, pool: asyncpg.Pool) -> None:
+    """Revocation (here by another ApiKeys, as the CLI would) reaches open sessions within key_cache_ttl."""
+    secret, _ = await ApiKeys(pool).create("app1", ["send"])
+    handle = await relay(TRUSTED, trusted_networks=LOOPBACK_UNTRUSTED, key_cache_ttl=0.2)
+    client = _client(handle)
+    await client.connect()
+    try:
+        await client.ehlo()
+        await client.auth_plain("api", secret)
+        await _send(client)
+        assert await ApiKeys(pool).revoke("app1")
+        await asyncio.sleep(0.5)  # past the relay's key_cache_ttl
+        with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+            await client.sendmail("zoe@example.test", ["bob@example.net"], RAW)
+        assert refused.value.code == 530 and "5.7.0" in refused.value.message
+        # The session's authentication is gone: AUTH is offered again (and the revoked key fails it).
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError) as again:
+            await client.auth_plain("api", secret)
+        assert again.value.code == 535
+    finally:
+        client.close()
+    assert await _message_count(pool) == 1
 
 
 async def test_repeated_auth_failures_disconnect(relay: StartRelay) -> None:

@@ -34,7 +34,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
 from engine.accept import Acceptor
 from engine.addresses import AddressError, split_address
-from engine.apikeys import ApiKey, ApiKeys
+from engine.apikeys import ApiKey, ApiKeys, hash_key
 from engine.config import Settings, SmtpListener
 from engine.errors import DatabaseUnavailable, ValidationFailed
 from engine.submit.server import (
@@ -58,6 +58,13 @@ class RelaySession(ListenerSession):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.auth_failures = 0
+        self.key_digest: bytes | None = None  # hash of the proven key, re-checked at each MAIL
+
+    def drop_auth(self) -> None:
+        """Forget the proven key (it was revoked): the client must AUTH again."""
+        self.authenticated = False
+        self.auth_data = None
+        self.key_digest = None
 
     @property
     def api_key(self) -> ApiKey | None:
@@ -132,6 +139,10 @@ class RelayHandler(ListenerHandler):
     ) -> str:
         if self.closing:
             return "421 4.3.2 Service shutting down, try again later"
+        if isinstance(session, RelaySession) and session.authenticated and session.key_digest is not None:
+            refusal = await self._recheck_key(session)
+            if refusal:
+                return refusal
         if not self.may_relay(session):
             return "530 5.7.0 Authentication required"
         if address != NULL_SENDER:
@@ -141,6 +152,27 @@ class RelayHandler(ListenerHandler):
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
+
+    async def _recheck_key(self, session: RelaySession) -> str | None:
+        """Is the key this session proved still valid? A refusal reply when not.
+
+        Called at every MAIL FROM, through the ApiKeys cache (``[api] key_cache_ttl``),
+        so revoking a key also stops sessions that authenticated before the revocation.
+        A revoked key ends the session's authentication: the answer is the same ``530``
+        as for a client that never authenticated (RFC 4954 section 6); this transaction is
+        refused even from a trusted network, since the client chose to send as that key.
+        """
+        assert session.key_digest is not None
+        try:
+            key = await self.apikeys.verify_digest(session.key_digest)
+        except Exception as exc:
+            log.warning("smtp_auth_unavailable", reason=f"{type(exc).__name__}: {exc}", listener=self.listener.name)
+            return "454 4.7.0 Temporary authentication failure, try again later"
+        if key is not None and key.allows("send"):
+            return None
+        log.info("smtp_auth_revoked", listener=self.listener.name, peer=format_peer(session))
+        session.drop_auth()
+        return "530 5.7.0 Authentication required (the API key is no longer valid)"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
@@ -254,6 +286,7 @@ class RelayHandler(ListenerHandler):
         if not key.allows("send"):
             return await self._auth_failed(server, session, "Authentication credentials invalid: key lacks the send scope")
         log.info("smtp_auth_ok", api_key=key.name, listener=self.listener.name, peer=format_peer(session))
+        session.key_digest = hash_key(secret)
         return AuthResult(success=True, auth_data=key)
 
     async def _auth_failed(self, server: SMTP, session: RelaySession, reason: str) -> AuthResult:
