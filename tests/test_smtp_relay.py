@@ -34,7 +34,8 @@ QUEUED_RE = re.compile(r"queued as ([0-9a-f-]{36})")
 
 STARTTLS = SmtpListener(name="submission", listen=("127.0.0.1", 0), tls="starttls", self_signed=True)
 TRUSTED = SmtpListener(name="local", listen=("127.0.0.1", 0), trusted=True)
-PLAIN = SmtpListener(name="plain", listen=("127.0.0.1", 0))
+# An untrusted listener trusts no address unless it lists networks itself: this one trusts loopback.
+PLAIN = SmtpListener(name="plain", listen=("127.0.0.1", 0), trusted_networks=["127.0.0.0/8", "::1/128"])
 LOOPBACK_UNTRUSTED = ["10.0.0.0/8"]  # the loopback test client is then an untrusted peer
 
 # 8-bit UTF-8 in headers and body, a lone dot line, lines starting with dots.
@@ -298,13 +299,18 @@ async def test_repeated_auth_failures_disconnect(relay: StartRelay) -> None:
 # -- relay policy ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["global", "listener"])
+@pytest.mark.parametrize("where", ["global", "listener", "untrusted-listener"])
 async def test_unauthenticated_untrusted_client_gets_530(relay: StartRelay, pool: asyncpg.Pool, where: str) -> None:
     if where == "global":
-        handle = await relay(PLAIN, trusted_networks=LOOPBACK_UNTRUSTED)
-    else:
+        # A trusted listener without its own list inherits [smtp] trusted_networks, here not loopback.
+        handle = await relay(TRUSTED, trusted_networks=LOOPBACK_UNTRUSTED)
+    elif where == "listener":
         # [smtp] trusts loopback, but this listener's own trusted_networks = [] wins.
-        handle = await relay(PLAIN.model_copy(update={"trusted_networks": []}))
+        handle = await relay(TRUSTED.model_copy(update={"trusted_networks": []}))
+    else:
+        # [smtp] trusts loopback (the default), but an untrusted listener that lists no
+        # networks of its own does not inherit them: it trusts nobody by address.
+        handle = await relay(SmtpListener(name="submission", listen=("127.0.0.1", 0)))
     raw = await Raw.connect(handle)
     try:
         assert (await raw.cmd("EHLO client.test"))[0] == 250
@@ -318,7 +324,7 @@ async def test_unauthenticated_untrusted_client_gets_530(relay: StartRelay, pool
 
 
 async def test_trusted_network_relays_without_auth(relay: StartRelay, pool: asyncpg.Pool, settings: Settings) -> None:
-    handle = await relay(PLAIN)  # default trusted_networks include 127.0.0.0/8
+    handle = await relay(PLAIN)  # the listener's trusted_networks include 127.0.0.0/8
     client = _client(handle)
     await client.connect()
     try:
@@ -328,6 +334,17 @@ async def test_trusted_network_relays_without_auth(relay: StartRelay, pool: asyn
     msg, rcpts = await _stored(pool, settings, message_id)
     assert msg["api_key_id"] is None and bytes(msg["raw"]) == RAW
     assert [r["address"] for r in rcpts] == ["bob@example.net"]
+
+
+async def test_trusted_listener_inherits_smtp_trusted_networks(relay: StartRelay, pool: asyncpg.Pool) -> None:
+    handle = await relay(TRUSTED)  # no trusted_networks of its own; [smtp] default includes 127.0.0.0/8
+    client = _client(handle)
+    await client.connect()
+    try:
+        await _send(client)
+    finally:
+        client.close()
+    assert await _message_count(pool) == 1
 
 
 async def test_null_sender_and_pipelining(relay: StartRelay, pool: asyncpg.Pool, settings: Settings) -> None:

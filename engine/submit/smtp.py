@@ -9,9 +9,11 @@ never blocking the loop.
 
 The server underneath (protocol fixes, command limits, the listener handle and its
 graceful stop) is :mod:`engine.submit.server`, shared with the bounce/FBL listener.
-The relay is never open: a client that has not authenticated and is not in
-``[smtp] trusted_networks`` gets ``530`` at MAIL, whatever the listener's other
-settings.
+The relay is never open: a client that has not authenticated and is not in the
+listener's trusted networks gets ``530`` at MAIL, whatever the listener's other
+settings. A listener's trusted networks are its own ``trusted_networks``; a
+``trusted = true`` listener without one inherits ``[smtp] trusted_networks``, an
+untrusted one trusts no address at all.
 
 The message is stored exactly as the client meant it: aiosmtpd's
 ``original_content`` is the DATA payload after removing dot-stuffing, with the
@@ -92,13 +94,15 @@ class RelayHandler(ListenerHandler):
     def __post_init__(self) -> None:
         nets = self.listener.trusted_networks
         if nets is None:
-            nets = self.settings.smtp.trusted_networks
+            # Only a trusted listener inherits [smtp] trusted_networks; an untrusted one
+            # (a public submission port) trusts nobody by address unless it says so itself.
+            nets = self.settings.smtp.trusted_networks if self.listener.trusted else []
         self._networks = [ipaddress.ip_network(n, strict=False) for n in nets]
 
     # -- who may relay -------------------------------------------------------------------
 
     def peer_trusted(self, session: Session) -> bool:
-        """Is the client's address inside the listener's (else ``[smtp]``) trusted_networks?"""
+        """Is the client's address inside the listener's trusted networks (see ``__post_init__``)?"""
         peer = session.peer
         if not isinstance(peer, tuple) or not peer:
             return False  # not a TCP peer (unix socket, unknown): never trusted by address
