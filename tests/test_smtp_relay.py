@@ -67,9 +67,16 @@ async def relay(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[StartRe
     started: list[SmtpListenerHandle] = []
 
     async def start(
-        listener: SmtpListener, *, db: asyncpg.Pool | None = None, key_cache_ttl: float = 5.0, **smtp: Any
+        listener: SmtpListener,
+        *,
+        db: asyncpg.Pool | None = None,
+        key_cache_ttl: float = 5.0,
+        allow_address_literals: bool = False,
+        **smtp: Any,
     ) -> SmtpListenerHandle:
         s = _variant(settings, [listener], **smtp)
+        if allow_address_literals:
+            s = s.model_copy(update={"routing": s.routing.model_copy(update={"allow_address_literals": True})})
         acceptor = Acceptor(s, Outbox(db or pool, s.queue.max_age))
         handles = await start_smtp_listeners(s, acceptor, ApiKeys(db or pool, key_cache_ttl))
         started.extend(handles)
@@ -345,6 +352,28 @@ async def test_trusted_listener_inherits_smtp_trusted_networks(relay: StartRelay
     finally:
         client.close()
     assert await _message_count(pool) == 1
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+async def test_address_literal_recipients_refused_unless_allowed(
+    relay: StartRelay, pool: asyncpg.Pool, allowed: bool
+) -> None:
+    handle = await relay(PLAIN, allow_address_literals=allowed)
+    raw = await Raw.connect(handle)
+    try:
+        assert (await raw.cmd("EHLO client.test"))[0] == 250
+        assert (await raw.cmd("MAIL FROM:<zoe@example.test>"))[0] == 250
+        for literal in ("user@[127.0.0.1]", "user@[IPv6:::1]", "user@[192.0.2.1]"):
+            code, text = await raw.cmd(f"RCPT TO:<{literal}>")
+            if allowed:
+                assert code == 250, text
+            else:
+                assert code == 553 and "5.7.1" in text and "literal" in text.lower(), text
+        assert (await raw.cmd("RCPT TO:<bob@example.net>"))[0] == 250
+        assert (await raw.cmd("RSET"))[0] == 250
+    finally:
+        await raw.close()
+    assert await _message_count(pool) == 0
 
 
 async def test_null_sender_and_pipelining(relay: StartRelay, pool: asyncpg.Pool, settings: Settings) -> None:

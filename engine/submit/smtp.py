@@ -35,7 +35,7 @@ import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
 from engine.accept import Acceptor
-from engine.addresses import AddressError, split_address
+from engine.addresses import AddressError, is_address_literal, split_address
 from engine.apikeys import ApiKey, ApiKeys, hash_key
 from engine.config import Settings, SmtpListener
 from engine.errors import DatabaseUnavailable, ValidationFailed
@@ -189,6 +189,10 @@ class RelayHandler(ListenerHandler):
         problem = self._address_problem(address, envelope.smtp_utf8)
         if problem:
             return problem
+        if not self.settings.routing.allow_address_literals and is_address_literal(address.rpartition("@")[2]):
+            # 553: "mailbox name not allowed" (RFC 5321 4.2.3) - the address is well-formed but
+            # refused by policy, hence 5.7.1 "delivery not authorized" (RFC 3463) and not 5.1.3 (syntax).
+            return "553 5.7.1 Address literals are not accepted as recipients; use a domain name"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
