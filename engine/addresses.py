@@ -9,6 +9,7 @@ else is refused before it can reach a header or an SMTP command.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 
 _LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010FFFF-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010FFFF-]+)*$")
@@ -60,3 +61,26 @@ def is_valid(address: str) -> bool:
     except AddressError:
         return False
     return True
+
+
+def is_address_literal(domain: str) -> bool:
+    """Is ``domain`` an address literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``) rather than a name?
+
+    Literals skip MX routing (and any static route), so the relay and the REST API refuse
+    them unless ``[routing] allow_address_literals`` is set.
+    """
+    return domain.startswith("[")
+
+
+def literal_is_public(domain: str) -> bool:
+    """Is the IP inside address literal ``domain`` globally routable (not loopback, private, link-local...)?"""
+    inner = domain.strip()[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        inner = inner[5:]
+    try:
+        ip = ipaddress.ip_address(inner)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast

@@ -84,7 +84,15 @@ class ApiKeys:
         """The key's identity and scopes, or None for an unknown or revoked key."""
         if not key or len(key) > 200:
             return None
-        digest = hash_key(key)
+        return await self.verify_digest(hash_key(key))
+
+    async def verify_digest(self, digest: bytes) -> ApiKey | None:
+        """:meth:`verify` by the key's hash: how a session re-checks a key it proved earlier.
+
+        The SMTP relay keeps only the hash of the key a client authenticated with and
+        re-checks it at every MAIL FROM, so a key revoked mid-session stops working
+        within ``cache_ttl`` (and the cache keeps that check free of database round trips).
+        """
         now = time.monotonic()
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:

@@ -77,7 +77,10 @@ class SmtpListener(_Section):
     key_file: Path | None = None
     trusted_networks: list[str] | None = Field(
         default=None,
-        description="Per-listener override of [smtp] trusted_networks ([] = nobody relays without AUTH).",
+        description=(
+            "Clients that may relay without AUTH on this listener. Unset: a trusted listener uses "
+            "[smtp] trusted_networks, an untrusted one trusts nobody."
+        ),
     )
     self_signed: bool = Field(
         default=False,
@@ -111,7 +114,7 @@ class SmtpConfig(_Section):
     max_recipients: int = Field(default=1000, ge=1)
     trusted_networks: list[str] = Field(
         default_factory=lambda: ["127.0.0.0/8", "::1/128"],
-        description="Clients from these networks may relay without AUTH.",
+        description="Clients from these networks may relay without AUTH on trusted listeners that set none of their own.",
     )
     default_stream: str = "relay"
     data_timeout: Duration = 300.0

@@ -100,6 +100,9 @@ async def test_idempotency_key_replays_first_response(api, conn) -> None:
     "payload,status,field",
     [
         ({**MSG, "to": ["bad address@example.net"]}, 422, "to[0]"),
+        ({**MSG, "to": ["a@example.net", "user@[127.0.0.1]"]}, 422, "to[1]"),
+        ({**MSG, "bcc": [{"email": "user@[IPv6:::1]"}]}, 422, "bcc[0]"),
+        ({"raw": "Subject: x\r\n\r\nx", "envelope": {"mail_from": "", "rcpt_to": ["user@[192.0.2.1]"]}}, 422, "envelope.rcpt_to"),
         ({**MSG, "subject": "Hi\r\nBcc: victim@example.org"}, 422, "subject"),
         ({**MSG, "headers": {"X-Test": "a\nInjected: yes"}}, 422, "headers"),
         ({**MSG, "headers": {"Bad Name": "x"}}, 422, "headers"),
@@ -121,6 +124,16 @@ async def test_bad_input_gets_clear_error(api, conn, payload, status, field) -> 
     if field is not None:
         assert body["field"] == field, body
     assert await conn.fetchval("SELECT count(*) FROM messages") == 0
+
+
+async def test_address_literals_accepted_when_allowed(engine_factory, conn) -> None:
+    eng = await engine_factory("[routing]\nallow_address_literals = true\n")
+    key, _ = await eng.apikeys.create("k", ["send"])
+    host, port = eng.http_address
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as c:
+        r = await c.post("/v1/messages", json={**MSG, "to": ["user@[192.0.2.1]"]}, headers=auth(key))
+    assert r.status_code == 202, r.text
+    assert [x["email"] for x in r.json()["recipients"]] == ["user@[192.0.2.1]"]
 
 
 async def test_too_many_recipients(api) -> None:

@@ -358,13 +358,33 @@ async def test_invalid_domain_is_a_clear_permanent_error(dns_server, bad):
 
 async def test_address_literal(dns_server):
     srv = dns_server({})
-    router = router_for(srv)
-    route = await router.resolve("[127.0.0.9]")
-    assert route.hops == (Hop("127.0.0.9", "127.0.0.9", MX_PORT, 0),)
-    route = await router.resolve("[IPv6:::1]")
-    assert route.hops[0].address == "::1"
+    router = router_for(srv, allow_address_literals=True)
+    route = await router.resolve("[8.8.4.4]")
+    assert route.hops == (Hop("8.8.4.4", "8.8.4.4", MX_PORT, 0),)
+    route = await router.resolve("[IPv6:2001:4860:4860::8888]")
+    assert route.hops[0].address == "2001:4860:4860::8888"
     assert (await fails(router, "[999.1.1.1]")).permanent is True
     assert srv.count() == 0
+
+
+async def test_address_literals_refused_by_default(dns_server):
+    """A literal would bypass MX and static routes (even '*'): refused unless allowed."""
+    srv = dns_server({})
+    router = router_for(srv, static={"*": "127.0.0.1:2600"})
+    err = await fails(router, "[8.8.4.4]")
+    assert err.permanent is True and "allow_address_literals" in err.reason
+    assert srv.count() == 0
+
+
+@pytest.mark.parametrize(
+    "literal",
+    ["[127.0.0.1]", "[10.1.2.3]", "[192.168.0.1]", "[172.16.0.1]", "[169.254.1.1]", "[0.0.0.0]",
+     "[100.64.0.1]", "[224.0.0.1]", "[IPv6:::1]", "[IPv6:fe80::1]", "[IPv6:fd00::1]", "[IPv6:::ffff:127.0.0.1]"],
+)
+async def test_private_address_literals_are_never_delivered_to(dns_server, literal):
+    router = router_for(dns_server({}), allow_address_literals=True)
+    err = await fails(router, literal)
+    assert err.permanent is True and "not a public address" in err.reason
 
 
 async def test_zone_text_and_tcp_fallback(dns_server):

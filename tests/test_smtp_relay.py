@@ -34,7 +34,8 @@ QUEUED_RE = re.compile(r"queued as ([0-9a-f-]{36})")
 
 STARTTLS = SmtpListener(name="submission", listen=("127.0.0.1", 0), tls="starttls", self_signed=True)
 TRUSTED = SmtpListener(name="local", listen=("127.0.0.1", 0), trusted=True)
-PLAIN = SmtpListener(name="plain", listen=("127.0.0.1", 0))
+# An untrusted listener trusts no address unless it lists networks itself: this one trusts loopback.
+PLAIN = SmtpListener(name="plain", listen=("127.0.0.1", 0), trusted_networks=["127.0.0.0/8", "::1/128"])
 LOOPBACK_UNTRUSTED = ["10.0.0.0/8"]  # the loopback test client is then an untrusted peer
 
 # 8-bit UTF-8 in headers and body, a lone dot line, lines starting with dots.
@@ -65,10 +66,19 @@ async def relay(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[StartRe
     """Factory: start one listener with the given config; all are closed at teardown."""
     started: list[SmtpListenerHandle] = []
 
-    async def start(listener: SmtpListener, *, db: asyncpg.Pool | None = None, **smtp: Any) -> SmtpListenerHandle:
+    async def start(
+        listener: SmtpListener,
+        *,
+        db: asyncpg.Pool | None = None,
+        key_cache_ttl: float = 5.0,
+        allow_address_literals: bool = False,
+        **smtp: Any,
+    ) -> SmtpListenerHandle:
         s = _variant(settings, [listener], **smtp)
+        if allow_address_literals:
+            s = s.model_copy(update={"routing": s.routing.model_copy(update={"allow_address_literals": True})})
         acceptor = Acceptor(s, Outbox(db or pool, s.queue.max_age))
-        handles = await start_smtp_listeners(s, acceptor, ApiKeys(db or pool))
+        handles = await start_smtp_listeners(s, acceptor, ApiKeys(db or pool, key_cache_ttl))
         started.extend(handles)
         return handles[0]
 
@@ -253,6 +263,30 @@ async def test_trusted_listener_offers_auth_without_tls(relay: StartRelay, pool:
     assert msg["api_key_id"] == key_id
 
 
+async def test_revoked_key_stops_an_authenticated_session(relay: StartRelay, pool: asyncpg.Pool) -> None:
+    """Revocation (here by another ApiKeys, as the CLI would) reaches open sessions within key_cache_ttl."""
+    secret, _ = await ApiKeys(pool).create("app1", ["send"])
+    handle = await relay(TRUSTED, trusted_networks=LOOPBACK_UNTRUSTED, key_cache_ttl=0.2)
+    client = _client(handle)
+    await client.connect()
+    try:
+        await client.ehlo()
+        await client.auth_plain("api", secret)
+        await _send(client)
+        assert await ApiKeys(pool).revoke("app1")
+        await asyncio.sleep(0.5)  # past the relay's key_cache_ttl
+        with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+            await client.sendmail("zoe@example.test", ["bob@example.net"], RAW)
+        assert refused.value.code == 530 and "5.7.0" in refused.value.message
+        # The session's authentication is gone: AUTH is offered again (and the revoked key fails it).
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError) as again:
+            await client.auth_plain("api", secret)
+        assert again.value.code == 535
+    finally:
+        client.close()
+    assert await _message_count(pool) == 1
+
+
 async def test_repeated_auth_failures_disconnect(relay: StartRelay) -> None:
     handle = await relay(TRUSTED, trusted_networks=LOOPBACK_UNTRUSTED)
     raw = await Raw.connect(handle)
@@ -272,13 +306,18 @@ async def test_repeated_auth_failures_disconnect(relay: StartRelay) -> None:
 # -- relay policy ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["global", "listener"])
+@pytest.mark.parametrize("where", ["global", "listener", "untrusted-listener"])
 async def test_unauthenticated_untrusted_client_gets_530(relay: StartRelay, pool: asyncpg.Pool, where: str) -> None:
     if where == "global":
-        handle = await relay(PLAIN, trusted_networks=LOOPBACK_UNTRUSTED)
-    else:
+        # A trusted listener without its own list inherits [smtp] trusted_networks, here not loopback.
+        handle = await relay(TRUSTED, trusted_networks=LOOPBACK_UNTRUSTED)
+    elif where == "listener":
         # [smtp] trusts loopback, but this listener's own trusted_networks = [] wins.
-        handle = await relay(PLAIN.model_copy(update={"trusted_networks": []}))
+        handle = await relay(TRUSTED.model_copy(update={"trusted_networks": []}))
+    else:
+        # [smtp] trusts loopback (the default), but an untrusted listener that lists no
+        # networks of its own does not inherit them: it trusts nobody by address.
+        handle = await relay(SmtpListener(name="submission", listen=("127.0.0.1", 0)))
     raw = await Raw.connect(handle)
     try:
         assert (await raw.cmd("EHLO client.test"))[0] == 250
@@ -292,7 +331,7 @@ async def test_unauthenticated_untrusted_client_gets_530(relay: StartRelay, pool
 
 
 async def test_trusted_network_relays_without_auth(relay: StartRelay, pool: asyncpg.Pool, settings: Settings) -> None:
-    handle = await relay(PLAIN)  # default trusted_networks include 127.0.0.0/8
+    handle = await relay(PLAIN)  # the listener's trusted_networks include 127.0.0.0/8
     client = _client(handle)
     await client.connect()
     try:
@@ -302,6 +341,39 @@ async def test_trusted_network_relays_without_auth(relay: StartRelay, pool: asyn
     msg, rcpts = await _stored(pool, settings, message_id)
     assert msg["api_key_id"] is None and bytes(msg["raw"]) == RAW
     assert [r["address"] for r in rcpts] == ["bob@example.net"]
+
+
+async def test_trusted_listener_inherits_smtp_trusted_networks(relay: StartRelay, pool: asyncpg.Pool) -> None:
+    handle = await relay(TRUSTED)  # no trusted_networks of its own; [smtp] default includes 127.0.0.0/8
+    client = _client(handle)
+    await client.connect()
+    try:
+        await _send(client)
+    finally:
+        client.close()
+    assert await _message_count(pool) == 1
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+async def test_address_literal_recipients_refused_unless_allowed(
+    relay: StartRelay, pool: asyncpg.Pool, allowed: bool
+) -> None:
+    handle = await relay(PLAIN, allow_address_literals=allowed)
+    raw = await Raw.connect(handle)
+    try:
+        assert (await raw.cmd("EHLO client.test"))[0] == 250
+        assert (await raw.cmd("MAIL FROM:<zoe@example.test>"))[0] == 250
+        for literal in ("user@[127.0.0.1]", "user@[IPv6:::1]", "user@[192.0.2.1]"):
+            code, text = await raw.cmd(f"RCPT TO:<{literal}>")
+            if allowed:
+                assert code == 250, text
+            else:
+                assert code == 553 and "5.7.1" in text and "literal" in text.lower(), text
+        assert (await raw.cmd("RCPT TO:<bob@example.net>"))[0] == 250
+        assert (await raw.cmd("RSET"))[0] == 250
+    finally:
+        await raw.close()
+    assert await _message_count(pool) == 0
 
 
 async def test_null_sender_and_pipelining(relay: StartRelay, pool: asyncpg.Pool, settings: Settings) -> None:

@@ -39,7 +39,8 @@ async def parse_json(request: Request, model: type[ModelT]) -> tuple[ModelT, byt
     """
     body = await request.body()
     try:
-        return model.model_validate_json(body), body
+        literals = context(request).settings.routing.allow_address_literals
+        return model.model_validate_json(body, context={"allow_address_literals": literals}), body
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
 

@@ -43,6 +43,7 @@ import dns.resolver
 import idna
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from engine.addresses import literal_is_public
 from engine.configtypes import Duration
 from engine.deliver.hop import Hop
 from engine.errors import EngineError
@@ -140,6 +141,13 @@ class RoutingConfig(BaseModel):
     mx_port: int = Field(default=25, ge=1, le=65535, description="Port for MX hosts and static routes without one.")
     ipv6: bool = Field(default=True, description="Also look up AAAA and try IPv6 addresses (after IPv4).")
     max_mx_hosts: int = Field(default=10, ge=1, le=100, description="Use at most this many MX hosts per domain.")
+    allow_address_literals: bool = Field(
+        default=False,
+        description=(
+            "Accept recipients like user@[192.0.2.1] (SMTP RCPT and REST) and deliver straight to that IP, "
+            "bypassing MX and static routes; loopback/private/link-local literals are never delivered to."
+        ),
+    )
 
     @field_validator("static", mode="before")
     @classmethod
@@ -266,6 +274,19 @@ class Router:
         """The route for ``domain``; raises :class:`RouteError` (``permanent`` says bounce or defer)."""
         literal = _address_literal(domain)
         if literal is not None:
+            if not self.config.allow_address_literals:
+                raise RouteError(
+                    "address literals are not accepted ([routing] allow_address_literals = false)",
+                    permanent=True,
+                    domain=domain,
+                )
+            if not literal_is_public(domain):
+                raise RouteError(
+                    f"address literal [{literal}] is not a public address (loopback, private, link-local "
+                    "or reserved): not delivering there",
+                    permanent=True,
+                    domain=domain,
+                )
             hop = Hop(literal, literal, self.config.mx_port, 0)
             return Route(domain.strip().lower(), (hop,), (literal,), f"[{literal}]", "literal")
         name = normalize_domain(domain)

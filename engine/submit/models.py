@@ -12,10 +12,10 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from engine.addresses import AddressError, split_address
+from engine.addresses import AddressError, is_address_literal, split_address
 
 MAX_HEADER_VALUE = 998
 
@@ -139,11 +139,28 @@ def as_mailbox(value: _RawAddress) -> Mailbox:
     return Mailbox.model_construct(_fields_set=set(_FROM_STRING), email=email, name=name or None, vars=None)
 
 
-def _checked_mailbox(value: _RawAddress) -> Mailbox:
+def _checked_mailbox(value: _RawAddress, info: ValidationInfo) -> Mailbox:
     try:
-        return as_mailbox(value)
+        mailbox = as_mailbox(value)
     except ValidationError as exc:  # pragma: no cover - as_mailbox raises ValueError itself
         raise ValueError(str(exc.errors()[0]["msg"]).removeprefix("Value error, ")) from None
+    if info.field_name in _RECIPIENT_FIELDS:
+        _no_literal(mailbox.email, info)
+    return mailbox
+
+
+_RECIPIENT_FIELDS = frozenset({"to", "cc", "bcc", "rcpt_to"})
+
+
+def _no_literal(address: str, info: ValidationInfo) -> None:
+    """Refuse a recipient like ``user@[192.0.2.1]`` unless ``[routing] allow_address_literals``.
+
+    The API passes that setting as the validation context (``allow_address_literals``);
+    without a context, literals are refused.
+    """
+    allowed = bool(info.context and info.context.get("allow_address_literals"))
+    if not allowed and is_address_literal(address.rpartition("@")[2]):
+        raise ValueError("address literals are not accepted as recipients ([routing] allow_address_literals = false)")
 
 
 # An address as "a@b", "Name <a@b>" or {email, name, vars}; always a Mailbox once validated.
@@ -163,8 +180,11 @@ class Envelope(_Model):
 
     @field_validator("rcpt_to")
     @classmethod
-    def _rcpts(cls, v: list[str]) -> list[str]:
-        return [_address(a) for a in v]
+    def _rcpts(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        for a in v:
+            _address(a)
+            _no_literal(a, info)
+        return v
 
 
 def _base64(value: str, what: str) -> str:

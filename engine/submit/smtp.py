@@ -9,9 +9,11 @@ never blocking the loop.
 
 The server underneath (protocol fixes, command limits, the listener handle and its
 graceful stop) is :mod:`engine.submit.server`, shared with the bounce/FBL listener.
-The relay is never open: a client that has not authenticated and is not in
-``[smtp] trusted_networks`` gets ``530`` at MAIL, whatever the listener's other
-settings.
+The relay is never open: a client that has not authenticated and is not in the
+listener's trusted networks gets ``530`` at MAIL, whatever the listener's other
+settings. A listener's trusted networks are its own ``trusted_networks``; a
+``trusted = true`` listener without one inherits ``[smtp] trusted_networks``, an
+untrusted one trusts no address at all.
 
 The message is stored exactly as the client meant it: aiosmtpd's
 ``original_content`` is the DATA payload after removing dot-stuffing, with the
@@ -33,8 +35,8 @@ import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
 from engine.accept import Acceptor
-from engine.addresses import AddressError, split_address
-from engine.apikeys import ApiKey, ApiKeys
+from engine.addresses import AddressError, is_address_literal, split_address
+from engine.apikeys import ApiKey, ApiKeys, hash_key
 from engine.config import Settings, SmtpListener
 from engine.errors import DatabaseUnavailable, ValidationFailed
 from engine.submit.server import (
@@ -58,6 +60,13 @@ class RelaySession(ListenerSession):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.auth_failures = 0
+        self.key_digest: bytes | None = None  # hash of the proven key, re-checked at each MAIL
+
+    def drop_auth(self) -> None:
+        """Forget the proven key (it was revoked): the client must AUTH again."""
+        self.authenticated = False
+        self.auth_data = None
+        self.key_digest = None
 
     @property
     def api_key(self) -> ApiKey | None:
@@ -85,13 +94,15 @@ class RelayHandler(ListenerHandler):
     def __post_init__(self) -> None:
         nets = self.listener.trusted_networks
         if nets is None:
-            nets = self.settings.smtp.trusted_networks
+            # Only a trusted listener inherits [smtp] trusted_networks; an untrusted one
+            # (a public submission port) trusts nobody by address unless it says so itself.
+            nets = self.settings.smtp.trusted_networks if self.listener.trusted else []
         self._networks = [ipaddress.ip_network(n, strict=False) for n in nets]
 
     # -- who may relay -------------------------------------------------------------------
 
     def peer_trusted(self, session: Session) -> bool:
-        """Is the client's address inside the listener's (else ``[smtp]``) trusted_networks?"""
+        """Is the client's address inside the listener's trusted networks (see ``__post_init__``)?"""
         peer = session.peer
         if not isinstance(peer, tuple) or not peer:
             return False  # not a TCP peer (unix socket, unknown): never trusted by address
@@ -132,6 +143,10 @@ class RelayHandler(ListenerHandler):
     ) -> str:
         if self.closing:
             return "421 4.3.2 Service shutting down, try again later"
+        if isinstance(session, RelaySession) and session.authenticated and session.key_digest is not None:
+            refusal = await self._recheck_key(session)
+            if refusal:
+                return refusal
         if not self.may_relay(session):
             return "530 5.7.0 Authentication required"
         if address != NULL_SENDER:
@@ -141,6 +156,27 @@ class RelayHandler(ListenerHandler):
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
+
+    async def _recheck_key(self, session: RelaySession) -> str | None:
+        """Is the key this session proved still valid? A refusal reply when not.
+
+        Called at every MAIL FROM, through the ApiKeys cache (``[api] key_cache_ttl``),
+        so revoking a key also stops sessions that authenticated before the revocation.
+        A revoked key ends the session's authentication: the answer is the same ``530``
+        as for a client that never authenticated (RFC 4954 section 6); this transaction is
+        refused even from a trusted network, since the client chose to send as that key.
+        """
+        assert session.key_digest is not None
+        try:
+            key = await self.apikeys.verify_digest(session.key_digest)
+        except Exception as exc:
+            log.warning("smtp_auth_unavailable", reason=f"{type(exc).__name__}: {exc}", listener=self.listener.name)
+            return "454 4.7.0 Temporary authentication failure, try again later"
+        if key is not None and key.allows("send"):
+            return None
+        log.info("smtp_auth_revoked", listener=self.listener.name, peer=format_peer(session))
+        session.drop_auth()
+        return "530 5.7.0 Authentication required (the API key is no longer valid)"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
@@ -153,6 +189,10 @@ class RelayHandler(ListenerHandler):
         problem = self._address_problem(address, envelope.smtp_utf8)
         if problem:
             return problem
+        if not self.settings.routing.allow_address_literals and is_address_literal(address.rpartition("@")[2]):
+            # 553: "mailbox name not allowed" (RFC 5321 4.2.3) - the address is well-formed but
+            # refused by policy, hence 5.7.1 "delivery not authorized" (RFC 3463) and not 5.1.3 (syntax).
+            return "553 5.7.1 Address literals are not accepted as recipients; use a domain name"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
@@ -254,6 +294,7 @@ class RelayHandler(ListenerHandler):
         if not key.allows("send"):
             return await self._auth_failed(server, session, "Authentication credentials invalid: key lacks the send scope")
         log.info("smtp_auth_ok", api_key=key.name, listener=self.listener.name, peer=format_peer(session))
+        session.key_digest = hash_key(secret)
         return AuthResult(success=True, auth_data=key)
 
     async def _auth_failed(self, server: SMTP, session: RelaySession, reason: str) -> AuthResult:
