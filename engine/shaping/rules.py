@@ -332,7 +332,7 @@ class ShapingFile(_Strict):
 
 
 class ShapingSettings(_Strict):
-    """``[shaping]`` in the main config (to live in engine/config.py)."""
+    """``[shaping]`` in the main config (defined next to its code; engine/config.py composes it)."""
 
     file: Path | None = Field(default=None, description="shaping TOML; relative to the config file's directory")
     token_horizon: Duration = Field(default=0.2, description="a worker leases this much traffic's tokens per round trip")
