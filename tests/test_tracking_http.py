@@ -148,9 +148,9 @@ async def test_one_click_unsubscribe_suppresses_stream(api, conn) -> None:
     ev = await events(conn, "unsubscribed")
     assert len(ev) == 1 and ev[0]["recipient_id"] == rid and ev[0]["data"]["method"] == "one-click"
 
-    # The confirmation page records too, but the same recipient's unsubscribe is one event.
-    r = await api.get(f"/u/{tok}")
-    assert r.status_code == 200 and "<form" in r.text and 'method="post"' in r.text
+    # Posting the confirmation form again suppresses nothing new and records no second event.
+    r = await api.post(f"/u/{tok}")
+    assert r.status_code == 200, r.text
     assert len(await events(conn, "unsubscribed")) == 1
 
     again = await submit(api, text="x", stream="bulk", to=["Reader@example.net", "other@example.net"])
@@ -162,13 +162,36 @@ async def test_one_click_unsubscribe_suppresses_stream(api, conn) -> None:
     assert elsewhere["recipients"][0]["state"] == "queued"
 
 
-async def test_unsubscribe_page_get_records(api, conn) -> None:
+async def test_unsubscribe_get_changes_nothing_and_form_post_records(api, conn) -> None:
+    """A link scanner's prefetch (GET) must not unsubscribe; the page's form POST does."""
     out = await submit(api, text="x", stream="bulk")
     tok = api.ring.sign(TokenKind.UNSUBSCRIBE, out["recipients"][0]["id"])
-    r = await api.get(f"/u/{tok}")
-    assert r.status_code == 200 and "bulk" in r.text and f'action="/u/{tok}"' in r.text
+    for _ in range(2):
+        r = await api.get(f"/u/{tok}")
+        assert r.status_code == 200 and "bulk" in r.text
+        assert f'<form method="post" action="/u/{tok}">' in r.text and ">Unsubscribe</button>" in r.text
+        assert "<script" not in r.text and "no-store" in r.headers["cache-control"]
+    assert await conn.fetchval("SELECT count(*) FROM suppressions") == 0
+    assert await events(conn, "unsubscribed") == []
+
+    # What the browser sends for the form: no List-Unsubscribe=One-Click body.
+    r = await api.post(f"/u/{tok}", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
     assert await conn.fetchval("SELECT count(*) FROM suppressions WHERE scope = 'bulk'") == 1
-    assert (await events(conn, "unsubscribed"))[0]["data"]["method"] == "page"
+    ev = await events(conn, "unsubscribed")
+    assert len(ev) == 1 and ev[0]["data"]["method"] == "post"
+
+
+async def test_unsubscribe_page_bad_tokens(api, conn) -> None:
+    out = await submit(api, text="x", stream="bulk")
+    rid = out["recipients"][0]["id"]
+    expired = api.ring.sign(TokenKind.UNSUBSCRIBE, rid, now=time.time() - 500 * DAY)
+    cases = {expired: 410, "forged<script>": 404, api.ring.sign(TokenKind.CLICK, rid, 0): 404,
+             api.ring.sign(TokenKind.UNSUBSCRIBE, 999_999): 404}
+    for tok, status in cases.items():
+        r = await api.get(f"/u/{tok}")
+        assert r.status_code == status and "Nothing was changed" in r.text and "<script" not in r.text
+    assert await conn.fetchval("SELECT count(*) FROM suppressions") == 0
 
 
 async def test_without_keys_everything_is_404(engine_factory) -> None:

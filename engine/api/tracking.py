@@ -10,10 +10,13 @@ both logged. Routes:
 * ``GET /t/c/{token}``: 302 to ``links[index]`` of that recipient's copy,
   recovered by re-rendering it (:meth:`Composer.links`), so the redirect can
   only lead where the message pointed; a ``clicked`` event.
-* ``GET /u/{token}``: records the unsubscribe and shows a confirmation page
-  with a POST form; ``POST /u/{token}`` is RFC 8058 one-click. Both suppress
-  the address for the message's stream and write one ``unsubscribed`` event
-  per recipient, in one transaction, before answering.
+* ``GET /u/{token}``: a confirmation page that changes nothing (link scanners
+  and mail-client prefetches follow GETs): it checks the token and shows a
+  form that POSTs back to the same URL. ``POST /u/{token}`` records, either
+  RFC 8058 one-click (body ``List-Unsubscribe=One-Click``, method
+  ``one-click``) or that form (method ``post``): it suppresses the address for
+  the message's stream and writes one ``unsubscribed`` event per recipient, in
+  one transaction, before answering.
 """
 
 from __future__ import annotations
@@ -171,25 +174,24 @@ async def _unsubscribe(deps: TrackingDeps, token: str, method: str) -> tuple[int
 def _form(token: str) -> str:
     return (
         f'<form method="post" action="/u/{escape(token, quote=True)}">'
-        '<input type="hidden" name="List-Unsubscribe" value="One-Click">'
         '<button type="submit">Unsubscribe</button></form>'
     )
 
 
-@router.get("/u/{token}", response_class=HTMLResponse, summary="Unsubscribe page (records the unsubscribe)")
+@router.get("/u/{token}", response_class=HTMLResponse, summary="Unsubscribe confirmation page (changes nothing)")
 async def unsubscribe_page(token: str, deps: TrackingDeps = Depends(get_tracking)) -> HTMLResponse:
     try:
-        _, stream = await _unsubscribe(deps, token, "page")
+        tok = _verify(deps, token, TokenKind.UNSUBSCRIBE, "unsubscribe")
+        row = await _load_recipient(deps, tok.recipient_id)
     except _Refused as exc:
         return _page(_NOT_FOUND_TEXT[exc.status], "<p>Nothing was changed.</p>", exc.status)
     return _page(
-        "You are unsubscribed",
-        f"<p>You will no longer receive <b>{escape(stream)}</b> messages at this address.</p>"
-        "<p>If this page opened by itself, you can confirm here:</p>" + _form(token),
+        "Unsubscribe?",
+        f"<p>Stop receiving <b>{escape(row['stream'])}</b> messages at this address?</p>" + _form(token),
     )
 
 
-@router.post("/u/{token}", response_class=HTMLResponse, summary="RFC 8058 one-click unsubscribe")
+@router.post("/u/{token}", response_class=HTMLResponse, summary="Unsubscribe (RFC 8058 one-click or the confirmation form)")
 async def unsubscribe_post(token: str, request: Request, deps: TrackingDeps = Depends(get_tracking)) -> HTMLResponse:
     body = (await request.body())[:1024].decode("utf-8", "replace")
     one_click = parse_qs(body).get("List-Unsubscribe") == ["One-Click"]
