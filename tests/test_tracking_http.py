@@ -229,3 +229,27 @@ async def test_event_store_batches(pool, conn) -> None:
     # Nothing of a refused batch is written.
     assert await conn.fetchval("SELECT count(*) FROM events") == 3
     assert await store.record_for_recipient("opened", 123456) is False
+
+
+async def test_openapi_documents_public_tracking_responses(api) -> None:
+    spec = (await api.get("/openapi.json")).json()
+    paths = spec["paths"]
+    ops = {
+        "open": paths["/t/o/{token}"]["get"], "click": paths["/t/c/{token}"]["get"],
+        "page": paths["/u/{token}"]["get"], "post": paths["/u/{token}"]["post"],
+    }
+    for name, op in ops.items():
+        assert not {"401", "403"} & set(op["responses"]), (name, sorted(op["responses"]))
+        assert "security" not in op, name
+    click = ops["click"]["responses"]
+    assert "200" not in click and {"302", "404", "410"} <= set(click)
+    assert "Location" in click["302"]["headers"]
+    assert "application/json" not in str([click[c] for c in ("302", "404", "410")])
+    gif = ops["open"]["responses"]
+    assert set(gif["200"]["content"]) == {"image/gif"} and not {"404", "410"} & set(gif)
+    for name in ("page", "post"):
+        r = ops[name]["responses"]
+        assert set(r["200"]["content"]) == {"text/html"}, name
+        assert set(r["404"]["content"]) == {"text/html"} and set(r["410"]["content"]) == {"text/html"}, name
+    # The keyed API still documents its auth failures.
+    assert {"401", "403"} <= set(paths["/v1/messages"]["post"]["responses"])

@@ -170,7 +170,6 @@ def create_app(ctx: HttpContext) -> FastAPI:
         title="engine",
         version=__version__,
         description="Self-hosted email sending engine: submit mail, follow its delivery.",
-        responses={401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 503: {"model": ErrorOut}},
     )
     app.state.ctx = ctx
     app.exception_handler(RequestValidationError)(on_validation_error)
@@ -180,14 +179,19 @@ def create_app(ctx: HttpContext) -> FastAPI:
     app.exception_handler(NotFound)(on_not_found)
     app.exception_handler(DatabaseUnavailable)(on_database_unavailable)
 
-    app.include_router(messages.router)
+    # 401/403 only where an API key is required: the tracking routes are public (the signed token
+    # is the credential) and declare their own responses; /healthz needs no key either.
+    keyed: dict[int | str, dict[str, Any]] = {
+        401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 503: {"model": ErrorOut},
+    }
+    app.include_router(messages.router, responses=keyed)
     if ctx.templates is not None and ctx.renderer is not None:
-        app.include_router(templates.router)
+        app.include_router(templates.router, responses=keyed)
     if ctx.acceptor.suppressions is not None:
-        app.include_router(suppressions.router)
+        app.include_router(suppressions.router, responses=keyed)
     if ctx.tracking is not None:
         app.include_router(tracking.router)
-    app.include_router(health.router)
+    app.include_router(health.router, responses={503: {"description": "The database is unreachable"}})
     app.openapi = partial(openapi, app)  # type: ignore[method-assign]
     return app
 

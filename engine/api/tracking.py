@@ -51,6 +51,34 @@ _PAGE_HEADERS = {**NO_CACHE, "Referrer-Policy": "no-referrer", "X-Robots-Tag": "
 
 router = APIRouter(tags=["tracking"])
 
+# What the OpenAPI document says these public routes answer. They take no API key, so none
+# lists 401/403 (the app adds those only to the keyed routers, see engine.api.app).
+_HTML = {"text/html": {"schema": {"type": "string"}}}
+_TEXT = {"text/plain": {"schema": {"type": "string"}}}
+_DB_DOWN: dict[int | str, dict[str, Any]] = {
+    503: {"description": "The database is unavailable; nothing was recorded, retry later"},
+}
+_OPEN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "A 1x1 transparent GIF, whatever the token (an open is recorded when it verifies)",
+        "content": {"image/gif": {"schema": {"type": "string", "format": "binary"}}},
+    },
+}
+_CLICK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    302: {
+        "description": "Redirect to the message's own link",
+        "headers": {"Location": {"description": "The link's URL", "schema": {"type": "string", "format": "uri"}}},
+    },
+    404: {"description": "The token is not valid (forged, wrong kind, unknown recipient or link)", "content": _TEXT},
+    410: {"description": "The token has expired", "content": _TEXT},
+    **_DB_DOWN,
+}
+_UNSUBSCRIBE_REFUSED: dict[int | str, dict[str, Any]] = {
+    404: {"description": "The token is not valid; nothing was changed", "content": _HTML},
+    410: {"description": "The token has expired; nothing was changed", "content": _HTML},
+    **_DB_DOWN,
+}
+
 
 class _Refused(Exception):
     """Internal: answer with this status (404/410) after logging."""
@@ -103,7 +131,9 @@ async def _load_recipient(deps: TrackingDeps, rid: int) -> Any:
 # ---- open pixel
 
 
-@router.get("/t/o/{token}", include_in_schema=True, summary="Open pixel (always a 1x1 GIF)")
+@router.get(
+    "/t/o/{token}", response_class=Response, responses=_OPEN_RESPONSES, summary="Open pixel (always a 1x1 GIF)"
+)
 async def open_pixel(token: str, deps: TrackingDeps = Depends(get_tracking)) -> Response:
     try:
         tok = _verify(deps, token, TokenKind.OPEN, "open")
@@ -120,7 +150,10 @@ async def open_pixel(token: str, deps: TrackingDeps = Depends(get_tracking)) -> 
 # ---- click redirect
 
 
-@router.get("/t/c/{token}", summary="Click redirect to the message's own link")
+@router.get(
+    "/t/c/{token}", status_code=302, response_class=RedirectResponse, responses=_CLICK_RESPONSES,
+    summary="Click redirect to the message's own link",
+)
 async def click(token: str, deps: TrackingDeps = Depends(get_tracking)) -> Response:
     try:
         tok = _verify(deps, token, TokenKind.CLICK, "click")
@@ -178,7 +211,10 @@ def _form(token: str) -> str:
     )
 
 
-@router.get("/u/{token}", response_class=HTMLResponse, summary="Unsubscribe confirmation page (changes nothing)")
+@router.get(
+    "/u/{token}", response_class=HTMLResponse, responses=_UNSUBSCRIBE_REFUSED,
+    summary="Unsubscribe confirmation page (changes nothing)",
+)
 async def unsubscribe_page(token: str, deps: TrackingDeps = Depends(get_tracking)) -> HTMLResponse:
     try:
         tok = _verify(deps, token, TokenKind.UNSUBSCRIBE, "unsubscribe")
@@ -191,7 +227,10 @@ async def unsubscribe_page(token: str, deps: TrackingDeps = Depends(get_tracking
     )
 
 
-@router.post("/u/{token}", response_class=HTMLResponse, summary="Unsubscribe (RFC 8058 one-click or the confirmation form)")
+@router.post(
+    "/u/{token}", response_class=HTMLResponse, responses=_UNSUBSCRIBE_REFUSED,
+    summary="Unsubscribe (RFC 8058 one-click or the confirmation form)",
+)
 async def unsubscribe_post(token: str, request: Request, deps: TrackingDeps = Depends(get_tracking)) -> HTMLResponse:
     body = (await request.body())[:1024].decode("utf-8", "replace")
     one_click = parse_qs(body).get("List-Unsubscribe") == ["One-Click"]
