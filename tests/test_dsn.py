@@ -7,7 +7,10 @@ import json
 import random
 import subprocess
 import sys
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -587,3 +590,49 @@ def test_temporary_dns_failure_is_not_a_hard_bad_domain() -> None:
     ).replace(b"Status: 5.0.0\r\nDiagnostic-Code: smtp; 550 Unknown user kijitora@example.net\r\n", b"")
     row = parse_report(raw).recipients[0]
     assert (row.category, row.hard) == ("network_error", False)
+
+
+def _attempt(address: str, code: int | None, status: str | None, reply: str, mx: str | None, kind: str = "permanent") -> Any:
+    from engine.outcome.writer import Attempt
+
+    return Attempt(
+        recipient_id=1, address=address, attempts_before=0, expires_at=datetime.now(UTC), kind=kind, code=code,
+        status=status, reply=reply, mx=mx, duration_ms=1, message_id=uuid.uuid4(), source="smtp",
+        mail_from="sender@example.com", stream="transactional", counted=True, provider=None, egress=None, campaign=None,
+    )
+
+
+def test_engine_own_dsn_parses_cleanly() -> None:
+    """Every failed recipient in the DSNs we send has a Diagnostic-Code, and our own parser reads them back."""
+    from engine.config import Settings
+    from engine.outcome.bounce_report import DsnBuilder
+
+    failures = [
+        _attempt("a@example.net", 550, "5.1.1", "5.1.1 <a@example.net>: Recipient address rejected: User unknown",
+                 "mx.example.net"),
+        _attempt("b@nx.example", None, "5.1.2", "5.1.2 domain nx.example does not exist (NXDOMAIN)", None),
+        _attempt("c@slow.example", 421, "4.3.2", "4.3.2 Service shutting down", "mx.slow.example", kind="temporary"),
+        _attempt("d@quiet.example", None, None, "", None, kind="temporary"),
+    ]
+    raw = DsnBuilder(Settings(), lambda _: None).build(
+        "sender@example.com", failures, b"Message-ID: <orig@example.com>\r\nSubject: x\r\n\r\nbody")
+    diags = [ln for ln in raw.decode().splitlines() if ln.startswith("Diagnostic-Code:")]
+    assert diags == [
+        "Diagnostic-Code: smtp; 550 5.1.1 <a@example.net>: Recipient address rejected: User unknown",
+        "Diagnostic-Code: x-engine; 5.1.2 domain nx.example does not exist (NXDOMAIN)",
+        "Diagnostic-Code: smtp; 421 4.3.2 Service shutting down",
+        "Diagnostic-Code: x-engine; delivery failed; gave up retrying",
+    ]
+    rep = parse_report(raw)
+    assert rep.kind == "dsn" and rep.original_message_id == "<orig@example.com>"
+    got = {r.recipient: (r.status, r.reply) for r in rep.recipients}
+    assert got == {
+        "a@example.net": ("5.1.1", "550 5.1.1 <a@example.net>: Recipient address rejected: User unknown"),
+        "b@nx.example": ("5.1.2", "5.1.2 domain nx.example does not exist (NXDOMAIN)"),
+        # the parser prefers the server's own enhanced code to the reporting MTA's Status
+        "c@slow.example": ("4.3.2", "421 4.3.2 Service shutting down"),
+        "d@quiet.example": ("5.4.7", "delivery failed; gave up retrying"),
+    }
+    assert not any((r.reply or "").startswith(">") for r in rep.recipients)
+    assert {r.category for r in rep.recipients if r.recipient in ("a@example.net", "b@nx.example")} == {
+        "unknown_user", "bad_domain"}

@@ -80,7 +80,7 @@ class DsnBuilder:
             "",
             "Your message could not be delivered to one or more recipients.",
             "",
-            *(f"<{a.address}>: {_one_line(a.reply)}" for a in failures),
+            *(f"<{a.address}>: {_reply_text(a)}" for a in failures),
         ]
         status = [f"Reporting-MTA: dns; {self.hostname}", f"Arrival-Date: {now}"]
         for a in failures:
@@ -89,8 +89,7 @@ class DsnBuilder:
             status += ["", f"Final-Recipient: rfc822; {a.address}", "Action: failed", f"Status: {code}"]
             if a.mx:
                 status.append(f"Remote-MTA: dns; {_one_line(a.mx)}")
-            if a.code is not None:
-                status.append(f"Diagnostic-Code: smtp; {_one_line(a.reply)[:900]}")
+            status.append(f"Diagnostic-Code: {_diagnostic(a)}")
         parts = [
             f"From: Mail Delivery System <MAILER-DAEMON@{self.hostname}>",
             f"To: <{return_path}>",
@@ -124,3 +123,20 @@ class DsnBuilder:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def _reply_text(a: Attempt) -> str:
+    """The failure in one line; never empty, so a reader never mistakes what follows for it."""
+    return _one_line(a.reply) or ("delivery failed" if a.kind == "permanent" else "delivery failed; gave up retrying")
+
+
+def _diagnostic(a: Attempt) -> str:
+    """An RFC 3464 ``Diagnostic-Code`` value: ``smtp; <code> <reply>`` for a server's reply, else
+    ``x-engine; <reply>`` for what the engine itself saw (DNS failure, refused connection, expiry).
+    ``Reply.text`` has the code stripped, so it is put back in front."""
+    text = _reply_text(a)
+    if a.code is None:
+        return f"x-engine; {text[:900]}"
+    if not text.startswith(str(a.code)):
+        text = f"{a.code} {text}"
+    return f"smtp; {text[:900]}"
