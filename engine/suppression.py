@@ -60,6 +60,22 @@ def _scope(scope: str) -> str:
     return scope
 
 
+def configured_scope(scope: str, streams: Iterable[str]) -> str:
+    """``scope`` checked against the configured ``streams``: one of them, or ``*``.
+
+    The edges that take a scope from an operator (REST, CLI) call this with
+    ``settings.queue.streams``, so a typo such as ``bulkk`` is refused the way an
+    unknown stream is refused at submission, instead of silently blocking nothing.
+    """
+    scope = _scope(scope)
+    known = sorted(streams)
+    if scope != GLOBAL and scope not in known:
+        raise ValidationFailed(
+            f"unknown scope {scope!r}; use '*' or a configured stream: {', '.join(known)}", "scope"
+        )
+    return scope
+
+
 def _text(value: str, field: str) -> str:
     value = (value or "").strip()
     if not value or len(value) > _MAX_TEXT or not value.isprintable():

@@ -79,3 +79,20 @@ async def test_queue_management(db_dsn, tmp_path, pool) -> None:
     assert row["state"] == "bounced" and "purged" in row["last_reply"]
     bad = engine(db_dsn, tmp_path, "queue", "list", "--message", "nope")
     assert bad.returncode == 1 and "UUID" in bad.stderr
+
+
+def test_revoked_apikey_name_can_be_reused(db_dsn, tmp_path) -> None:
+    assert engine(db_dsn, tmp_path, "apikey", "create", "--name", "crm", "--scopes", "send").returncode == 0
+    assert engine(db_dsn, tmp_path, "apikey", "revoke", "--name", "crm").returncode == 0
+    again = engine(db_dsn, tmp_path, "apikey", "create", "--name", "crm", "--scopes", "send")
+    assert again.returncode == 0, again.stderr
+    new_key = again.stdout.strip().splitlines()[-1]
+    # Only one active key may carry a name.
+    dup = engine(db_dsn, tmp_path, "apikey", "create", "--name", "crm", "--scopes", "send")
+    assert dup.returncode == 1 and "an API key named 'crm' already exists" in dup.stderr
+    rows = [json.loads(line) for line in engine(db_dsn, tmp_path, "apikey", "list", "--json").stdout.splitlines()]
+    assert [(r["name"], r["revoked_at"] is None) for r in rows] == [("crm", False), ("crm", True)]
+    assert new_key not in json.dumps(rows)
+    # Revoke by name acts on the active key, once.
+    assert engine(db_dsn, tmp_path, "apikey", "revoke", "--name", "crm").returncode == 0
+    assert engine(db_dsn, tmp_path, "apikey", "revoke", "--name", "crm").returncode == 1

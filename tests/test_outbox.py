@@ -170,3 +170,17 @@ async def test_enqueue_wakes_listeners_only_when_something_is_ready(pool, db_dsn
         assert await asyncio.wait_for(got.get(), 5) == ""
     finally:
         await listener.close()
+
+
+async def test_release_restores_send_at(pool, conn) -> None:
+    ob = Outbox(pool, 3600)
+    send_at = datetime.now(UTC) + timedelta(days=3)
+    scheduled, plain = _msg(1, send_at=send_at), _msg(1)
+    await ob.enqueue([scheduled, plain])
+    assert await ob.manage("hold") == 2
+    assert await ob.manage("release") == 2
+    rows = {r["message_id"]: r for r in await conn.fetch("SELECT message_id, state, next_attempt_at FROM recipients")}
+    assert rows[scheduled.id]["state"] == "queued" and rows[scheduled.id]["next_attempt_at"] == send_at
+    assert rows[plain.id]["next_attempt_at"] <= datetime.now(UTC)
+    # Only the unscheduled message is ready; the held-then-released one still waits for its send_at.
+    assert [r["message_id"] for r in await ob.claim("w", 10, 60)] == [plain.id]

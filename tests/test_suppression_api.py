@@ -88,6 +88,7 @@ async def test_scopes_and_validation(api) -> None:
     for body, field in (
         ({"address": "not an address"}, "address"),
         ({"address": "x@example.org", "scope": "Bad Scope!"}, "scope"),
+        ({"address": "x@example.org", "scope": "bulkk"}, "scope"),
         ({"address": "x@example.org", "reason": ""}, "reason"),
         ({"address": "x@example.org", "extra": 1}, "extra"),
         ({}, "address"),
@@ -125,3 +126,25 @@ async def test_cli_add_stops_queued_mail(api, db_dsn, tmp_path, capsys) -> None:
     assert "suppressed: CLI@example.com (*)" in printed and "1 queued recipient(s) will not be sent" in printed
     state = await api.engine.pool.fetchval("SELECT state FROM recipients WHERE message_id = $1::uuid", out["id"])
     assert state == "suppressed"
+
+
+async def test_unknown_stream_scope_is_refused(api) -> None:
+    r = await api.post("/v1/suppressions", json={"address": "x@example.org", "scope": "bulkk"}, headers=auth(api.admin))
+    assert r.status_code == 422 and r.json()["field"] == "scope", r.text
+    streams = sorted(api.engine.settings.queue.streams)
+    assert "bulkk" in r.json()["error"] and all(s in r.json()["error"] for s in streams)
+    assert await api.engine.pool.fetchval("SELECT count(*) FROM suppressions") == 0
+
+
+async def test_cli_add_refuses_unknown_scope(api, db_dsn, tmp_path, capsys, monkeypatch) -> None:
+    import asyncio
+
+    monkeypatch.setenv("DATABASE_URL", db_dsn)
+    monkeypatch.setenv("ENGINE_HOME", str(tmp_path / "cli-home"))
+    code = await asyncio.to_thread(cli_main, ["suppress", "add", "cli@example.com", "--scope", "bulkk"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "unknown scope 'bulkk'" in err and "bulk" in err.replace("'bulkk'", "")
+    assert await api.engine.pool.fetchval("SELECT count(*) FROM suppressions") == 0
+    assert await asyncio.to_thread(cli_main, ["suppress", "add", "cli@example.com", "--scope", "bulk"]) == 0
+    assert await api.engine.pool.fetchval("SELECT scope FROM suppressions") == "bulk"

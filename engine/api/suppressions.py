@@ -14,11 +14,11 @@ import structlog
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
-from engine.api.deps import get_suppressions, require_admin, require_read
+from engine.api.deps import HttpContext, get_ctx, get_suppressions, require_admin, require_read
 from engine.api.models import SuppressionAdded, SuppressionIn, SuppressionList, SuppressionRemoved
 from engine.apikeys import ApiKey
 from engine.errors import NotFound
-from engine.suppression import Suppressions, normalize_address
+from engine.suppression import Suppressions, configured_scope, normalize_address
 
 log = structlog.get_logger(__name__)
 
@@ -49,8 +49,10 @@ async def add_suppression(
     body: SuppressionIn,
     key: ApiKey = Depends(require_admin),
     suppressions: Suppressions = Depends(get_suppressions),
+    ctx: HttpContext = Depends(get_ctx),
 ) -> JSONResponse:
-    new, moved = await suppressions.suppress(body.address, body.scope, body.reason, f"api:{key.name}"[:200])
+    scope = configured_scope(body.scope, ctx.settings.queue.streams)
+    new, moved = await suppressions.suppress(body.address, scope, body.reason, f"api:{key.name}"[:200])
     address = normalize_address(body.address)
     log.info("suppression_added", address=address, scope=body.scope, new=new, pending_suppressed=moved)
     return JSONResponse(

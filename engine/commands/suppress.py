@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from engine.commands import Subparsers
 from engine.runtime import database, run_async
-from engine.suppression import GLOBAL, Suppression, Suppressions
+from engine.suppression import GLOBAL, Suppression, Suppressions, configured_scope
 
 T = TypeVar("T")
 
@@ -21,7 +21,7 @@ def register(sub: Subparsers) -> None:
     grp = sub.add_parser("suppress", help="manage the suppression list").add_subparsers(dest="suppress_cmd", required=True)
     p = grp.add_parser("add", help="stop mail to an address (for one stream, or '*' for all)")
     p.add_argument("address")
-    p.add_argument("--scope", default=GLOBAL, help="stream name, or '*' (default) for every stream")
+    p.add_argument("--scope", default=GLOBAL, help="a configured stream name, or '*' (default) for every stream")
     p.add_argument("--reason", default="manual")
     p.set_defaults(func=cmd_suppress_add)
     p = grp.add_parser("remove", help="lift a suppression")
@@ -46,6 +46,7 @@ def _run(args: argparse.Namespace, work: Callable[[Suppressions], Awaitable[T]])
 
 
 def cmd_suppress_add(args: argparse.Namespace) -> int:
+    configured_scope(args.scope, args.settings.queue.streams)  # before any connection: a typo is exit 1
     new, moved = _run(args, lambda s: s.suppress(args.address, args.scope, args.reason, "cli"))
     print(f"{'suppressed' if new else 'already suppressed'}: {args.address} ({args.scope})")
     if moved:

@@ -148,11 +148,14 @@ WHERE state IN ('queued', 'deferred') AND (:domain::text IS NULL OR domain = :do
 RETURNING id, message_id, stream;
 
 -- name: queue_release
-UPDATE recipients SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END,
-       next_attempt_at = now(), updated_at = now()
-WHERE state = 'held' AND (:domain::text IS NULL OR domain = :domain)
-  AND (:message_id::uuid IS NULL OR message_id = :message_id)
-RETURNING id, message_id, stream;
+-- Released rows go back to their schedule: a future send_at still holds them, else they are ready now
+-- (GREATEST ignores a NULL send_at).
+UPDATE recipients r SET state = CASE WHEN r.attempts = 0 THEN 'queued' ELSE 'deferred' END,
+       next_attempt_at = GREATEST(now(), m.send_at), updated_at = now()
+FROM messages m
+WHERE m.id = r.message_id AND r.state = 'held' AND (:domain::text IS NULL OR r.domain = :domain)
+  AND (:message_id::uuid IS NULL OR r.message_id = :message_id)
+RETURNING r.id, r.message_id, r.stream;
 
 -- name: queue_purge
 -- Final, but kept for the record: purged rows end as bounced with the operator's reason.

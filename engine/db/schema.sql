@@ -49,7 +49,7 @@ CREATE INDEX recipients_lease_idx ON recipients (lease_expires_at) WHERE state =
 
 CREATE TABLE api_keys (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    name            text NOT NULL UNIQUE,
+    name            text NOT NULL,                  -- unique among active keys (index below)
     prefix          text NOT NULL,                  -- first characters, shown in listings
     key_hash        bytea NOT NULL UNIQUE,          -- sha256 of the whole key; the key is never stored
     scopes          text[] NOT NULL,
@@ -57,6 +57,9 @@ CREATE TABLE api_keys (
     revoked_at      timestamptz,
     last_used_at    timestamptz
 );
+
+-- A revoked key's name can be reused; revoke by name acts on the one active key.
+CREATE UNIQUE INDEX api_keys_active_name_idx ON api_keys (name) WHERE revoked_at IS NULL;
 
 CREATE TABLE idempotency_keys (
     api_key_id      bigint NOT NULL,
