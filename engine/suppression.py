@@ -8,8 +8,9 @@ locale): RFC 5321 lets a local part be case-sensitive, but no mailbox provider
 uses that, and an unsubscribe must not be dodged by ``Ann@`` vs ``ann@``. A
 lookup is an exact, indexed equality.
 
-The accept layer asks about a whole submission in one query
-(:meth:`Suppressions.suppressed_pairs`); the tracking endpoints, operators and
+At submit, the outbox's enqueue statement checks the list for the whole
+submission (accept's policy, no extra round trip); :meth:`Suppressions.suppressed_pairs`
+answers the same question for callers outside a submission. The tracking endpoints, operators and
 the feedback loop (:func:`add_many`) add rows. This module is the only writer
 of ``suppressions``. Adding is idempotent: the first reason recorded for
 ``(address, scope)`` stays, and mail already queued for the address is

@@ -61,13 +61,22 @@ async def record_events(conn: asyncpg.Connection, events: Sequence[Event]) -> in
     """Insert events in one statement inside the caller's transaction; returns how many were written."""
     if not events:
         return 0
+    # Events of one message often share one data mapping (every recipient's `accepted`): build each
+    # stored payload once per mapping, not once per event.
+    stored: dict[int, dict[str, Any]] = {}
+    datas = []
+    for e in events:
+        d = stored.get(id(e.data))
+        if d is None:
+            d = stored[id(e.data)] = payload(e.data)
+        datas.append(d)
     await conn.execute(
         *q(
             "events_insert",
             types=[_check(e.type) for e in events],
             recipient_ids=[e.recipient_id for e in events],
             message_ids=[e.message_id for e in events],
-            datas=[payload(e.data) for e in events],
+            datas=datas,
             created_ats=[e.created_at for e in events],
         )
     )
