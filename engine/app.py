@@ -17,6 +17,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import asyncpg
 import structlog
@@ -37,6 +38,11 @@ from engine.shaping import automation
 from engine.submit.server import SmtpListenerHandle
 from engine.suppression import Suppressions
 from engine.templates_db import DbTemplateStore
+from engine.webhooks.deliveries import Deliveries
+from engine.webhooks.endpoints import Endpoints
+
+if TYPE_CHECKING:
+    from engine.webhooks.dispatcher import Dispatcher
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +74,8 @@ class Services:
     suppressions: Suppressions
     events: EventStore
     keyring: Keyring | None
+    webhooks: Endpoints
+    webhook_deliveries: Deliveries
 
 
 @dataclass
@@ -85,6 +93,7 @@ class Engine:
     _smtp: list[SmtpListenerHandle] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    dispatcher: Dispatcher | None = None  # the webhook dispatcher when [webhooks] enabled
 
     @property
     def svc(self) -> Services:
@@ -173,6 +182,8 @@ class Engine:
             suppressions=suppressions,
             events=EventStore(pool),
             keyring=Keyring.from_config(self.settings.tracking) if self.settings.tracking.keys else None,
+            webhooks=Endpoints(pool, self.settings),
+            webhook_deliveries=Deliveries(pool, self.settings.webhooks.transactional_streams),
         )
 
     async def close_pool(self) -> None:
@@ -198,6 +209,8 @@ class Engine:
             self.inbound_address = self.inbound.address
         self._tasks.append(asyncio.create_task(self._housekeeping(svc), name="housekeeping"))
         self._tasks.append(asyncio.create_task(svc.templates.run_refresh(self._stopping), name="templates-refresh"))
+        if self.settings.webhooks.enabled:
+            self._tasks.append(asyncio.create_task(self._dispatch(svc), name="webhooks"))
         log.info(
             "engine_started",
             http=self.http_address,
@@ -208,7 +221,7 @@ class Engine:
     async def _start_http(self, svc: Services) -> None:
         # Imported here: one-shot commands build an Engine too, and never need FastAPI.
         from engine.api.app import create_app, wrap
-        from engine.api.deps import HttpContext, TrackingDeps
+        from engine.api.deps import HttpContext, TrackingDeps, WebhookDeps
         from engine.compose.pipeline import Composer
 
         tracking = TrackingDeps(
@@ -222,7 +235,8 @@ class Engine:
         )
         ctx = HttpContext(
             self.settings, svc.outbox, svc.apikeys, svc.acceptor,
-            templates=svc.templates, renderer=svc.renderer, tracking=tracking,
+            templates=svc.templates, renderer=svc.renderer, tracking=tracking, events=svc.events,
+            webhooks=WebhookDeps(svc.webhooks, svc.webhook_deliveries, wake=self._wake_dispatcher),
         )
         app = wrap(create_app(ctx), self.settings)
         host, port = self.settings.http.listen
@@ -276,9 +290,26 @@ class Engine:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=10)
 
+    def _wake_dispatcher(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.wake()
+
+    async def _dispatch(self, svc: Services) -> None:
+        """The webhook dispatcher, on a pool of its own: a backlog of events never takes delivery's connections."""
+        from engine.webhooks.dispatcher import Dispatcher
+
+        pool = await create_pool(svc.dsn, self.settings, min_size=1, max_size=4)
+        try:
+            self.dispatcher = Dispatcher(self.settings, pool)
+            await self.dispatcher.run()
+        finally:
+            await pool.close()
+
     async def stop(self) -> None:
         """Stop accepting, drain in-flight work, release resources (each only if started)."""
         self._stopping.set()
+        if self.dispatcher is not None:
+            self.dispatcher.request_stop()
         timeout = self.settings.server.shutdown_timeout
         for handle in self._smtp:
             with contextlib.suppress(Exception):
@@ -293,6 +324,9 @@ class Engine:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._http_task, timeout=timeout + 1)
             self._http = None
+        dispatching = [t for t in self._tasks if t.get_name() == "webhooks"]
+        if dispatching:  # the dispatcher finishes its requests in flight
+            await asyncio.wait(dispatching, timeout=timeout)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

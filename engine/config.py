@@ -36,6 +36,7 @@ from engine.deliver.routing import RoutingConfig
 from engine.errors import ConfigError
 from engine.feedback.config import FeedbackConfig
 from engine.shaping.rules import ShapingSettings
+from engine.webhooks.config import WebhooksConfig
 
 
 class ServerConfig(_Section):
@@ -175,6 +176,7 @@ class Settings(_Section):
     mime: MimeConfig = MimeConfig()
     tracking: TrackingConfig = TrackingConfig()
     feedback: FeedbackConfig = FeedbackConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
 
     # Resolved from the environment, not from the file.
     home: Path = Path("var")
@@ -187,6 +189,11 @@ class Settings(_Section):
         for where, name in (("smtp.default_stream", self.smtp.default_stream), ("queue.default_stream", self.queue.default_stream)):
             if name not in self.queue.streams:
                 raise ValueError(f"{where} = {name!r} is not one of queue.streams ({', '.join(sorted(self.queue.streams))})")
+        for name in self.webhooks.transactional_streams:
+            if name not in self.queue.streams:
+                raise ValueError(
+                    f"webhooks.transactional_streams: {name!r} is not one of queue.streams ({', '.join(sorted(self.queue.streams))})"
+                )
         return self
 
     def stream_priority(self, stream: str) -> int:
@@ -240,6 +247,10 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
             data["worker_slot"] = int(slot)
         except ValueError:
             raise ConfigError(f"ENGINE_WORKER_SLOT must be a number (got {slot!r})") from None
+    if env.get("ENGINE_SECRET_KEY"):
+        data.setdefault("webhooks", {})
+        if isinstance(data["webhooks"], dict):
+            data["webhooks"] = {**data["webhooks"], "secret_key": env["ENGINE_SECRET_KEY"]}
     if env.get("DATABASE_URL"):
         data.setdefault("database", {})
         if isinstance(data["database"], dict):

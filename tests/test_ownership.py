@@ -34,6 +34,9 @@ OWNERS: dict[str, str] = {
     "shaping_rule_hits": "engine/shaping/automation.py",
     "campaign_counters": "engine/shaping/automation.py",
     "workers": "engine/workers.py",
+    "webhook_endpoints": "engine/webhooks/endpoints.py",
+    "webhook_deliveries": "engine/webhooks/deliveries.py",
+    "webhook_cursor": "engine/webhooks/deliveries.py",
 }
 
 _WRITE_RE = re.compile(r"\b(?:INSERT\s+INTO|(?<!DO\s)(?<!FOR\s)UPDATE|DELETE\s+FROM)\s+([a-z_]+)", re.IGNORECASE)

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from engine.outbox import Outbox
     from engine.suppression import Suppressions
     from engine.templates_db import DbTemplateStore
+    from engine.webhooks.deliveries import Deliveries
+    from engine.webhooks.endpoints import Endpoints
 
 
 @dataclass
@@ -49,6 +51,15 @@ class TrackingDeps:
 
 
 @dataclass
+class WebhookDeps:
+    """What ``/v1/webhooks`` needs; ``wake`` tells this process's dispatcher to look now (after a replay)."""
+
+    endpoints: Endpoints
+    deliveries: Deliveries
+    wake: Callable[[], None] | None = None
+
+
+@dataclass
 class HttpContext:
     """Everything the handlers use, built once by the engine (see ``Engine._start_http``)."""
 
@@ -60,6 +71,8 @@ class HttpContext:
     templates: DbTemplateStore | None = None
     renderer: Renderer | None = None
     tracking: TrackingDeps | None = None
+    events: EventStore | None = None
+    webhooks: WebhookDeps | None = None
 
 
 def context(request: Request) -> HttpContext:
@@ -99,6 +112,18 @@ async def get_tracking(ctx: HttpContext = Depends(get_ctx)) -> TrackingDeps:
     if ctx.tracking is None:
         raise _NotMounted("tracking")
     return ctx.tracking
+
+
+async def get_events(ctx: HttpContext = Depends(get_ctx)) -> EventStore:
+    if ctx.events is None:
+        raise _NotMounted("events")
+    return ctx.events
+
+
+async def get_webhooks(ctx: HttpContext = Depends(get_ctx)) -> WebhookDeps:
+    if ctx.webhooks is None:
+        raise _NotMounted("webhooks")
+    return ctx.webhooks
 
 
 bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>`")

@@ -68,3 +68,115 @@ class SuppressionAdded(BaseModel):
 class SuppressionRemoved(BaseModel):
     address: str
     removed_scopes: list[str]
+
+
+# ---- /v1/webhooks
+
+
+class WebhookBatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_events: int = Field(default=1, ge=1, le=1000, description="Events per request (1 = one event per request, unbatched).")
+    max_wait_ms: int = Field(default=1000, ge=0, le=60000, description="How long to wait for a full batch, from its oldest event.")
+
+
+class WebhookIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(max_length=2048, description="https:// (or http://) URL that receives POSTs.")
+    events: list[str] | None = Field(
+        default=None, max_length=50, description="Event types, e.g. ['email.delivered', 'email.bounced']; omitted: all.",
+    )
+    streams: list[str] | None = Field(default=None, max_length=50, description="Only these streams; omitted: all.")
+    description: str = Field(default="", max_length=500)
+    enabled: bool = True
+    batch: WebhookBatchIn | None = Field(default=None, description="Omitted: one event per request.")
+
+
+class WebhookPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, max_length=2048)
+    events: list[str] | None = Field(default=None, max_length=50, description="null: every type.")
+    streams: list[str] | None = Field(default=None, max_length=50, description="null: every stream.")
+    description: str | None = Field(default=None, max_length=500)
+    enabled: bool | None = Field(default=None, description="true re-enables an endpoint a 410 disabled.")
+    batch: WebhookBatchIn | None = None
+
+
+class WebhookBatchOut(BaseModel):
+    max_events: int
+    max_wait_ms: int
+
+
+class WebhookOut(BaseModel):
+    id: str
+    url: str
+    description: str
+    events: list[str] | None
+    streams: list[str] | None
+    enabled: bool
+    disabled_reason: str | None
+    batch: WebhookBatchOut
+    created_at: datetime
+    updated_at: datetime
+    secret_rotation_ends_at: datetime | None
+    status: dict[str, Any] | None = Field(default=None, description="Backlog, dead letters and lag (GET of one endpoint).")
+
+
+class WebhookCreated(WebhookOut):
+    secret: str = Field(description="whsec_...: shown once. Verify signatures with it (Standard Webhooks).")
+
+
+class WebhookList(BaseModel):
+    webhooks: list[WebhookOut]
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: int
+    event_id: str
+    recipient_id: int | None
+    lane: str
+    state: str
+    attempts: int
+    event_at: datetime
+    next_attempt_at: datetime | None
+    last_status: int | None
+    last_error: str | None
+    last_attempt_at: datetime | None
+    delivered_at: datetime | None
+    replay: bool
+
+
+class WebhookDeliveryList(BaseModel):
+    deliveries: list[WebhookDeliveryOut]
+    next_before: int | None = Field(description="Pass as 'before' for the next (older) page; null at the end.")
+
+
+class WebhookReplayIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    event_ids: list[str] | None = Field(default=None, max_length=10000, description="evt_... ids to send again.")
+    since: datetime | None = Field(default=None, description="Events at or after this time (with or without until).")
+    until: datetime | None = None
+    dead_letters: bool = Field(default=False, description="Every dead letter (or those of event_ids) under its own id.")
+
+
+class WebhookReplayOut(BaseModel):
+    queued: int
+
+
+# ---- /v1/events
+
+
+class EventOut(BaseModel):
+    id: str
+    type: str
+    timestamp: str
+    data: dict[str, Any]
+
+
+class EventPageOut(BaseModel):
+    events: list[EventOut]
+    next: str = Field(description="Cursor for the next page (pass as 'after'); stays put when nothing new was there.")
+    has_more: bool

@@ -268,6 +268,35 @@ SELECT EXISTS (SELECT 1 FROM events
 SELECT id, type, recipient_id, message_id, data, created_at FROM events
 WHERE message_id = :message_id ORDER BY id;
 
+-- name: events_page
+-- A page of the commit-ordered stream after (:tx, :id). Only transactions below the snapshot's
+-- xmin have all ended, and every transaction still to commit has an xid at or above it: a reader
+-- that stops there never passes an event that commits late (ids alone would). The joins give the
+-- public payload its recipient address, stream and metadata.
+SELECT e.id, e.tx::text::bigint AS tx, e.type, e.recipient_id, e.message_id, e.data, e.created_at,
+       r.address, coalesce(e.data->>'stream', r.stream, m.stream) AS stream, m.metadata, r.attempts
+FROM events e
+LEFT JOIN recipients r ON r.id = e.recipient_id
+LEFT JOIN messages m ON m.id = e.message_id
+WHERE (e.tx, e.id) > (:tx::text::xid8, :id::bigint)
+  AND e.tx < pg_snapshot_xmin(pg_current_snapshot())
+  AND e.type = ANY(:types::text[])
+  AND (:stream::text IS NULL OR coalesce(e.data->>'stream', r.stream, m.stream) = :stream)
+  AND (:message_id::uuid IS NULL OR e.message_id = :message_id)
+  AND (:recipient_id::bigint IS NULL OR e.recipient_id = :recipient_id)
+  AND (:address::text IS NULL OR lower(r.address) = :address)
+ORDER BY e.tx, e.id
+LIMIT :limit;
+
+-- name: events_by_ids
+-- Events in public form by id (webhook payloads, replays); same joins as events_page.
+SELECT e.id, e.tx::text::bigint AS tx, e.type, e.recipient_id, e.message_id, e.data, e.created_at,
+       r.address, coalesce(e.data->>'stream', r.stream, m.stream) AS stream, m.metadata, r.attempts
+FROM events e
+LEFT JOIN recipients r ON r.id = e.recipient_id
+LEFT JOIN messages m ON m.id = e.message_id
+WHERE e.id = ANY(:ids::bigint[]);
+
 -- name: tracking_recipient
 -- What a click or unsubscribe needs: the recipient row and its message's content.
 SELECT r.id, r.message_id, r.address, r.vars, r.stream, m.mail_from, (m.raw IS NOT NULL) AS is_raw,
@@ -612,3 +641,227 @@ SELECT owner, host, pid, started_at, last_seen, heartbeat_seconds, shaping_sourc
        extract(epoch FROM now() - last_seen)::float8 AS age_seconds,
        last_seen < now() - make_interval(secs => heartbeat_seconds::float8 * :beats + :grace) AS stale
 FROM workers ORDER BY host, pid;
+
+-- ==== webhooks (engine.webhooks.endpoints owns webhook_endpoints; engine.webhooks.deliveries the rest) ====
+
+-- name: webhook_endpoint_insert
+INSERT INTO webhook_endpoints (id, url, description, event_types, streams, enabled, batch_max, batch_wait_ms, secret_enc)
+VALUES (:id, :url, :description, :event_types::text[], :streams::text[], :enabled, :batch_max, :batch_wait_ms, :secret_enc)
+RETURNING *;
+
+-- name: webhook_endpoint_list
+SELECT * FROM webhook_endpoints ORDER BY created_at, id;
+
+-- name: webhook_endpoint_get
+SELECT * FROM webhook_endpoints WHERE id = :id;
+
+-- name: webhook_endpoint_update
+-- Each field is changed only when its flag says so (NULL can be a value: "all types").
+UPDATE webhook_endpoints SET
+    url = CASE WHEN :set_url THEN :url ELSE url END,
+    description = CASE WHEN :set_description THEN :description ELSE description END,
+    event_types = CASE WHEN :set_event_types THEN :event_types::text[] ELSE event_types END,
+    streams = CASE WHEN :set_streams THEN :streams::text[] ELSE streams END,
+    enabled = CASE WHEN :set_enabled THEN :enabled ELSE enabled END,
+    disabled_reason = CASE WHEN :set_enabled THEN NULL ELSE disabled_reason END,
+    batch_max = CASE WHEN :set_batch_max THEN :batch_max ELSE batch_max END,
+    batch_wait_ms = CASE WHEN :set_batch_wait_ms THEN :batch_wait_ms ELSE batch_wait_ms END,
+    updated_at = now()
+WHERE id = :id
+RETURNING *;
+
+-- name: webhook_endpoint_disable
+-- The receiver answered 410 Gone: stop sending, say why; pending deliveries wait for a re-enable.
+UPDATE webhook_endpoints SET enabled = false, disabled_reason = :reason, updated_at = now()
+WHERE id = :id AND enabled
+RETURNING id;
+
+-- name: webhook_endpoint_rotate
+-- A new secret; the old one keeps signing (a second signature) until :overlap_until.
+UPDATE webhook_endpoints SET prev_secret_enc = secret_enc, prev_secret_until = :overlap_until,
+    secret_enc = :secret_enc, updated_at = now()
+WHERE id = :id
+RETURNING *;
+
+-- name: webhook_endpoint_delete
+DELETE FROM webhook_endpoints WHERE id = :id RETURNING id;
+
+-- name: webhook_fanout
+-- One pass of the fan-out: the next events of the commit-ordered stream (see events_page) become
+-- one delivery per matching enabled endpoint, and the cursor moves past them, in one statement.
+-- The cursor row is taken FOR UPDATE SKIP LOCKED: one dispatcher fans out at a time and the
+-- others skip (they get zero rows). An endpoint receives the events written after it was created.
+WITH cur AS (
+    SELECT tx, event_id FROM webhook_cursor WHERE id = 1 FOR UPDATE SKIP LOCKED
+), ev AS (
+    SELECT e.id, e.tx, e.type, e.recipient_id, e.created_at,
+           coalesce(e.data->>'stream', r.stream, m.stream) AS stream
+    FROM cur
+    JOIN events e ON (e.tx, e.id) > (cur.tx, cur.event_id)
+    LEFT JOIN recipients r ON r.id = e.recipient_id
+    LEFT JOIN messages m ON m.id = e.message_id
+    WHERE e.tx < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY e.tx, e.id
+    LIMIT :limit
+), ins AS (
+    INSERT INTO webhook_deliveries (endpoint_id, event_id, recipient_id, lane, event_at, next_attempt_at)
+    SELECT w.id, ev.id, ev.recipient_id,
+           CASE WHEN ev.stream = ANY(:transactional::text[]) THEN 'transactional' ELSE 'default' END,
+           ev.created_at, :now::timestamptz
+    FROM ev JOIN webhook_endpoints w
+      ON w.enabled AND w.created_at <= ev.created_at
+     AND ev.type = ANY(coalesce(w.event_types, :types::text[])) AND ev.type = ANY(:types::text[])
+     AND (w.streams IS NULL OR ev.stream = ANY(w.streams))
+    ORDER BY ev.tx, ev.id, w.id
+    RETURNING endpoint_id, lane
+), last AS (
+    SELECT tx, id FROM ev ORDER BY tx DESC, id DESC LIMIT 1
+), moved AS (
+    UPDATE webhook_cursor c SET tx = last.tx, event_id = last.id, updated_at = now()
+    FROM last WHERE c.id = 1
+    RETURNING c.id
+)
+SELECT (SELECT count(*) FROM ev)::int AS events, (SELECT count(*) FROM moved)::int AS moved,
+       i.endpoint_id, i.lane, count(*)::int AS deliveries
+FROM (SELECT endpoint_id, lane FROM ins UNION ALL SELECT NULL, NULL) i
+GROUP BY i.endpoint_id, i.lane;
+
+-- name: webhook_cursor_get
+SELECT tx::text::bigint AS tx, event_id, updated_at FROM webhook_cursor WHERE id = 1;
+
+-- name: webhook_claim
+-- Lease the due deliveries of one endpoint lane. Per recipient only the oldest unfinished delivery
+-- is claimable: a recipient whose event is retrying holds back only its own later events, and one
+-- recipient's events reach the endpoint in stream order.
+WITH pick AS (
+    SELECT c.id FROM webhook_deliveries c
+    WHERE c.endpoint_id = :endpoint_id AND c.lane = :lane AND c.state = 'pending'
+      AND c.next_attempt_at <= :now::timestamptz
+      AND (c.recipient_id IS NULL OR NOT EXISTS (
+            SELECT 1 FROM webhook_deliveries p
+            WHERE p.endpoint_id = c.endpoint_id AND p.recipient_id = c.recipient_id AND p.id < c.id
+              AND p.state IN ('pending', 'sending')))
+    ORDER BY c.next_attempt_at, c.id
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE webhook_deliveries d SET state = 'sending', lease_owner = :owner,
+    lease_until = :now::timestamptz + make_interval(secs => :lease_seconds)
+FROM pick WHERE d.id = pick.id
+RETURNING d.id, d.event_id, d.recipient_id, d.attempts, d.event_at;
+
+-- name: webhook_complete
+-- Results of one round of sends. delivered: done; pending: tried and due again at next_attempt_at
+-- (the later deliveries of the same recipient wait at least as long, so claims do not rescan
+-- them); failed: the dead letter. Only rows this owner still leases are changed.
+WITH r AS (
+    SELECT * FROM unnest(:ids::bigint[], :states::text[], :next_attempt_ats::timestamptz[],
+                         :statuses::int[], :errors::text[], :counted::bool[])
+           AS u(id, state, next_attempt_at, status, error, counted)
+), done AS (
+    UPDATE webhook_deliveries d SET
+        state = r.state,
+        attempts = d.attempts + CASE WHEN r.counted THEN 1 ELSE 0 END,
+        next_attempt_at = coalesce(r.next_attempt_at, d.next_attempt_at),
+        last_status = r.status, last_error = r.error, last_attempt_at = :now::timestamptz,
+        delivered_at = CASE WHEN r.state = 'delivered' THEN :now::timestamptz END,
+        lease_owner = NULL, lease_until = NULL
+    FROM r WHERE d.id = r.id AND d.state = 'sending' AND d.lease_owner = :owner
+    RETURNING d.id, d.endpoint_id, d.recipient_id, d.state, d.next_attempt_at
+), held AS (
+    UPDATE webhook_deliveries l SET next_attempt_at = done.next_attempt_at
+    FROM done
+    WHERE done.state = 'pending' AND done.recipient_id IS NOT NULL
+      AND l.endpoint_id = done.endpoint_id AND l.recipient_id = done.recipient_id AND l.id > done.id
+      AND l.state = 'pending' AND l.next_attempt_at < done.next_attempt_at
+    RETURNING l.id
+)
+SELECT (SELECT count(*) FROM done)::int AS done, (SELECT count(*) FROM held)::int AS held;
+
+-- name: webhook_release
+-- Hand leased deliveries back untried (shutdown, or the endpoint was disabled meanwhile).
+UPDATE webhook_deliveries SET state = 'pending', lease_owner = NULL, lease_until = NULL
+WHERE id = ANY(:ids::bigint[]) AND state = 'sending' AND lease_owner = :owner
+RETURNING id;
+
+-- name: webhook_reclaim
+-- Leases of dispatchers that died (kill -9): their deliveries are due again (at-least-once).
+UPDATE webhook_deliveries SET state = 'pending', lease_owner = NULL, lease_until = NULL
+WHERE id IN (SELECT id FROM webhook_deliveries WHERE state = 'sending' AND lease_until < :now::timestamptz
+             ORDER BY lease_until LIMIT 1000 FOR UPDATE SKIP LOCKED)
+RETURNING id;
+
+-- name: webhook_recovered
+-- The endpoint answered again after failures: its retrying deliveries need not wait out their backoff.
+UPDATE webhook_deliveries SET next_attempt_at = :now::timestamptz
+WHERE endpoint_id = :endpoint_id AND state = 'pending' AND next_attempt_at > :now::timestamptz
+RETURNING id;
+
+-- name: webhook_replay_dead
+-- Dead letters back to pending under the same event id (so the same webhook-id), attempts reset.
+UPDATE webhook_deliveries SET state = 'pending', attempts = 0, next_attempt_at = :now::timestamptz, replay = true,
+    last_error = NULL
+WHERE endpoint_id = :endpoint_id AND state = 'failed'
+  AND (:event_ids::bigint[] IS NULL OR event_id = ANY(:event_ids::bigint[]))
+RETURNING id;
+
+-- name: webhook_replay_events
+-- Events sent again as new deliveries (by id or by time range), the endpoint's filters applied.
+INSERT INTO webhook_deliveries (endpoint_id, event_id, recipient_id, lane, event_at, next_attempt_at, replay)
+SELECT w.id, e.id, e.recipient_id,
+       CASE WHEN coalesce(e.data->>'stream', r.stream, m.stream) = ANY(:transactional::text[])
+            THEN 'transactional' ELSE 'default' END,
+       e.created_at, :now::timestamptz, true
+FROM webhook_endpoints w
+JOIN events e ON (:event_ids::bigint[] IS NULL OR e.id = ANY(:event_ids::bigint[]))
+             AND (:since::timestamptz IS NULL OR e.created_at >= :since)
+             AND (:until::timestamptz IS NULL OR e.created_at < :until)
+LEFT JOIN recipients r ON r.id = e.recipient_id
+LEFT JOIN messages m ON m.id = e.message_id
+WHERE w.id = :endpoint_id
+  AND e.type = ANY(coalesce(w.event_types, :types::text[])) AND e.type = ANY(:types::text[])
+  AND (w.streams IS NULL OR coalesce(e.data->>'stream', r.stream, m.stream) = ANY(w.streams))
+ORDER BY e.tx, e.id
+LIMIT :limit
+RETURNING id;
+
+-- name: webhook_deliveries_list
+SELECT d.id, d.event_id, d.recipient_id, d.lane, d.state, d.attempts, d.event_at, d.next_attempt_at,
+       d.last_status, d.last_error, d.last_attempt_at, d.delivered_at, d.replay
+FROM webhook_deliveries d
+WHERE d.endpoint_id = :endpoint_id AND (:state::text IS NULL OR d.state = :state)
+  AND (:before::bigint IS NULL OR d.id < :before)
+ORDER BY d.id DESC
+LIMIT :limit;
+
+-- name: webhook_status
+-- Per endpoint: backlog, dead letters, age of the oldest undelivered event, and event-to-2xx lag
+-- percentiles over the deliveries of the last :window_seconds (each part reads only its own state).
+SELECT w.id, p.pending, p.retrying, p.oldest_pending_seconds, f.failed,
+       l.delivered_recent, l.lag_p50_seconds, l.lag_p95_seconds, l.last_delivered_at
+FROM webhook_endpoints w
+CROSS JOIN LATERAL (
+    SELECT count(*)::int AS pending, count(*) FILTER (WHERE d.attempts > 0)::int AS retrying,
+           extract(epoch FROM :now::timestamptz - min(d.event_at))::float8 AS oldest_pending_seconds
+    FROM webhook_deliveries d WHERE d.endpoint_id = w.id AND d.state IN ('pending', 'sending')) p
+CROSS JOIN LATERAL (
+    SELECT count(*)::int AS failed FROM webhook_deliveries d WHERE d.endpoint_id = w.id AND d.state = 'failed') f
+CROSS JOIN LATERAL (
+    SELECT count(*)::int AS delivered_recent,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM d.delivered_at - d.event_at))::float8
+               AS lag_p50_seconds,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM d.delivered_at - d.event_at))::float8
+               AS lag_p95_seconds,
+           max(d.delivered_at) AS last_delivered_at
+    FROM webhook_deliveries d
+    WHERE d.endpoint_id = w.id AND d.state = 'delivered'
+      AND d.delivered_at >= :now::timestamptz - make_interval(secs => :window_seconds)) l
+WHERE :endpoint_id::uuid IS NULL OR w.id = :endpoint_id
+ORDER BY w.created_at, w.id;
+
+-- name: webhook_prune
+-- Delivered rows are history after :keep_seconds (dead letters stay until replayed).
+DELETE FROM webhook_deliveries
+WHERE id IN (SELECT id FROM webhook_deliveries WHERE state = 'delivered'
+             AND delivered_at < :now::timestamptz - make_interval(secs => :keep_seconds) LIMIT 10000)
+RETURNING id;

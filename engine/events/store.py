@@ -27,6 +27,7 @@ import asyncpg
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.errors import EngineError
+from engine.events.public import Cursor, public_event
 
 PAYLOAD_VERSION = 1
 RECIPIENT_STATE_EVENTS = frozenset(
@@ -91,6 +92,39 @@ async def event_exists_for_recipient(
     return bool(await conn.fetchval(*args))
 
 
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    events: list[dict[str, Any]]
+    """Public form (:func:`engine.events.public.public_event`), in stream order."""
+    next: Cursor
+    """Where the next page starts: the last event returned, or the cursor given when none was."""
+    has_more: bool
+
+
+async def read_page(
+    conn: asyncpg.Connection, after: Cursor, *, types: Sequence[str], limit: int,
+    stream: str | None = None, message_id: uuid.UUID | None = None,
+    recipient_id: int | None = None, address: str | None = None,
+) -> EventPage:
+    """Events after ``after`` in commit order (see ``events_page``): never one skipped, never one twice."""
+    rows = await conn.fetch(
+        *q(
+            "events_page", tx=str(after.tx), id=after.id, types=list(types), stream=stream, message_id=message_id,
+            recipient_id=recipient_id, address=address.lower() if address else None, limit=limit + 1,
+        )
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    nxt = Cursor(rows[-1]["tx"], rows[-1]["id"]) if rows else after
+    return EventPage([public_event(r) for r in rows], nxt, more)
+
+
+async def public_events_by_id(conn: asyncpg.Connection, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """Events by id in public form (rows that no longer exist are absent)."""
+    rows = await conn.fetch(*q("events_by_ids", ids=list(ids)))
+    return {r["id"]: public_event(r) for r in rows}
+
+
 class EventStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -123,6 +157,10 @@ class EventStore:
             return await event_exists_for_recipient(conn, event_type, message_id, recipient_id)
         async with acquire(self.pool) as c:
             return await event_exists_for_recipient(c, event_type, message_id, recipient_id)
+
+    async def page(self, after: Cursor, *, types: Sequence[str], limit: int, **filters: Any) -> EventPage:
+        async with acquire(self.pool) as conn:
+            return await read_page(conn, after, types=types, limit=limit, **filters)
 
     async def for_message(self, message_id: uuid.UUID) -> list[asyncpg.Record]:
         async with acquire(self.pool) as conn:
