@@ -487,6 +487,24 @@ async def run_worker(settings: Settings) -> None:
         await engine.close_pool()
 
 
+async def run_dispatcher(settings: Settings) -> None:
+    """``engine webhooks run``: a webhook dispatcher alone (more of them on more hosts share the work)."""
+    from engine.webhooks.dispatcher import Dispatcher
+
+    loop = asyncio.get_running_loop()
+    engine = Engine(settings)
+    await engine.connect()
+    dispatcher = Dispatcher(settings, engine.pool)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, dispatcher.request_stop)
+    log.info("webhook_dispatcher_started", owner=dispatcher.owner)
+    try:
+        await dispatcher.run()
+    finally:
+        await engine.close_pool()
+        log.info("webhook_dispatcher_stopped", owner=dispatcher.owner)
+
+
 async def _stop_when_orphaned(stop: Callable[[], None]) -> None:
     """A supervised worker drains and exits when its supervisor is gone (even after a kill -9)."""
     parent = os.getppid()

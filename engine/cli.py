@@ -33,6 +33,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.suppress",
     "engine.commands.reputation",
     "engine.commands.shaping",
+    "engine.commands.webhooks",
 )
 
 

@@ -27,18 +27,10 @@ from engine.api.models import (
 )
 from engine.apikeys import ApiKey
 from engine.errors import ValidationFailed
-from engine.events.public import event_id
+from engine.events.public import event_id, parse_event_id
 from engine.webhooks.endpoints import UNSET
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
-
-
-def parse_event_id(text: str, field: str = "event_ids") -> int:
-    """``evt_42`` (or ``42``) -> 42; anything else names ``field``."""
-    raw = text.removeprefix("evt_")
-    if not raw.isdigit() or len(raw) > 18:
-        raise ValidationFailed(f"{text!r} is not an event id like 'evt_42'", field=field)
-    return int(raw)
 
 
 @router.post("", status_code=201, response_model=WebhookCreated, summary="Create an endpoint (the secret is shown once)")

@@ -65,6 +65,14 @@ def event_id(n: int) -> str:
     return f"evt_{n}"
 
 
+def parse_event_id(text: str, field: str = "event_ids") -> int:
+    """``evt_42`` (or ``42``) -> 42; anything else is a 4xx naming ``field``."""
+    raw = text.removeprefix("evt_")
+    if not raw.isdigit() or len(raw) > 18:
+        raise ValidationFailed(f"{text!r} is not an event id like 'evt_42'", field=field)
+    return int(raw)
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class Cursor:
     """A position in the commit-ordered stream: (writing transaction, event id)."""

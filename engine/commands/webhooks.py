@@ -1,0 +1,209 @@
+"""``engine webhooks add|list|rm|status|deliveries|replay|rotate|run``: endpoints from the command line.
+
+Everything goes through the owners the API uses (:class:`engine.webhooks.endpoints.Endpoints`,
+:class:`engine.webhooks.deliveries.Deliveries`), so a URL, type or stream is checked the same way.
+The secret is printed once, at ``add`` and ``rotate``. ``run`` starts a dispatcher alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import asyncpg
+
+from engine.commands import Subparsers
+from engine.errors import ValidationFailed
+from engine.events.public import PUBLIC_TYPES, event_id, parse_event_id
+from engine.runtime import database, print_json, run_async
+from engine.webhooks.deliveries import Deliveries
+from engine.webhooks.endpoints import Endpoints
+
+T = TypeVar("T")
+
+
+def register(sub: Subparsers) -> None:
+    grp = sub.add_parser("webhooks", help="webhook endpoints: signed events to your systems").add_subparsers(
+        dest="webhooks_cmd", required=True
+    )
+    p = grp.add_parser("add", help="create an endpoint (prints its secret once)")
+    p.add_argument("url")
+    p.add_argument("--events", nargs="+", metavar="TYPE", help=f"only these types ({', '.join(sorted(PUBLIC_TYPES.values()))})")
+    p.add_argument("--streams", nargs="+", metavar="STREAM", help="only these streams")
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="up to N events per request (default 1: unbatched)")
+    p.add_argument("--batch-wait", type=float, default=1.0, metavar="SECONDS", help="wait this long for a full batch")
+    p.add_argument("--description", default="")
+    p.add_argument("--disabled", action="store_true", help="create it disabled")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_add)
+    p = grp.add_parser("list", help="every endpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+    p = grp.add_parser("rm", help="delete an endpoint and its deliveries")
+    p.add_argument("id", type=uuid.UUID)
+    p.set_defaults(func=cmd_rm)
+    p = grp.add_parser("enable", help="enable an endpoint (also one a 410 disabled)")
+    p.add_argument("id", type=uuid.UUID)
+    p.set_defaults(func=cmd_enable)
+    p = grp.add_parser("disable", help="stop sending to an endpoint")
+    p.add_argument("id", type=uuid.UUID)
+    p.set_defaults(func=cmd_disable)
+    p = grp.add_parser("status", help="backlog, dead letters and lag per endpoint")
+    p.add_argument("id", type=uuid.UUID, nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = grp.add_parser("deliveries", help="recent deliveries of an endpoint (--state failed: dead letters)")
+    p.add_argument("id", type=uuid.UUID)
+    p.add_argument("--state", choices=("pending", "sending", "delivered", "failed"))
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_deliveries)
+    p = grp.add_parser("replay", help="send again: dead letters, event ids, or a time range (same webhook-id)")
+    p.add_argument("id", type=uuid.UUID)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--dead", action="store_true", help="every dead letter")
+    what.add_argument("--event", nargs="+", metavar="EVT", help="event ids (evt_42)")
+    what.add_argument("--since", type=_when, metavar="TIME", help="events at or after TIME (ISO 8601)")
+    p.add_argument("--until", type=_when, metavar="TIME", help="with --since: events before TIME")
+    p.set_defaults(func=cmd_replay)
+    p = grp.add_parser("rotate", help="a new secret (printed once); the old one also signs for [webhooks] secret_overlap")
+    p.add_argument("id", type=uuid.UUID)
+    p.set_defaults(func=cmd_rotate)
+    p = grp.add_parser("run", help="run a webhook dispatcher alone (engine run starts one too)")
+    p.set_defaults(func=cmd_run)
+
+
+def _when(text: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time like 2026-11-30T12:00:00Z") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _run(args: argparse.Namespace, work: Callable[[Endpoints, Deliveries], Awaitable[T]]) -> T:
+    async def go() -> T:
+        async with database(args.settings) as pool:
+            return await work(
+                Endpoints(pool, args.settings), Deliveries(pool, args.settings.webhooks.transactional_streams)
+            )
+
+    result: T = run_async(go())
+    return result
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    ep, secret = _run(args, lambda e, d: e.create(
+        args.url, events=args.events, streams=args.streams, description=args.description, enabled=not args.disabled,
+        batch_max=args.batch, batch_wait=args.batch_wait,
+    ))
+    if args.json:
+        print_json({**ep.as_json(), "secret": secret})
+    else:
+        print(f"created webhook {ep.id} -> {ep.url}")
+        print(f"secret (shown once, keep it): {secret}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    eps = _run(args, lambda e, d: e.list())
+    if args.json:
+        print_json([ep.as_json() for ep in eps])
+        return 0
+    for ep in eps:
+        state = "enabled" if ep.enabled else f"disabled ({ep.disabled_reason or 'by an operator'})"
+        types = ",".join(ep.event_types) if ep.event_types else "all events"
+        streams = ",".join(ep.streams) if ep.streams else "all streams"
+        batch = f"batch {ep.batch_max}" if ep.batch_max > 1 else "unbatched"
+        print(f"{ep.id}  {ep.url}  [{types}; {streams}; {batch}] {state}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    _run(args, lambda e, d: e.delete(args.id))
+    print(f"deleted webhook {args.id}")
+    return 0
+
+
+def cmd_enable(args: argparse.Namespace) -> int:
+    _run(args, lambda e, d: e.update(args.id, enabled=True))
+    print(f"enabled webhook {args.id}")
+    return 0
+
+
+def cmd_disable(args: argparse.Namespace) -> int:
+    _run(args, lambda e, d: e.update(args.id, enabled=False))
+    print(f"disabled webhook {args.id}")
+    return 0
+
+
+def _secs(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}s"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    async def work(e: Endpoints, d: Deliveries) -> tuple[list[Any], list[dict[str, Any]]]:
+        return await e.list(), await d.status(datetime.now(UTC), args.id)
+
+    eps, rows = _run(args, work)
+    urls = {ep.id: ep for ep in eps}
+    if args.id is not None and args.id not in urls:
+        raise ValidationFailed(f"no webhook endpoint {args.id}", field="id")
+    if args.json:
+        print_json([{**r, "id": str(r["id"]), "url": urls[r["id"]].url} for r in rows])
+        return 0
+    print(f"{'endpoint':<36}  {'pending':>8} {'retrying':>8} {'dead':>6} {'oldest':>9} {'p50':>8} {'p95':>8}  url")
+    for r in rows:
+        ep = urls[r["id"]]
+        flag = "" if ep.enabled else f"  (disabled: {ep.disabled_reason or 'by an operator'})"
+        print(
+            f"{r['id']!s:<36}  {r['pending']:>8} {r['retrying']:>8} {r['failed']:>6} "
+            f"{_secs(r['oldest_pending_seconds']):>9} {_secs(r['lag_p50_seconds']):>8} {_secs(r['lag_p95_seconds']):>8}"
+            f"  {ep.url}{flag}"
+        )
+    return 0
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    rows: list[asyncpg.Record] = _run(args, lambda e, d: d.list(args.id, state=args.state, limit=args.limit))
+    if args.json:
+        print_json([{**dict(r), "event_id": event_id(r["event_id"])} for r in rows])
+        return 0
+    for r in rows:
+        last = f"{r['last_status'] or ''} {r['last_error'] or ''}".strip()
+        print(f"{r['id']:>10} {event_id(r['event_id']):<16} {r['state']:<10} attempts={r['attempts']:<3} {r['lane']:<13} {last}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    ids = [parse_event_id(t, field="--event") for t in args.event] if args.event else None
+    if args.until is not None and args.since is None:
+        raise ValidationFailed("--until needs --since", field="--until")
+    n = _run(args, lambda e, d: _replay(e, d, args, ids))
+    print(f"queued {n} deliveries for {args.id}")
+    return 0
+
+
+async def _replay(e: Endpoints, d: Deliveries, args: argparse.Namespace, ids: list[int] | None) -> int:
+    await e.get(args.id)
+    return await d.replay(args.id, datetime.now(UTC), dead_letters=args.dead, event_ids=ids, since=args.since, until=args.until)
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    ep, secret = _run(args, lambda e, d: e.rotate(args.id))
+    until = ep.rotating_until.isoformat() if ep.rotating_until else "-"
+    print(f"new secret (shown once, keep it): {secret}")
+    print(f"the previous secret also signs until {until}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine.app import run_dispatcher
+    from engine.logging import configure
+
+    configure()
+    run_async(run_dispatcher(args.settings))
+    return 0
