@@ -28,6 +28,7 @@ from engine.db.queries import q
 from engine.errors import DatabaseUnavailable, EngineError, ValidationFailed
 from engine.ids import uuid7
 from engine.outbox import EnqueuedRecipient, NewMessage, NewRecipient, Outbox
+from engine.submit.identity import extract_identity
 from engine.submit.models import AddressIn, MessageIn, as_mailbox
 from engine.suppression import Suppressions
 from engine.templates_db import DbTemplateStore
@@ -54,7 +55,8 @@ def _stored_mailbox(value: AddressIn) -> Mailbox:
 
 
 def _recipient(
-    address: str, kind: str, vars_: dict[str, Any] | None = None, *, validated: bool = False
+    address: str, kind: str, vars_: dict[str, Any] | None = None, *, validated: bool = False,
+    contact_id: str | None = None, external: dict[str, Any] | None = None,
 ) -> NewRecipient:
     """An outbox row for ``address``; ``validated``: the schema already checked it, just split."""
     if validated:
@@ -62,7 +64,9 @@ def _recipient(
     else:
         local, domain = split_address(address)
     domain = normalize_domain(domain)
-    return NewRecipient(address=f"{local}@{domain}", domain=domain, kind=kind, vars=vars_)
+    return NewRecipient(
+        address=f"{local}@{domain}", domain=domain, kind=kind, vars=vars_, contact_id=contact_id, external=external
+    )
 
 
 def envelope_recipient(address: str) -> NewRecipient:
@@ -191,14 +195,17 @@ class Acceptor:
         stream, priority = self._stream(item.stream, self.settings.queue.default_stream, f"{prefix}stream")
         if item.raw is not None:
             assert item.envelope is not None  # guaranteed by MessageIn
-            recipients = _dedupe([_recipient(a, "envelope") for a in item.envelope.rcpt_to])
+            raw_bytes, contact_id, external = extract_identity(item.raw.encode("utf-8"))
+            recipients = _dedupe(
+                [_recipient(a, "envelope", contact_id=contact_id, external=external) for a in item.envelope.rcpt_to]
+            )
             mail_from = item.envelope.mail_from
-            raw: bytes | None = item.raw.encode("utf-8")
+            raw: bytes | None = raw_bytes
             content: dict[str, Any] | None = None
         else:
             recipients = _dedupe(
                 [
-                    _recipient(mb.email, kind, mb.vars, validated=True)
+                    _recipient(mb.email, kind, mb.vars, validated=True, contact_id=mb.contact_id, external=mb.external)
                     for kind, group in (("to", item.to), ("cc", item.cc), ("bcc", item.bcc))
                     for mb in map(as_mailbox, group)
                 ]
@@ -243,13 +250,14 @@ class Acceptor:
         self, mail_from: str, rcpt_tos: Sequence[str], data: bytes, api_key_id: int | None, stream: str | None = None
     ) -> NewMessage:
         name, priority = self._stream(stream, self.settings.smtp.default_stream, "stream")
+        data, contact_id, external = extract_identity(data)
         return NewMessage(
             id=uuid7(),
             source="smtp",
             mail_from=mail_from,
             stream=name,
             priority=priority,
-            recipients=_dedupe([_recipient(a, "envelope") for a in rcpt_tos]),
+            recipients=_dedupe([_recipient(a, "envelope", contact_id=contact_id, external=external) for a in rcpt_tos]),
             raw=data,
             api_key_id=api_key_id,
         )
@@ -383,3 +391,8 @@ class Acceptor:
     @staticmethod
     def _wrap(bodies: list[dict[str, Any]], batch: bool) -> dict[str, Any]:
         return {"messages": bodies} if batch else bodies[0]
+
+
+async def erase_idempotency(conn: asyncpg.Connection, address: str) -> int:
+    """Forget stored answers that list an erased address (their replay would name it)."""
+    return len(await conn.fetch(*q("idempotency_erase", address=address)))

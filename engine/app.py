@@ -28,6 +28,7 @@ from engine.apikeys import ApiKeys
 from engine.compose.render import Renderer
 from engine.compose.tracking import Keyring
 from engine.config import Settings, child_environment
+from engine.consent.policy import ConsentPolicy
 from engine.db.migrate import migrate
 from engine.db.pool import acquire, create_pool, resolve_dsn
 from engine.errors import DatabaseUnavailable, EngineError
@@ -162,7 +163,7 @@ class Engine:
                 applied = await migrate(conn)
             if applied:
                 log.info("migrations_applied", versions=applied)
-            outbox = Outbox(pool, self.settings.queue.max_age)
+            outbox = Outbox(pool, self.settings.queue.max_age, consent=ConsentPolicy.from_config(self.settings.consent))
             # Uploaded templates mirrored in memory for the (synchronous) Renderer; suppressions at accept.
             templates = DbTemplateStore(pool)
             await templates.load()
@@ -221,8 +222,9 @@ class Engine:
     async def _start_http(self, svc: Services) -> None:
         # Imported here: one-shot commands build an Engine too, and never need FastAPI.
         from engine.api.app import create_app, wrap
-        from engine.api.deps import HttpContext, TrackingDeps, WebhookDeps
+        from engine.api.deps import ConsentDeps, HttpContext, TrackingDeps, WebhookDeps
         from engine.compose.pipeline import Composer
+        from engine.consent.store import ConsentStore
 
         tracking = TrackingDeps(
             pool=svc.pool,
@@ -232,11 +234,16 @@ class Engine:
             events=svc.events,
             suppressions=svc.suppressions,
             templates=svc.templates,
+            consent=svc.outbox.consent,
         )
         ctx = HttpContext(
             self.settings, svc.outbox, svc.apikeys, svc.acceptor,
             templates=svc.templates, renderer=svc.renderer, tracking=tracking, events=svc.events,
             webhooks=WebhookDeps(svc.webhooks, svc.webhook_deliveries, wake=self._wake_dispatcher),
+            consent=ConsentDeps(
+                ConsentStore(svc.pool, ConsentPolicy.from_config(self.settings.consent)), svc.suppressions,
+                self.settings.queue.streams, self.settings.consent.max_import_errors,
+            ),
         )
         app = wrap(create_app(ctx), self.settings)
         host, port = self.settings.http.listen

@@ -30,6 +30,7 @@ from engine.configtypes import (  # noqa: F401  (re-exported for section modules
     parse_hostport,
     parse_size,
 )
+from engine.consent.config import ConsentConfig
 from engine.deliver.config import DeliveryConfig
 from engine.deliver.pools import PoolConfig
 from engine.deliver.routing import RoutingConfig
@@ -138,7 +139,7 @@ class QueueConfig(_Section):
     max_age: Duration = Field(default=3 * 86400.0, description="Give up and bounce after this long.")
     default_stream: str = "default"
     streams: dict[str, int] = Field(
-        default_factory=lambda: {"transactional": 0, "default": 5, "relay": 5, "bulk": 9},
+        default_factory=lambda: {"transactional": 0, "default": 5, "relay": 5, "outreach": 7, "bulk": 9},
         description="Known streams and their priority (lower is claimed first).",
     )
     lease_duration: Duration = 300.0
@@ -177,6 +178,7 @@ class Settings(_Section):
     tracking: TrackingConfig = TrackingConfig()
     feedback: FeedbackConfig = FeedbackConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
+    consent: ConsentConfig = ConsentConfig()
 
     # Resolved from the environment, not from the file.
     home: Path = Path("var")
@@ -189,6 +191,14 @@ class Settings(_Section):
         for where, name in (("smtp.default_stream", self.smtp.default_stream), ("queue.default_stream", self.queue.default_stream)):
             if name not in self.queue.streams:
                 raise ValueError(f"{where} = {name!r} is not one of queue.streams ({', '.join(sorted(self.queue.streams))})")
+        if "streams" not in self.consent.model_fields_set:  # shipped rules: only for streams this config has
+            kept = {k: v for k, v in self.consent.streams.items() if k in self.queue.streams}
+            object.__setattr__(self, "consent", self.consent.model_copy(update={"streams": kept}))
+        for name in self.consent.streams:
+            if name not in self.queue.streams:
+                raise ValueError(
+                    f"consent.streams.{name}: not one of queue.streams ({', '.join(sorted(self.queue.streams))})"
+                )
         for name in self.webhooks.transactional_streams:
             if name not in self.queue.streams:
                 raise ValueError(

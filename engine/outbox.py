@@ -32,13 +32,16 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.events.store import Event, record_events
+
+if TYPE_CHECKING:
+    from engine.consent.policy import ConsentPolicy
 
 NOTIFY_CHANNEL = "engine_outbox"
 SUPPRESSED_AT_SUBMIT = "on the suppression list"
@@ -62,6 +65,10 @@ class NewRecipient:
     state: str = "queued"
     reason: str | None = None
     """Why the row starts in a state other than queued (e.g. the suppression that stopped it)."""
+    contact_id: str | None = None
+    """The CRM/CDP id of this recipient: on every event of the row, never in a URL."""
+    external: dict[str, Any] | None = None
+    """Other external ids (segment, membership, owner ...), carried to every event like contact_id."""
 
 
 @dataclass(slots=True)
@@ -207,9 +214,11 @@ async def suppress_pending(conn: asyncpg.Connection, items: Iterable[tuple[str, 
 class Outbox:
     """Batched queue operations over an asyncpg pool."""
 
-    def __init__(self, pool: asyncpg.Pool, max_age: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, max_age: float, consent: ConsentPolicy | None = None) -> None:
         self.pool = pool
         self.max_age = max_age
+        self.consent = consent
+        """Stream consent rules applied at enqueue (with ``suppress``) and at claim; None: no consent check."""
 
     async def enqueue(
         self, messages: Sequence[NewMessage], conn: asyncpg.Connection | None = None, *, suppress: bool = False
@@ -239,17 +248,34 @@ class Outbox:
         streams: list[str] = []
         prios: list[int] = []
         nexts: list[datetime | None] = []
+        reasons: list[str | None] = []
+        contact_ids: list[str | None] = []
+        externals: list[dict[str, Any] | None] = []
+        purposes: list[str | None] = []
+        rules: list[str | None] = []
+        policy = self.consent if suppress else None
         for m in messages:
+            purpose, rule = policy.rule(m.stream) if policy is not None else (None, None)
             for r in m.recipients:
                 mids.append(m.id)
                 addresses.append(r.address)
                 domains.append(r.domain)
                 kinds.append(r.kind)
                 vars_.append(r.vars)
-                states.append(r.state)
                 streams.append(m.stream)
                 prios.append(m.priority)
                 nexts.append(m.send_at)
+                contact_ids.append(r.contact_id)
+                externals.append(r.external)
+                purposes.append(purpose)
+                rules.append(rule)
+                barred = policy.role_barred(r.address, m.stream) if policy is not None else None
+                if barred is not None and r.state == "queued":
+                    states.append("suppressed")
+                    reasons.append(barred)
+                else:
+                    states.append(r.state)
+                    reasons.append(r.reason)
         rows = await conn.fetch(
             *q(
                 "enqueue",
@@ -269,6 +295,12 @@ class Outbox:
                 kinds=kinds,
                 vars=vars_,
                 states=states,
+                reasons=reasons,
+                contact_ids=contact_ids,
+                externals=externals,
+                purposes=purposes,
+                rules=rules,
+                require_reconfirm=policy.require_reconfirm if policy is not None else False,
                 rcpt_streams=streams,
                 priorities=prios,
                 next_attempt_ats=nexts,
@@ -291,7 +323,7 @@ class Outbox:
                 else:
                     events.append(
                         Event(row["state"], row["id"], m.id,
-                              {**accepted, "reason": rcpt.reason or SUPPRESSED_AT_SUBMIT, "at": "submit"})
+                              {**accepted, "reason": row["reason"] or rcpt.reason or SUPPRESSED_AT_SUBMIT, "at": "submit"})
                     )
             out.append(lst)
         await record_events(conn, events)
@@ -302,13 +334,31 @@ class Outbox:
     ) -> list[asyncpg.Record]:
         """Lease up to ``limit`` ready recipients, highest priority and oldest first.
 
+        Consent is judged again as rows are taken: a row whose stream's rule its address now
+        fails (a revocation after accept) becomes ``suppressed`` with its event instead.
+
         ``skip_domains`` are destinations the caller cannot take more of right now
         (suspended or saturated): their rows stay for other workers or later.
         """
+        streams, purposes, kinds = self.consent.sql_rules() if self.consent is not None else ([], [], [])
+        args = q(
+            "claim", owner=owner, limit=limit, lease_seconds=lease_seconds, skip_domains=list(skip_domains),
+            rule_streams=streams, rule_purposes=purposes, rule_kinds=kinds,
+            require_reconfirm=self.consent.require_reconfirm if self.consent is not None else False,
+        )
         async with acquire(self.pool) as conn:
-            return await conn.fetch(
-                *q("claim", owner=owner, limit=limit, lease_seconds=lease_seconds, skip_domains=list(skip_domains))
-            )
+            if not streams:
+                return await conn.fetch(*args)
+            async with conn.transaction():  # rows stopped by consent get their event in the same transaction
+                rows = await conn.fetch(*args)
+                stopped = [r for r in rows if r["blocked"] is not None]
+                if not stopped:
+                    return rows
+                await record_events(conn, [
+                    Event("suppressed", r["id"], r["message_id"], {"reason": r["blocked"], "stream": r["stream"], "at": "claim"})
+                    for r in stopped
+                ])
+        return [r for r in rows if r["blocked"] is None]
 
     @contextlib.asynccontextmanager
     async def _tx(self, conn: asyncpg.Connection | None) -> AsyncIterator[asyncpg.Connection]:
@@ -453,3 +503,18 @@ class Outbox:
     ) -> list[asyncpg.Record]:
         async with acquire(self.pool) as conn:
             return await conn.fetch(*q("queue_list", state=state, domain=domain, message_id=message_id, limit=limit))
+
+
+@dataclass(frozen=True, slots=True)
+class Erased:
+    recipient_ids: list[int]
+    message_ids: list[uuid.UUID]
+    blanked: int
+    """Messages whose body, sender and metadata were wiped (nobody else waits for them)."""
+
+
+async def erase_address(conn: asyncpg.Connection, address: str) -> Erased:
+    """Remove ``address`` (lower-cased) from the queue: its rows and attempts, and bodies no one else needs."""
+    row = await conn.fetchrow(*q("outbox_erase_address", address=address))
+    assert row is not None  # an aggregate always returns its row
+    return Erased(list(row["recipient_ids"] or []), list(row["message_ids"] or []), row["blanked"])

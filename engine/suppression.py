@@ -20,7 +20,7 @@ stopped in the same transaction (:func:`engine.outbox.suppress_pending`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -117,6 +117,11 @@ class Suppressions:
             moved = await suppress_pending(c, [(key, scope, reason)])
         return new, len(moved)
 
+    async def add_batch(self, items: Sequence[tuple[str, str, str, str]]) -> tuple[int, int]:
+        """Many (normalized address, scope, reason, source) in one transaction: (new rows, queued rows stopped)."""
+        async with acquire(self.pool) as conn, conn.transaction():
+            return await add_many(conn, items)
+
     async def remove(self, address: str, scope: str | None = None) -> list[str]:
         """Lift a suppression (every scope when ``scope`` is None); returns the scopes removed."""
         async with acquire(self.pool) as conn:
@@ -186,3 +191,8 @@ async def add_many(conn: asyncpg.Connection, items: Iterable[tuple[str, str, str
     )
     moved = await suppress_pending(conn, [(a, s, r) for a, s, r, _ in rows])
     return len(new), len(moved)
+
+
+async def erase(conn: asyncpg.Connection, address: str) -> int:
+    """Remove an erased address's suppressions (the do-not-mail hash replaces them)."""
+    return len(await conn.fetch(*q("suppression_erase", address=address)))

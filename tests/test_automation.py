@@ -23,6 +23,7 @@ from engine.outbox import NewMessage, NewRecipient, Outbox
 from engine.outcome.reputation import CounterRow, record_counters
 from engine.shaping.rules import ShapingError, parse_shaping
 from engine.shaping.status import live_state
+from tests.configs import BULK_WITHOUT_CONSENT
 from tests.receivers import Behaviour, Receiver, smtp_receiver, tls_ca  # noqa: F401
 
 TSS04 = ("421 4.7.0 [TSS04] Messages from 127.0.0.1 temporarily deferred due to unexpected volume or user "
@@ -47,7 +48,7 @@ class World:
             "flush_interval = \"20ms\"\n"
             "[delivery.smtp]\nconnect_timeout = 2\nbanner_timeout = 3\ndata_dot_timeout = 3\n"
             f"[routing]\nnameservers = [\"{host}:{port}\"]\nmx_port = {big.port}\ntimeout = \"2s\"\n"
-            "[shaping]\nfile = \"shaping.toml\"\nrecheck = \"0.3s\"\n"
+            "[shaping]\nfile = \"shaping.toml\"\nrecheck = \"0.3s\"\n" + BULK_WITHOUT_CONSENT
         )
         self.cfg = cfg
         self.env = env

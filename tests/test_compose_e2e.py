@@ -17,6 +17,7 @@ import httpx
 from engine.compose.dkim import keygen
 from engine.compose.pipeline import Composer
 from engine.deliver.scheduler import DeliveryWorker
+from tests.configs import BULK_WITHOUT_CONSENT
 from tests.receivers import smtp_receiver, tls_ca  # noqa: F401
 from tests.test_dkim import dkimpy_results, opendkim_results, perl_results
 
@@ -43,7 +44,7 @@ async def test_templated_message_arrives_signed_tracked_and_unsubscribable(engin
         f'[[domains.dkim]]\nselector = "s1"\nalgorithm = "rsa-sha256"\nkey_file = "{rsa_path}"\n'
         f'[[domains.dkim]]\nselector = "e1"\nalgorithm = "ed25519-sha256"\nkey_file = "{ed_path}"\n'
         '[tracking]\n[[tracking.keys]]\nid = 1\nsecret = "0123456789abcdef0123456789abcdef-test"\n'
-        "[delivery]\npoll_interval = \"100ms\"\nflush_interval = \"20ms\"\n"
+        "[delivery]\npoll_interval = \"100ms\"\nflush_interval = \"20ms\"\n" + BULK_WITHOUT_CONSENT
     )
     admin, _ = await eng.apikeys.create("admin", ["admin"])
     host, port = eng.http_address
@@ -118,7 +119,7 @@ async def test_inline_image_attachment_and_mailto_unsubscribe(engine_factory, sm
         f'[routing.static]\n"example.net" = "{rx.address}:{rx.port}"\n'
         '[mime]\nlist_unsubscribe_mailto = "unsubscribe@bounces.example.com"\n'
         '[tracking]\ntrack_opens = false\n[[tracking.keys]]\nid = 1\nsecret = "0123456789abcdef0123456789abcdef-test"\n'
-        "[delivery]\npoll_interval = \"100ms\"\nflush_interval = \"20ms\"\n"
+        "[delivery]\npoll_interval = \"100ms\"\nflush_interval = \"20ms\"\n" + BULK_WITHOUT_CONSENT
     )
     key, _ = await eng.apikeys.create("k", ["send"])
     host, port = eng.http_address

@@ -24,6 +24,7 @@ from engine.config import load_settings
 from engine.deliver.scheduler import DeliveryWorker
 from engine.feedback.verp import Verp
 from engine.outbox import Outcome
+from tests.configs import BULK_WITHOUT_CONSENT
 from tests.conftest import shared_corpus
 from tests.receivers import smtp_receiver, tls_ca  # noqa: F401  (fixtures)
 
@@ -43,7 +44,7 @@ enabled = true
 listen = "127.0.0.1:0"
 accept_domains = ["fbl.example.test"]
 max_message_size = "6MB"
-"""
+""" + BULK_WITHOUT_CONSENT
 VERP = Verp(BOUNCE_DOMAIN, {1: SECRET})
 
 

@@ -37,6 +37,9 @@ OWNERS: dict[str, str] = {
     "webhook_endpoints": "engine/webhooks/endpoints.py",
     "webhook_deliveries": "engine/webhooks/deliveries.py",
     "webhook_cursor": "engine/webhooks/deliveries.py",
+    "consent": "engine/consent/store.py",
+    "consent_history": "engine/consent/store.py",
+    "do_not_mail": "engine/consent/erasure.py",
 }
 
 _WRITE_RE = re.compile(r"\b(?:INSERT\s+INTO|(?<!DO\s)(?<!FOR\s)UPDATE|DELETE\s+FROM)\s+([a-z_]+)", re.IGNORECASE)

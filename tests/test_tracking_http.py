@@ -137,18 +137,30 @@ async def test_open_pixel(api, conn) -> None:
     assert [(e["recipient_id"], e["message_id"], e["data"]) for e in rows] == [(rid, uuid.UUID(out["id"]), {"v": 1})]
 
 
-async def test_one_click_unsubscribe_suppresses_stream(api, conn) -> None:
+async def test_one_click_unsubscribe_revokes_the_streams_consent_purpose(api, conn) -> None:
+    """On a stream with a consent rule (bulk -> marketing) the unsubscribe is a revocation, not a suppression."""
+    grant = {"purpose": "marketing", "status": "granted", "source": "crm:test", "captured_at": "2026-01-01T00:00:00Z"}
+    r = await api.post("/v1/consent", json=[{"address": a, **grant} for a in ("reader@example.net", "other@example.net")],
+                       headers=auth(api.key))
+    assert r.status_code == 200, r.text
     out = await submit(api, html=HTML, stream="bulk", to=["Reader@Example.NET"])
+    queued = await submit(api, text="x", stream="bulk", to=["reader@example.net"])
+    assert queued["recipients"][0]["state"] == "queued"
     rid = out["recipients"][0]["id"]
     tok = api.ring.sign(TokenKind.UNSUBSCRIBE, rid)
     r = await api.post(f"/u/{tok}", data={"List-Unsubscribe": "One-Click"})
     assert r.status_code == 200, r.text
-    sup = await conn.fetch("SELECT address, scope, reason FROM suppressions")
-    assert [tuple(s) for s in sup] == [("reader@example.net", "bulk", "unsubscribed")]
+    assert await conn.fetchval("SELECT count(*) FROM suppressions") == 0
+    row = await conn.fetchrow("SELECT status, source FROM consent WHERE address = 'reader@example.net' AND purpose = 'marketing'")
+    assert tuple(row) == ("revoked", "list-unsubscribe")
     ev = await events(conn, "unsubscribed")
     assert len(ev) == 1 and ev[0]["recipient_id"] == rid and ev[0]["data"]["method"] == "one-click"
+    assert ev[0]["data"]["revoked"] == "marketing"
+    # Mail already queued for the address on a marketing stream is stopped at once.
+    state = await conn.fetchval("SELECT state FROM recipients WHERE message_id = $1", uuid.UUID(queued["id"]))
+    assert state == "suppressed"
 
-    # Posting the confirmation form again suppresses nothing new and records no second event.
+    # Posting the confirmation form again changes nothing new and records no second event.
     r = await api.post(f"/u/{tok}")
     assert r.status_code == 200, r.text
     assert len(await events(conn, "unsubscribed")) == 1
@@ -156,19 +168,22 @@ async def test_one_click_unsubscribe_suppresses_stream(api, conn) -> None:
     again = await submit(api, text="x", stream="bulk", to=["Reader@example.net", "other@example.net"])
     assert {x["email"]: x["state"] for x in again["recipients"]} == {
         "Reader@example.net": "suppressed", "other@example.net": "queued"}
-    states = await conn.fetch("SELECT address, state FROM recipients WHERE message_id = $1", uuid.UUID(again["id"]))
-    assert {s["address"]: s["state"] for s in states} == {"Reader@example.net": "suppressed", "other@example.net": "queued"}
+    reasons = await conn.fetch("SELECT address, reason FROM recipients WHERE message_id = $1", uuid.UUID(again["id"]))
+    assert {s["address"]: s["reason"] for s in reasons} == {"Reader@example.net": "consent:marketing", "other@example.net": None}
     elsewhere = await submit(api, text="x", stream="transactional", to=["Reader@example.net"])
     assert elsewhere["recipients"][0]["state"] == "queued"
 
 
 async def test_unsubscribe_get_changes_nothing_and_form_post_records(api, conn) -> None:
-    """A link scanner's prefetch (GET) must not unsubscribe; the page's form POST does."""
-    out = await submit(api, text="x", stream="bulk")
+    """A link scanner's prefetch (GET) must not unsubscribe; the page's form POST does.
+
+    On a stream without a consent rule (default) the unsubscribe suppresses the address for the stream.
+    """
+    out = await submit(api, text="x", stream="default")
     tok = api.ring.sign(TokenKind.UNSUBSCRIBE, out["recipients"][0]["id"])
     for _ in range(2):
         r = await api.get(f"/u/{tok}")
-        assert r.status_code == 200 and "bulk" in r.text
+        assert r.status_code == 200 and "default" in r.text
         assert f'<form method="post" action="/u/{tok}">' in r.text and ">Unsubscribe</button>" in r.text
         assert "<script" not in r.text and "no-store" in r.headers["cache-control"]
     assert await conn.fetchval("SELECT count(*) FROM suppressions") == 0
@@ -177,7 +192,7 @@ async def test_unsubscribe_get_changes_nothing_and_form_post_records(api, conn) 
     # What the browser sends for the form: no List-Unsubscribe=One-Click body.
     r = await api.post(f"/u/{tok}", headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert r.status_code == 200, r.text
-    assert await conn.fetchval("SELECT count(*) FROM suppressions WHERE scope = 'bulk'") == 1
+    assert await conn.fetchval("SELECT count(*) FROM suppressions WHERE scope = 'default'") == 1
     ev = await events(conn, "unsubscribed")
     assert len(ev) == 1 and ev[0]["data"]["method"] == "post"
 

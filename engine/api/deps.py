@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from engine.compose.render import Renderer
     from engine.compose.tracking import Keyring
     from engine.config import Settings
+    from engine.consent.policy import ConsentPolicy
+    from engine.consent.store import ConsentStore
     from engine.events.store import EventStore
     from engine.outbox import Outbox
     from engine.suppression import Suppressions
@@ -48,6 +50,8 @@ class TrackingDeps:
     events: EventStore
     suppressions: Suppressions
     templates: DbTemplateStore | None = None
+    consent: ConsentPolicy | None = None
+    """Unsubscribes on streams with a consent rule revoke its purpose (None: they always suppress)."""
 
 
 @dataclass
@@ -57,6 +61,16 @@ class WebhookDeps:
     endpoints: Endpoints
     deliveries: Deliveries
     wake: Callable[[], None] | None = None
+
+
+@dataclass
+class ConsentDeps:
+    """What ``/v1/consent`` and ``/v1/contacts`` need."""
+
+    store: ConsentStore
+    suppressions: Suppressions
+    streams: dict[str, int]
+    max_errors: int = 1000
 
 
 @dataclass
@@ -73,6 +87,7 @@ class HttpContext:
     tracking: TrackingDeps | None = None
     events: EventStore | None = None
     webhooks: WebhookDeps | None = None
+    consent: ConsentDeps | None = None
 
 
 def context(request: Request) -> HttpContext:
@@ -120,6 +135,12 @@ async def get_events(ctx: HttpContext = Depends(get_ctx)) -> EventStore:
     return ctx.events
 
 
+async def get_consent(ctx: HttpContext = Depends(get_ctx)) -> ConsentDeps:
+    if ctx.consent is None:
+        raise _NotMounted("consent")
+    return ctx.consent
+
+
 async def get_webhooks(ctx: HttpContext = Depends(get_ctx)) -> WebhookDeps:
     if ctx.webhooks is None:
         raise _NotMounted("webhooks")
@@ -150,3 +171,4 @@ def require(scope: str) -> Callable[..., Awaitable[ApiKey]]:
 require_send = require("send")
 require_read = require("read")
 require_admin = require("admin")
+require_scope_consent = require("consent")

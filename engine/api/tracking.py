@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from datetime import UTC, datetime
 from html import escape
 from typing import Any
 from urllib.parse import parse_qs
@@ -34,9 +35,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from engine.api.deps import TrackingDeps, get_tracking
 from engine.compose.pipeline import MessageRow
 from engine.compose.tracking import Token, TokenExpired, TokenInvalid, TokenKind
+from engine.consent.models import ConsentIn
+from engine.consent.store import apply_changes
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.errors import DatabaseUnavailable, EngineError
+from engine.suppression import normalize_address
 
 log = structlog.get_logger(__name__)
 
@@ -190,18 +194,34 @@ async def _link(deps: TrackingDeps, row: Any, index: int) -> str:
 
 
 async def _unsubscribe(deps: TrackingDeps, token: str, method: str) -> tuple[int, str]:
-    """Suppress and record; returns (status, stream)."""
+    """Revoke consent (or suppress) and record; returns (status, stream).
+
+    On a stream with a consent rule the unsubscribe revokes that stream's purpose (source
+    ``list-unsubscribe``), which also stops the address's queued mail of every stream with that
+    purpose; on other streams it suppresses the address for the stream, as before consent.
+    """
     tok = _verify(deps, token, TokenKind.UNSUBSCRIBE, "unsubscribe")
     row = await _load_recipient(deps, tok.recipient_id)
+    stream = row["stream"]
+    policy = deps.consent
     async with acquire(deps.pool) as conn, conn.transaction():
-        new = await deps.suppressions.add(row["address"], row["stream"], "unsubscribed", "list-unsubscribe", conn=conn)
+        data: dict[str, Any] = {"stream": stream, "method": method}
+        if policy is not None and policy.enforced(stream):
+            purpose = policy.purposes[stream]
+            change = ConsentIn(
+                address=normalize_address(row["address"]), purpose=purpose, status="revoked",
+                source="list-unsubscribe", captured_at=datetime.now(UTC), contact_id=row["contact_id"],
+            )
+            applied = await apply_changes(conn, [change], "list-unsubscribe", policy)
+            new = applied.counts["new"] + applied.counts["changed"] > 0
+            data["revoked"] = purpose
+        else:
+            new = await deps.suppressions.add(row["address"], stream, "unsubscribed", "list-unsubscribe", conn=conn)
         seen = await deps.events.exists_for_recipient("unsubscribed", row["message_id"], row["id"], conn=conn)
         if not seen:
-            await deps.events.record_for_recipient(
-                "unsubscribed", row["id"], {"stream": row["stream"], "method": method}, conn=conn
-            )
-    log.info("unsubscribed", recipient_id=row["id"], stream=row["stream"], method=method, new=new)
-    return 200, row["stream"]
+            await deps.events.record_for_recipient("unsubscribed", row["id"], data, conn=conn)
+    log.info("unsubscribed", recipient_id=row["id"], stream=stream, method=method, new=new)
+    return 200, stream
 
 
 def _form(token: str) -> str:

@@ -5,36 +5,64 @@
 -- Messages and their recipient rows in one statement (one round trip per group commit), plus the
 -- wake-up hint for idle workers when something is ready (an uncorrelated subquery: evaluated once).
 -- The foreign key from recipients to messages is checked at the end of the statement, after both.
--- With :check_suppressions (accept's policy), a recipient on the suppression list for its stream
--- (or every stream) starts as 'suppressed'; :lowered holds the keys, lower-cased in Python.
+-- With :check_suppressions (accept's policy) a queued recipient starts as 'suppressed', with its
+-- reason, when: its address was erased (do-not-mail hash); it is on the suppression list for its
+-- stream (or every stream); or its consent fails its stream's rule (:purposes/:rules per recipient,
+-- NULL = not checked). :lowered holds the keys, lower-cased in Python.
 WITH m AS (
     INSERT INTO messages (id, source, mail_from, raw, content, stream, metadata, api_key_id, send_at)
     SELECT * FROM unnest(:ids::uuid[], :sources::text[], :mail_froms::text[], :raws::bytea[],
                          :contents::jsonb[], :streams::text[], :metadatas::jsonb[],
                          :api_key_ids::bigint[], :send_ats::timestamptz[])
+), salt AS (
+    SELECT salt FROM do_not_mail_salt WHERE id = 1
 ), ins AS (
-    INSERT INTO recipients (message_id, address, domain, kind, vars, state, stream, priority,
-                            next_attempt_at, expires_at)
+    INSERT INTO recipients (message_id, address, domain, kind, vars, state, reason, stream, priority,
+                            next_attempt_at, expires_at, contact_id, external)
     SELECT u.message_id, u.address, u.domain, u.kind, u.vars,
-           CASE WHEN :check_suppressions::boolean AND u.state = 'queued' AND EXISTS (
-                    SELECT 1 FROM suppressions s
-                    WHERE s.address = u.lowered AND (s.scope = u.stream OR s.scope = '*'))
-                THEN 'suppressed' ELSE u.state END,
+           CASE WHEN j.blocked IS NOT NULL THEN 'suppressed' ELSE u.state END,
+           coalesce(j.blocked, u.reason),
            u.stream, u.priority,
-           coalesce(u.next_attempt_at, now()), coalesce(u.next_attempt_at, now()) + make_interval(secs => :max_age)
+           coalesce(u.next_attempt_at, now()), coalesce(u.next_attempt_at, now()) + make_interval(secs => :max_age),
+           u.contact_id, u.external
     FROM unnest(:message_ids::uuid[], :addresses::text[], :lowered::text[], :domains::text[], :kinds::text[],
-                :vars::jsonb[], :states::text[], :rcpt_streams::text[], :priorities::smallint[],
-                :next_attempt_ats::timestamptz[])
-         AS u(message_id, address, lowered, domain, kind, vars, state, stream, priority, next_attempt_at)
-    RETURNING id, message_id, address, state
+                :vars::jsonb[], :states::text[], :reasons::text[], :rcpt_streams::text[], :priorities::smallint[],
+                :next_attempt_ats::timestamptz[], :contact_ids::text[], :externals::jsonb[],
+                :purposes::text[], :rules::text[])
+         AS u(message_id, address, lowered, domain, kind, vars, state, reason, stream, priority, next_attempt_at,
+              contact_id, external, purpose, rule)
+    CROSS JOIN LATERAL (
+        SELECT CASE
+            WHEN NOT :check_suppressions::boolean OR u.state <> 'queued' THEN NULL
+            WHEN EXISTS (SELECT 1 FROM do_not_mail d, salt
+                         WHERE d.hash = sha256(salt.salt || convert_to(u.lowered, 'UTF8'))) THEN 'erased'
+            WHEN EXISTS (SELECT 1 FROM suppressions s
+                         WHERE s.address = u.lowered AND (s.scope = u.stream OR s.scope = '*')) THEN 'suppressed'
+            WHEN u.rule = 'granted' AND NOT EXISTS (
+                    SELECT 1 FROM consent c
+                    WHERE c.address = u.lowered AND c.purpose = u.purpose AND c.status = 'granted'
+                      AND (c.effective_from IS NULL OR c.effective_from <= now())
+                      AND (c.effective_until IS NULL OR c.effective_until > now())
+                      AND NOT (c.legacy AND :require_reconfirm::boolean)) THEN 'consent:' || u.purpose
+            WHEN u.rule = 'not_revoked' AND EXISTS (
+                    SELECT 1 FROM consent c
+                    WHERE c.address = u.lowered AND c.purpose = u.purpose AND c.status = 'revoked'
+                      AND (c.effective_from IS NULL OR c.effective_from <= now())
+                      AND (c.effective_until IS NULL OR c.effective_until > now())) THEN 'consent:' || u.purpose
+        END AS blocked
+    ) j
+    RETURNING id, message_id, address, state, reason
 )
-SELECT ins.id, ins.message_id, ins.address, ins.state,
+SELECT ins.id, ins.message_id, ins.address, ins.state, ins.reason,
        (SELECT pg_notify('engine_outbox', '') WHERE :notify::boolean) AS notified
 FROM ins;
 
 -- name: claim
 -- One statement picks ready rows with SKIP LOCKED and leases them, so many
 -- workers on many hosts share the outbox without stepping on each other.
+-- Consent is judged again here (:rule_streams/:rule_purposes/:rule_kinds, the stream rules):
+-- a row whose consent was revoked after accept becomes 'suppressed' instead of leased, and is
+-- returned with its reason ('blocked') so the caller records the event in the same transaction.
 WITH picked AS (
     SELECT id FROM recipients
     WHERE state IN ('queued', 'deferred') AND next_attempt_at <= now()
@@ -42,14 +70,38 @@ WITH picked AS (
     ORDER BY priority, next_attempt_at
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
+), judged AS (
+    SELECT p.id, (
+        SELECT 'consent:' || ru.purpose
+        FROM unnest(:rule_streams::text[], :rule_purposes::text[], :rule_kinds::text[]) AS ru(stream, purpose, kind)
+        WHERE ru.stream = r.stream AND CASE ru.kind
+            WHEN 'granted' THEN NOT EXISTS (
+                SELECT 1 FROM consent c
+                WHERE c.address = lower(r.address) AND c.purpose = ru.purpose AND c.status = 'granted'
+                  AND (c.effective_from IS NULL OR c.effective_from <= now())
+                  AND (c.effective_until IS NULL OR c.effective_until > now())
+                  AND NOT (c.legacy AND :require_reconfirm::boolean))
+            WHEN 'not_revoked' THEN EXISTS (
+                SELECT 1 FROM consent c
+                WHERE c.address = lower(r.address) AND c.purpose = ru.purpose AND c.status = 'revoked'
+                  AND (c.effective_from IS NULL OR c.effective_from <= now())
+                  AND (c.effective_until IS NULL OR c.effective_until > now()))
+            ELSE false END
+        LIMIT 1
+    ) AS blocked
+    FROM picked p JOIN recipients r ON r.id = p.id
 )
 UPDATE recipients r
-SET state = 'leased', lease_owner = :owner,
-    lease_expires_at = now() + make_interval(secs => :lease_seconds), updated_at = now()
-FROM picked
-WHERE r.id = picked.id
+SET state = CASE WHEN j.blocked IS NULL THEN 'leased' ELSE 'suppressed' END,
+    reason = coalesce(j.blocked, r.reason),
+    last_reply = CASE WHEN j.blocked IS NULL THEN r.last_reply ELSE 'suppressed: ' || j.blocked END,
+    lease_owner = CASE WHEN j.blocked IS NULL THEN :owner END,
+    lease_expires_at = CASE WHEN j.blocked IS NULL THEN now() + make_interval(secs => :lease_seconds) END,
+    updated_at = now()
+FROM judged j
+WHERE r.id = j.id
 RETURNING r.id, r.message_id, r.address, r.domain, r.kind, r.vars, r.stream, r.priority,
-          r.attempts, r.expires_at, r.created_at;
+          r.attempts, r.expires_at, r.created_at, r.contact_id, j.blocked;
 
 -- name: ack
 -- Final outcomes (delivered, bounced, expired, suppressed) for leased rows, in one batch.
@@ -274,7 +326,8 @@ WHERE message_id = :message_id ORDER BY id;
 -- that stops there never passes an event that commits late (ids alone would). The joins give the
 -- public payload its recipient address, stream and metadata.
 SELECT e.id, e.tx::text::bigint AS tx, e.type, e.recipient_id, e.message_id, e.data, e.created_at,
-       r.address, coalesce(e.data->>'stream', r.stream, m.stream) AS stream, m.metadata, r.attempts
+       r.address, coalesce(e.data->>'stream', r.stream, m.stream) AS stream, m.metadata, r.attempts,
+       r.contact_id, r.external
 FROM events e
 LEFT JOIN recipients r ON r.id = e.recipient_id
 LEFT JOIN messages m ON m.id = e.message_id
@@ -291,7 +344,8 @@ LIMIT :limit;
 -- name: events_by_ids
 -- Events in public form by id (webhook payloads, replays); same joins as events_page.
 SELECT e.id, e.tx::text::bigint AS tx, e.type, e.recipient_id, e.message_id, e.data, e.created_at,
-       r.address, coalesce(e.data->>'stream', r.stream, m.stream) AS stream, m.metadata, r.attempts
+       r.address, coalesce(e.data->>'stream', r.stream, m.stream) AS stream, m.metadata, r.attempts,
+       r.contact_id, r.external
 FROM events e
 LEFT JOIN recipients r ON r.id = e.recipient_id
 LEFT JOIN messages m ON m.id = e.message_id
@@ -299,7 +353,7 @@ WHERE e.id = ANY(:ids::bigint[]);
 
 -- name: tracking_recipient
 -- What a click or unsubscribe needs: the recipient row and its message's content.
-SELECT r.id, r.message_id, r.address, r.vars, r.stream, m.mail_from, (m.raw IS NOT NULL) AS is_raw,
+SELECT r.id, r.message_id, r.address, r.vars, r.stream, r.contact_id, m.mail_from, (m.raw IS NOT NULL) AS is_raw,
        m.content, m.metadata
 FROM recipients r JOIN messages m ON m.id = r.message_id
 WHERE r.id = :recipient_id;
@@ -508,7 +562,7 @@ RETURNING address, scope;
 -- become 'suppressed' in the caller's transaction (which records a 'suppressed' event for each row
 -- returned). Leased rows are in a worker's hands and finish their attempt.
 UPDATE recipients r
-SET state = 'suppressed', last_reply = 'suppressed: ' || u.reason, updated_at = now()
+SET state = 'suppressed', reason = u.reason, last_reply = 'suppressed: ' || u.reason, updated_at = now()
 FROM unnest(:addresses::text[], :scopes::text[], :reasons::text[]) AS u(address, scope, reason)
 WHERE lower(r.address) = u.address AND r.state IN ('queued', 'deferred', 'held')
   AND (u.scope = '*' OR r.stream = u.scope)
@@ -865,3 +919,140 @@ DELETE FROM webhook_deliveries
 WHERE id IN (SELECT id FROM webhook_deliveries WHERE state = 'delivered'
              AND delivered_at < :now::timestamptz - make_interval(secs => :keep_seconds) LIMIT 10000)
 RETURNING id;
+
+-- ==== consent (engine.consent.store owns consent and consent_history) ====
+
+-- name: consent_apply
+-- A batch of consent changes (one per address and purpose): each is new, changed, unchanged (the
+-- same as stored: a no-op, so imports are idempotent) or stale (older than the stored change by
+-- captured_at: ignored). New and changed ones update the current row and append to the history.
+WITH u AS (
+    SELECT * FROM unnest(:idx::int[], :addresses::text[], :purposes::text[], :statuses::text[],
+                         :legal_bases::text[], :sources::text[], :captured_ats::timestamptz[],
+                         :policy_versions::text[], :double_opt_in_ats::timestamptz[], :evidences::jsonb[],
+                         :effective_froms::timestamptz[], :effective_untils::timestamptz[],
+                         :contact_ids::text[], :legacies::boolean[])
+        AS u(idx, address, purpose, status, legal_basis, source, captured_at, policy_version, double_opt_in_at,
+             evidence, effective_from, effective_until, contact_id, legacy)
+), cur AS (
+    SELECT c.* FROM consent c JOIN u ON c.address = u.address AND c.purpose = u.purpose
+    ORDER BY c.address, c.purpose
+    FOR UPDATE OF c
+), ch AS (
+    SELECT u.*, cur.status AS old_status,
+           CASE WHEN cur.address IS NULL THEN 'new'
+                WHEN u.captured_at < cur.captured_at THEN 'stale'
+                WHEN (u.status, u.legal_basis, u.source, u.captured_at, u.policy_version, u.double_opt_in_at,
+                      u.evidence, u.effective_from, u.effective_until, u.contact_id, u.legacy)
+                     IS NOT DISTINCT FROM
+                     (cur.status, cur.legal_basis, cur.source, cur.captured_at, cur.policy_version,
+                      cur.double_opt_in_at, cur.evidence, cur.effective_from, cur.effective_until,
+                      cur.contact_id, cur.legacy) THEN 'unchanged'
+                ELSE 'changed' END AS outcome
+    FROM u LEFT JOIN cur ON cur.address = u.address AND cur.purpose = u.purpose
+), up AS (
+    INSERT INTO consent AS c (address, purpose, status, legal_basis, source, captured_at, policy_version,
+                              double_opt_in_at, evidence, effective_from, effective_until, contact_id, legacy)
+    SELECT address, purpose, status, legal_basis, source, captured_at, policy_version, double_opt_in_at,
+           evidence, effective_from, effective_until, contact_id, legacy
+    FROM ch WHERE outcome IN ('new', 'changed')
+    ORDER BY address, purpose
+    ON CONFLICT (address, purpose) DO UPDATE SET
+        status = excluded.status, legal_basis = excluded.legal_basis, source = excluded.source,
+        captured_at = excluded.captured_at, policy_version = excluded.policy_version,
+        double_opt_in_at = excluded.double_opt_in_at, evidence = excluded.evidence,
+        effective_from = excluded.effective_from, effective_until = excluded.effective_until,
+        contact_id = excluded.contact_id, legacy = excluded.legacy, updated_at = now()
+    WHERE c.captured_at <= excluded.captured_at
+    RETURNING c.address
+), hist AS (
+    INSERT INTO consent_history (address, purpose, old_status, status, legal_basis, source, captured_at,
+                                 policy_version, double_opt_in_at, evidence, effective_from, effective_until,
+                                 contact_id, legacy, actor)
+    SELECT address, purpose, old_status, status, legal_basis, source, captured_at, policy_version,
+           double_opt_in_at, evidence, effective_from, effective_until, contact_id, legacy, :actor
+    FROM ch WHERE outcome IN ('new', 'changed')
+    ORDER BY idx
+)
+SELECT idx, outcome, old_status FROM ch;
+
+-- name: consent_for_address
+SELECT address, purpose, status, legal_basis, source, captured_at, policy_version, double_opt_in_at, evidence,
+       effective_from, effective_until, contact_id, legacy, updated_at
+FROM consent WHERE address = :address ORDER BY purpose;
+
+-- name: consent_history_for_address
+SELECT id, purpose, old_status, status, legal_basis, source, captured_at, policy_version, double_opt_in_at,
+       evidence, effective_from, effective_until, contact_id, legacy, actor, recorded_at
+FROM consent_history WHERE address = :address ORDER BY id DESC LIMIT :limit;
+
+-- name: consent_page
+-- Keyset pages over the current records for the export (no OFFSET: cost follows the page).
+SELECT address, purpose, status, legal_basis, source, captured_at, policy_version, double_opt_in_at, evidence,
+       effective_from, effective_until, contact_id, legacy, updated_at
+FROM consent
+WHERE (address, purpose) > (:after_address::text, :after_purpose::text)
+  AND (:purpose::text IS NULL OR purpose = :purpose)
+ORDER BY address, purpose
+LIMIT :limit;
+
+-- name: consent_erase
+WITH a AS (DELETE FROM consent WHERE address = :address RETURNING 1),
+     h AS (DELETE FROM consent_history WHERE address = :address RETURNING 1)
+SELECT (SELECT count(*) FROM a) + (SELECT count(*) FROM h) AS n;
+
+-- ==== erasure: each owner's part (engine.consent.erasure runs them in one transaction) ====
+
+-- name: outbox_erase_address
+-- The address's recipient rows go (their attempts with them). Each message they were on loses its
+-- body, sender and metadata too unless another recipient still waits for it (a body is kept only
+-- while someone still needs it); the message row stays so other recipients' history stays.
+WITH r AS (
+    SELECT id, message_id FROM recipients WHERE lower(address) = :address
+), done AS (
+    SELECT DISTINCT r.message_id FROM r
+    WHERE NOT EXISTS (SELECT 1 FROM recipients o
+                      WHERE o.message_id = r.message_id AND lower(o.address) <> :address
+                        AND o.state IN ('queued', 'leased', 'deferred', 'held'))
+), blank AS (
+    UPDATE messages m SET raw = NULL, content = '{"erased": true}'::jsonb,
+        mail_from = CASE WHEN lower(m.mail_from) = :address THEN '' ELSE m.mail_from END,
+        metadata = CASE WHEN position(:address IN lower(m.metadata::text)) > 0 THEN '{}'::jsonb ELSE m.metadata END
+    FROM done WHERE m.id = done.message_id
+    RETURNING m.id
+), gone AS (
+    DELETE FROM recipients x USING r WHERE x.id = r.id RETURNING x.id, x.message_id
+)
+SELECT (SELECT array_agg(id) FROM gone) AS recipient_ids,
+       (SELECT array_agg(DISTINCT message_id) FROM gone) AS message_ids,
+       (SELECT count(*) FROM blank)::int AS blanked;
+
+-- name: events_erase
+-- Events about the address: its recipients' events, events about the address itself (consent),
+-- and other events of its messages whose payload names it (a bounce reply quoting it).
+DELETE FROM events e
+WHERE e.recipient_id = ANY(:recipient_ids::bigint[])
+   OR (e.recipient_id IS NULL AND e.data->>'address' = :address)
+   OR (e.message_id = ANY(:message_ids::uuid[]) AND position(:address IN lower(e.data::text)) > 0)
+RETURNING e.id;
+
+-- name: webhook_deliveries_erase
+DELETE FROM webhook_deliveries WHERE event_id = ANY(:event_ids::bigint[]) RETURNING id;
+
+-- name: suppression_erase
+DELETE FROM suppressions WHERE address = :address RETURNING address;
+
+-- name: idempotency_erase
+-- Stored answers list recipient addresses; the answer of a request that named the address goes.
+DELETE FROM idempotency_keys WHERE position(:address IN lower(response::text)) > 0 RETURNING key;
+
+-- name: do_not_mail_add
+INSERT INTO do_not_mail (hash)
+SELECT sha256(salt || convert_to(:address::text, 'UTF8')) FROM do_not_mail_salt WHERE id = 1
+ON CONFLICT (hash) DO NOTHING
+RETURNING encode(hash, 'hex') AS hash;
+
+-- name: do_not_mail_hash
+SELECT encode(sha256(salt || convert_to(:address::text, 'UTF8')), 'hex') AS hash,
+       EXISTS (SELECT 1 FROM do_not_mail d WHERE d.hash = sha256(salt || convert_to(:address::text, 'UTF8'))) AS listed
+FROM do_not_mail_salt WHERE id = 1;

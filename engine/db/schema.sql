@@ -37,6 +37,10 @@ CREATE TABLE recipients (
     last_reply          text,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
+    -- from 0010: who the recipient is in the CRM/CDP (on every event) and why a row was stopped
+    contact_id          text,
+    external            jsonb,
+    reason              text,
     UNIQUE (message_id, address)
 );
 
@@ -46,6 +50,7 @@ CREATE INDEX recipients_ready_idx ON recipients (priority, next_attempt_at)
 CREATE INDEX recipients_ready_domain_idx ON recipients (domain, priority, next_attempt_at)
     WHERE state IN ('queued', 'deferred');
 CREATE INDEX recipients_lease_idx ON recipients (lease_expires_at) WHERE state = 'leased';
+CREATE INDEX recipients_address_idx ON recipients (lower(address));
 
 CREATE TABLE api_keys (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -310,3 +315,61 @@ CREATE TABLE webhook_cursor (
 -- Start at the head: events written before webhooks existed are history (replay reaches them).
 INSERT INTO webhook_cursor (id, tx, event_id)
 SELECT 1, coalesce(max(tx), '0'::xid8), coalesce(max(id), 0) FROM events;
+
+-- from 0010_consent
+-- The current consent per (address, purpose), derived from consent_history: every change appends
+-- there and updates this row in the same statement.
+CREATE TABLE consent (
+    address             text NOT NULL,                  -- wholly lower-cased
+    purpose             text NOT NULL,
+    status              text NOT NULL CHECK (status IN ('granted', 'revoked', 'unknown')),
+    legal_basis         text,
+    source              text NOT NULL,
+    captured_at         timestamptz NOT NULL,
+    policy_version      text,
+    double_opt_in_at    timestamptz,
+    evidence            jsonb,
+    effective_from      timestamptz,
+    effective_until     timestamptz,
+    contact_id          text,
+    legacy              boolean NOT NULL DEFAULT false,
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (address, purpose)
+);
+CREATE INDEX consent_contact_idx ON consent (contact_id) WHERE contact_id IS NOT NULL;
+
+CREATE TABLE consent_history (
+    id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    address             text NOT NULL,
+    purpose             text NOT NULL,
+    old_status          text,                           -- NULL: the first record for this address and purpose
+    status              text NOT NULL,
+    legal_basis         text,
+    source              text NOT NULL,
+    captured_at         timestamptz NOT NULL,
+    policy_version      text,
+    double_opt_in_at    timestamptz,
+    evidence            jsonb,
+    effective_from      timestamptz,
+    effective_until     timestamptz,
+    contact_id          text,
+    legacy              boolean NOT NULL DEFAULT false,
+    actor               text NOT NULL,                  -- who: api:<key name>, cli, list-unsubscribe, arf, import:<key>
+    recorded_at         timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX consent_history_address_idx ON consent_history (address, id);
+
+-- Erased addresses, as salted hashes only: never mailed again, never readable.
+CREATE TABLE do_not_mail (
+    hash                bytea PRIMARY KEY,              -- sha256(salt || lower(address))
+    created_at          timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE do_not_mail_salt (
+    id                  integer PRIMARY KEY CHECK (id = 1),
+    salt                bytea NOT NULL
+);
+INSERT INTO do_not_mail_salt (id, salt)
+VALUES (1, decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'));
+
+-- Events about an address rather than a recipient row (consent changes): found again on erasure.
+CREATE INDEX events_address_idx ON events ((data->>'address')) WHERE recipient_id IS NULL;

@@ -52,6 +52,7 @@ import asyncpg
 import structlog
 
 from engine.compose.pipeline import Composer, MessageRow
+from engine.consent.policy import ConsentPolicy
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.deliver.config import DeliveryConfig
@@ -119,7 +120,7 @@ class DeliveryWorker:
     ) -> None:
         self.settings = settings
         self.cfg: DeliveryConfig = settings.delivery
-        self.outbox = Outbox(pool, settings.queue.max_age)
+        self.outbox = Outbox(pool, settings.queue.max_age, consent=ConsentPolicy.from_config(settings.consent))
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.dsn = dsn
         self.router = router or Router(settings.routing)

@@ -37,6 +37,8 @@ PUBLIC_TYPES: dict[str, str] = {
     "opened": "email.opened",
     "clicked": "email.clicked",
     "unsubscribed": "email.unsubscribed",
+    "consent_changed": "consent.changed",
+    "contact_erased": "contact.erased",
 }
 """Engine event type -> public name. Other engine types (held, released, shaping decisions) stay inside."""
 INTERNAL_TYPES: dict[str, str] = {v: k for k, v in PUBLIC_TYPES.items()}
@@ -116,9 +118,13 @@ def public_event(row: Mapping[str, Any] | asyncpg.Record) -> dict[str, Any]:
     mid = row["message_id"]
     data["message_id"] = str(mid) if isinstance(mid, uuid.UUID) else mid
     data["recipient_id"] = row["recipient_id"]
-    data["address"] = row["address"]
+    # Events about an address rather than a recipient row (consent changes) carry their own.
+    data["address"] = row["address"] if row["address"] is not None else stored.get("address")
     data["stream"] = row["stream"]
     data["metadata"] = row["metadata"] if row["metadata"] is not None else {}
+    if row["recipient_id"] is not None:
+        data["contact_id"] = row["contact_id"]
+        data["external"] = row["external"] if row["external"] is not None else {}
     if kind in ("delivered", "bounced", "expired") and "attempt" not in data and row["attempts"] is not None:
         data["attempt"] = row["attempts"]
     return {

@@ -34,7 +34,9 @@ RECIPIENT_STATE_EVENTS = frozenset(
     {"accepted", "deferred", "delivered", "bounced", "expired", "suppressed", "held", "released"}
 )
 """Events that report a change of a recipient row's state (written by the outbox with the change)."""
-EVENT_TYPES = RECIPIENT_STATE_EVENTS | {"complained", "opened", "clicked", "unsubscribed", "shaping_decision"}
+EVENT_TYPES = RECIPIENT_STATE_EVENTS | {
+    "complained", "opened", "clicked", "unsubscribed", "shaping_decision", "consent_changed", "contact_erased",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,3 +167,13 @@ class EventStore:
     async def for_message(self, message_id: uuid.UUID) -> list[asyncpg.Record]:
         async with acquire(self.pool) as conn:
             return await conn.fetch(*q("events_for_message", message_id=message_id))
+
+
+async def erase_events(
+    conn: asyncpg.Connection, address: str, recipient_ids: Sequence[int], message_ids: Sequence[uuid.UUID],
+) -> list[int]:
+    """Delete the events that name an erased address; returns their ids (for the webhook outbox)."""
+    rows = await conn.fetch(
+        *q("events_erase", address=address, recipient_ids=list(recipient_ids), message_ids=list(message_ids))
+    )
+    return [r["id"] for r in rows]

@@ -25,11 +25,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import structlog
 
+from engine.consent.models import ConsentIn
+from engine.consent.policy import ConsentPolicy
+from engine.consent.store import apply_changes
 from engine.errors import ValidationFailed
 from engine.events.store import Event, event_exists_for_recipient, record_events
 from engine.feedback.classify import HARD_CATEGORIES
@@ -101,6 +105,8 @@ class _ReportBatch:
     bounced: list[tuple[Bounce, uuid.UUID]] = field(default_factory=list)  # with the row's message id
     suppress: list[tuple[str, str, str, str]] = field(default_factory=list)  # address, scope, reason, source
     counters: list[CounterRow] = field(default_factory=list)
+    revoke: list[ConsentIn] = field(default_factory=list)  # complaints on streams with a consent rule
+    policy: ConsentPolicy | None = None
 
     async def write(self, conn: asyncpg.Connection, stats: FeedbackStats) -> FeedbackStats:
         if self.bounced:
@@ -111,6 +117,9 @@ class _ReportBatch:
             # is still reported, as an observation.
             self.events += [Event("bounced", b.id, mid, b.event) for b, mid in self.bounced if b.id not in moved]
         await apply_feedback(conn, self.suppress, self.counters, stats)
+        if self.revoke and self.policy is not None:
+            applied = await apply_changes(conn, self.revoke, "arf", self.policy)
+            stats.pending_stopped += applied.stopped
         stats.events += await record_events(conn, self.events)
         return stats
 
@@ -131,6 +140,7 @@ async def apply_report_results(
     report_format: str | None = None,
     suppress_scope: str = "global",
     provider_of: ProviderOf | None = None,
+    consent: ConsentPolicy | None = None,
 ) -> FeedbackStats:
     """Apply the mapped results of one inbound report (kind ``dsn`` or ``arf``) in the caller's transaction.
 
@@ -138,9 +148,11 @@ async def apply_report_results(
       still waiting), ``bounced`` event, suppression;
     * other permanent failure: row 'bounced', ``bounced`` event, no suppression;
     * temporary (a delay notice): ``bounced`` event with ``permanent: false``, nothing else;
-    * complaint: ``complained`` event (once per recipient row), suppression (reason ``complaint``).
+    * complaint: ``complained`` event (once per recipient row); on a stream with a consent rule
+      (``consent``), a revocation of that stream's purpose (source ``arf``), else a suppression
+      (reason ``complaint``): the suppression list stays for bounces and manual blocks.
     """
-    batch = _ReportBatch()
+    batch = _ReportBatch(policy=consent)
     stats = FeedbackStats()
     seen: set[tuple[int, str]] = set()
     for m in mapped:
@@ -154,25 +166,26 @@ async def apply_report_results(
                 stats.ignored += 1
                 continue
             seen.add((rid, "complained"))
-            batch.events.append(
-                Event(
-                    "complained",
-                    rid,
-                    mid,
-                    {
-                        "origin": "fbl",
-                        "verified": True,
-                        "feedback_type": res.feedback_type or "abuse",
-                        "format": report_format,
-                        "stream": stream,
-                        "sending_domain": sending_domain,
-                        "suppressed": scope,
-                    },
-                )
-            )
             key = suppression_key(row["address"])
-            if key is not None:
-                batch.suppress.append((key, scope, "complaint", "fbl"))
+            complaint: dict[str, Any] = {
+                "origin": "fbl",
+                "verified": True,
+                "feedback_type": res.feedback_type or "abuse",
+                "format": report_format,
+                "stream": stream,
+                "sending_domain": sending_domain,
+            }
+            if key is not None and consent is not None and consent.enforced(stream):
+                purpose = consent.purposes[stream]
+                batch.revoke.append(
+                    ConsentIn(address=key, purpose=purpose, status="revoked", source="arf", captured_at=datetime.now(UTC))
+                )
+                complaint["revoked"] = purpose
+            else:
+                complaint["suppressed"] = scope
+                if key is not None:
+                    batch.suppress.append((key, scope, "complaint", "fbl"))
+            batch.events.append(Event("complained", rid, mid, complaint))
             batch.counters.append(CounterRow(provider, "complained", "complaint", "", sending_domain))
             continue
         if res.category == "delivered" or (rid, "bounced") in seen:

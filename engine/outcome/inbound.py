@@ -50,6 +50,7 @@ import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from engine.config import Settings
+from engine.consent.policy import ConsentPolicy
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.errors import DatabaseUnavailable
@@ -175,6 +176,7 @@ class InboundHandler(ListenerHandler):
                 report_format=report.format,
                 suppress_scope=fb.suppress_scope,
                 provider_of=self.provider_of,
+                consent=ConsentPolicy.from_config(self.settings.consent),
             )
         self.stats["applied"] += 1
         log.info(

@@ -36,10 +36,12 @@ def _unstorable(path: str, what: str) -> PydanticCustomError:
     return PydanticCustomError(UNSTORABLE, "{what}", {"path": path, "what": what})
 
 
-def _walk(value: Any, path: str) -> None:
+def _walk(value: Any, path: str, single_line: bool = False) -> None:
     if isinstance(value, str):
         if "\x00" in value:
             raise _unstorable(path, "must not contain NUL (\\u0000) characters")
+        if single_line and ("\r" in value or "\n" in value):
+            raise _unstorable(path, "must not contain CR or LF (values may end up in headers)")
     elif isinstance(value, bool):
         return
     elif isinstance(value, int):
@@ -50,22 +52,25 @@ def _walk(value: Any, path: str) -> None:
             sub = f"{path}.{k}" if path else str(k)
             if isinstance(k, str) and "\x00" in k:
                 raise _unstorable(sub.replace("\x00", "\\u0000"), "key must not contain NUL (\\u0000) characters")
-            _walk(v, sub)
+            if single_line and isinstance(k, str) and ("\r" in k or "\n" in k):
+                raise _unstorable(sub.replace("\r", "\\r").replace("\n", "\\n"), "key must not contain CR or LF")
+            _walk(v, sub, single_line)
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _walk(v, f"{path}[{i}]")
+            _walk(v, f"{path}[{i}]", single_line)
 
 
 JsonT = TypeVar("JsonT")
 
 
-def storable(value: JsonT) -> JsonT:
+def storable(value: JsonT, *, single_line: bool = False) -> JsonT:
     """Refuse what Postgres cannot store as text/jsonb: NUL characters, integers beyond 64 bits.
 
     One recursive walk; ``"\\x00" in s`` per string (no per-character loop). The error's
     ``ctx["path"]`` is the offending key path inside the field (``order.items[2].note``).
+    ``single_line``: no CR/LF either (metadata and external ids, which may end up in headers).
     """
-    _walk(value, "")
+    _walk(value, "", single_line)
     return value
 
 
@@ -93,11 +98,29 @@ class Mailbox(_Model):
     email: Annotated[str, Field(max_length=254)]
     name: Annotated[str | None, Field(max_length=200)] = None
     vars: dict[str, Any] | None = None
+    contact_id: Annotated[str | None, Field(min_length=1, max_length=200)] = None
+    """The CRM/CDP id of this recipient: stored per recipient, on every event, never in a URL."""
+    external: dict[str, Any] | None = None
+    """Other external ids (CDP segment, membership and reason, CRM owner ...), carried like contact_id."""
 
     @field_validator("vars")
     @classmethod
     def _vars(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         return storable(v)
+
+    @field_validator("contact_id")
+    @classmethod
+    def _contact_id(cls, v: str | None) -> str | None:
+        if v is not None and any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError("contact_id must not contain control characters")
+        return v
+
+    @field_validator("external")
+    @classmethod
+    def _external(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and len(repr(v)) > 8192:
+            raise ValueError("external is larger than 8 KB")
+        return storable(v, single_line=True)
 
     @field_validator("email")
     @classmethod
@@ -262,10 +285,15 @@ class MessageIn(_Model):
     def _text(cls, v: str | None) -> str | None:
         return _no_nul(v)
 
-    @field_validator("vars", "metadata")
+    @field_validator("vars")
     @classmethod
     def _json(cls, v: dict[str, Any]) -> dict[str, Any]:
         return storable(v)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return storable(v, single_line=True)
 
     @field_validator("subject")
     @classmethod

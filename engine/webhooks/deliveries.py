@@ -176,3 +176,10 @@ class Deliveries:
     async def prune(self, now: datetime, keep: float) -> int:
         async with acquire(self.pool) as conn:
             return len(await conn.fetch(*q("webhook_prune", now=now, keep_seconds=keep)))
+
+
+async def erase_deliveries(conn: asyncpg.Connection, event_ids: Sequence[int]) -> int:
+    """Deliveries of erased events go too (nothing left to send; no address left behind)."""
+    if not event_ids:
+        return 0
+    return len(await conn.fetch(*q("webhook_deliveries_erase", event_ids=list(event_ids))))

@@ -1,0 +1,143 @@
+"""Consent records: the only writer of ``consent`` and ``consent_history``.
+
+Every change appends to the history (who, when, old -> new) and updates the current row in
+one statement; the current state is what the history says last, by ``captured_at``: a change
+older than the stored one does not override it, an identical one is a no-op, so imports are
+idempotent. A change that makes an address fail a stream's rule stops that stream's queued
+mail for it at once (the outbox moves the rows to ``suppressed``, each with its event), and
+every applied change is a ``consent_changed`` event for webhooks and exports.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from engine.consent.models import ConsentIn
+from engine.consent.policy import ConsentPolicy
+from engine.db.pool import acquire
+from engine.db.queries import q
+from engine.errors import ValidationFailed
+from engine.events.store import Event, record_events
+from engine.outbox import suppress_pending
+
+OUTCOMES = ("new", "changed", "unchanged", "stale")
+
+
+@dataclass
+class Applied:
+    """What a batch of changes came to."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    outcomes: list[str] = field(default_factory=list)
+    """Per input change, in order: new, changed, unchanged or stale."""
+    stopped: int = 0
+    """Queued recipients stopped by the changes (revocations)."""
+
+
+def check_purpose(policy: ConsentPolicy, purpose: str, field_name: str = "purpose") -> str:
+    if purpose not in policy.all_purposes:
+        raise ValidationFailed(f"unknown purpose {purpose!r}; declared: {', '.join(policy.all_purposes)}", field=field_name)
+    return purpose
+
+
+def _latest(changes: Sequence[ConsentIn]) -> tuple[list[ConsentIn], list[int]]:
+    """One change per (address, purpose), the latest by captured_at (the later line on a tie).
+
+    One statement cannot update a row twice; returns the kept changes and, per input, the
+    index of the kept change that stands for it.
+    """
+    keep: dict[tuple[str, str], int] = {}
+    for i, c in enumerate(changes):
+        k = (c.address, c.purpose)
+        j = keep.get(k)
+        if j is None or (c.captured_at or 0) >= (changes[j].captured_at or 0):  # type: ignore[operator]
+            keep[k] = i
+    kept_idx = sorted(keep.values())
+    pos = {i: n for n, i in enumerate(kept_idx)}
+    return [changes[i] for i in kept_idx], [pos[keep[(c.address, c.purpose)]] for c in changes]
+
+
+async def apply_changes(
+    conn: asyncpg.Connection, changes: Sequence[ConsentIn], actor: str, policy: ConsentPolicy,
+) -> Applied:
+    """Record changes in the caller's transaction; stop queued mail they forbid; one event per applied change."""
+    out = Applied()
+    if not changes:
+        return out
+    for c in changes:
+        check_purpose(policy, c.purpose)
+    kept, stands_for = _latest(changes)
+    rows = await conn.fetch(
+        *q(
+            "consent_apply", actor=actor[:200],
+            idx=list(range(len(kept))), addresses=[c.address for c in kept], purposes=[c.purpose for c in kept],
+            statuses=[c.status for c in kept], legal_bases=[c.legal_basis for c in kept],
+            sources=[c.source for c in kept], captured_ats=[c.captured_at for c in kept],
+            policy_versions=[c.policy_version for c in kept], double_opt_in_ats=[c.double_opt_in_at for c in kept],
+            evidences=[c.evidence.model_dump(exclude_none=True) if c.evidence else None for c in kept],
+            effective_froms=[c.effective_from for c in kept], effective_untils=[c.effective_until for c in kept],
+            contact_ids=[c.contact_id for c in kept], legacies=[c.legacy for c in kept],
+        )
+    )
+    by_idx = {r["idx"]: r for r in rows}
+    kept_outcome = [by_idx[i]["outcome"] for i in range(len(kept))]
+    for n, i in enumerate(stands_for):
+        # A line superseded by a later line of the same batch counts as stale.
+        o = kept_outcome[i] if changes[n] is kept[i] else "stale"
+        out.outcomes.append(o)
+        out.counts[o] += 1
+    events: list[Event] = []
+    stop: list[tuple[str, str, str]] = []
+    for i, c in enumerate(kept):
+        if kept_outcome[i] not in ("new", "changed"):
+            continue
+        events.append(Event("consent_changed", data={
+            "address": c.address, "purpose": c.purpose, "old_status": by_idx[i]["old_status"], "status": c.status,
+            "legal_basis": c.legal_basis, "source": c.source,
+            "captured_at": c.captured_at.isoformat() if c.captured_at else None,
+            "policy_version": c.policy_version, "contact_id": c.contact_id, "legacy": c.legacy, "actor": actor[:200],
+        }))
+        for stream in policy.blocks(c.purpose, c.status, c.legacy):
+            stop.append((c.address, stream, f"consent:{c.purpose}"))
+    if stop:
+        out.stopped = len(await suppress_pending(conn, stop))
+    await record_events(conn, events)
+    return out
+
+
+async def erase(conn: asyncpg.Connection, address: str) -> int:
+    """Remove an address's consent and its history (erasure); returns the rows removed."""
+    row = await conn.fetchrow(*q("consent_erase", address=address))
+    return int(row["n"]) if row is not None else 0
+
+
+class ConsentStore:
+    def __init__(self, pool: asyncpg.Pool, policy: ConsentPolicy) -> None:
+        self.pool = pool
+        self.policy = policy
+
+    async def record(self, changes: Sequence[ConsentIn], actor: str) -> Applied:
+        async with acquire(self.pool) as conn, conn.transaction():
+            return await apply_changes(conn, changes, actor, self.policy)
+
+    async def current(self, address: str) -> builtins.list[dict[str, Any]]:
+        async with acquire(self.pool) as conn:
+            return [dict(r) for r in await conn.fetch(*q("consent_for_address", address=address))]
+
+    async def history(self, address: str, limit: int = 200) -> builtins.list[dict[str, Any]]:
+        async with acquire(self.pool) as conn:
+            return [dict(r) for r in await conn.fetch(*q("consent_history_for_address", address=address, limit=limit))]
+
+    async def page(
+        self, after: tuple[str, str] | None, limit: int, purpose: str | None = None,
+    ) -> builtins.list[dict[str, Any]]:
+        """Current records in (address, purpose) order after ``after``: the export's keyset pages."""
+        a, p = after if after is not None else ("", "")
+        async with acquire(self.pool) as conn:
+            rows = await conn.fetch(*q("consent_page", after_address=a, after_purpose=p, purpose=purpose, limit=limit))
+        return [dict(r) for r in rows]
