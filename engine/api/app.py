@@ -26,6 +26,7 @@ from engine.api.deps import HttpContext
 from engine.api.responses import RETRY_AFTER_SECONDS, ApiError, error_response
 from engine.config import Settings
 from engine.errors import DatabaseUnavailable, NotFound, ValidationFailed
+from engine.events import catalog
 from engine.submit.models import UNSTORABLE, ErrorOut
 
 log = structlog.get_logger(__name__)
@@ -203,7 +204,8 @@ def create_app(ctx: HttpContext) -> FastAPI:
 
 
 def openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the request models the handlers parse themselves (see messages.parse_json)."""
+    """FastAPI's schema plus the request models the handlers parse themselves (see messages.parse_json)
+    and the webhook payloads (``webhooks``, one JSON Schema per event type: engine.events.catalog)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -211,5 +213,9 @@ def openapi(app: FastAPI) -> dict[str, Any]:
             js = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(js.pop("$defs", {}))
             components[model.__name__] = js
+        # What the engine POSTs to webhook endpoints: one entry per event type (OpenAPI 3.1).
+        event_components, hooks = catalog.openapi_parts()
+        components.update(event_components)
+        schema["webhooks"] = hooks
         app.openapi_schema = schema
     return app.openapi_schema

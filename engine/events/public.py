@@ -111,8 +111,8 @@ def public_event(row: Mapping[str, Any] | asyncpg.Record) -> dict[str, Any]:
     for k, v in stored.items():
         if k == "v" or k in _COMMON:
             continue
-        if k == "source" and kind == "accepted":
-            data["source"] = v  # where the message came in: smtp or http
+        if k == "source" and (kind == "accepted" or stored.get("at") == "submit"):
+            data["source"] = v  # where the message came in (smtp or http), not an egress source
         else:
             data[_RENAMED.get(k, k)] = v
     mid = row["message_id"]
