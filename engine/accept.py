@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from engine import metrics
 from engine.addresses import normalize_domain, split_address
 from engine.apikeys import ApiKey
 from engine.compose.mime import Mailbox
@@ -94,6 +96,20 @@ def _dedupe(recipients: list[NewRecipient]) -> list[NewRecipient]:
             seen.add(r.address)
             out.append(r)
     return out
+
+
+def _observe(messages: Sequence[NewMessage], rows: Sequence[Sequence[EnqueuedRecipient]], t0: float) -> None:
+    """Count what was committed (after the commit: a rolled-back batch counts nothing)."""
+    m = metrics.get()
+    took = time.perf_counter() - t0
+    states: dict[tuple[str, str], int] = {}
+    for msg, rs in zip(messages, rows):
+        metrics.inc(m.received, source=msg.source)
+        m.submit_latency.labels(source=msg.source).observe(took)
+        for r in rs:
+            states[(msg.source, r.state)] = states.get((msg.source, r.state), 0) + 1
+    for (source, state), n in states.items():
+        metrics.inc(m.recipients_received, n, source=source, state=state)
 
 
 class GroupCommitter:
@@ -273,7 +289,10 @@ class Acceptor:
 
     async def commit(self, messages: Sequence[NewMessage]) -> list[list[EnqueuedRecipient]]:
         """Durably enqueue; concurrent callers share one transaction (group commit)."""
-        return await self._group.submit(messages)
+        t0 = time.perf_counter()
+        rows = await self._group.submit(messages)
+        _observe(messages, rows, t0)
+        return rows
 
     async def _commit_now(self, messages: Sequence[NewMessage]) -> list[list[EnqueuedRecipient]]:
         return await self.outbox.enqueue(messages, suppress=self.suppressions is not None)
@@ -364,11 +383,13 @@ class Acceptor:
             )
             if claimed is None:
                 return await self._replay(conn, key, idempotency_key, request_hash)
+            t0 = time.perf_counter()
             rows = await self.outbox.enqueue(messages, conn=conn, suppress=self.suppressions is not None)
             body = self._wrap(self._body(messages, rows), batch)
             await conn.execute(
                 *q("idempotency_store", api_key_id=key.id, key=idempotency_key, status_code=202, response=body)
             )
+        _observe(messages, rows, t0)
         return Accepted(202, body)
 
     @staticmethod

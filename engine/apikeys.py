@@ -20,7 +20,7 @@ from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.errors import ValidationFailed
 
-SCOPES = ("send", "read", "consent", "admin")
+SCOPES = ("send", "read", "consent", "metrics", "admin")
 KEY_PREFIX = "ek_"
 
 

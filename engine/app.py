@@ -23,6 +23,7 @@ import asyncpg
 import structlog
 import uvicorn
 
+from engine import metrics
 from engine.accept import Acceptor
 from engine.apikeys import ApiKeys
 from engine.compose.render import Renderer
@@ -371,6 +372,7 @@ async def serve(settings: Settings, workers: int | None = None) -> None:
     passed on and each child drains within ``[server] shutdown_timeout``.
     """
     loop = asyncio.get_running_loop()
+    metrics.init(settings.home, fresh=True)  # before any worker starts: they share its directory
     n = workers if workers is not None else settings.delivery.workers
     if n is None:
         n = os.cpu_count() or 1
@@ -447,6 +449,7 @@ class WorkerSupervisor:
             for slot, proc in list(self.procs.items()):
                 if proc.returncode is not None and not self._stopping:
                     log.warning("worker_died", slot=slot, pid=proc.pid, returncode=proc.returncode)
+                    metrics.mark_dead(proc.pid)
                     await self._spawn(slot)
 
     async def stop(self, timeout: float) -> None:
@@ -472,6 +475,7 @@ async def run_worker(settings: Settings) -> None:
     from engine.deliver.scheduler import DeliveryWorker
 
     loop = asyncio.get_running_loop()
+    metrics.init(settings.home)
     engine = Engine(settings)
     await engine.connect()
     from engine.compose.pipeline import Composer
@@ -499,6 +503,7 @@ async def run_dispatcher(settings: Settings) -> None:
     from engine.webhooks.dispatcher import Dispatcher
 
     loop = asyncio.get_running_loop()
+    metrics.init(settings.home)
     engine = Engine(settings)
     await engine.connect()
     dispatcher = Dispatcher(settings, engine.pool)

@@ -36,6 +36,7 @@ from engine.deliver.pools import PoolConfig
 from engine.deliver.routing import RoutingConfig
 from engine.errors import ConfigError
 from engine.feedback.config import FeedbackConfig
+from engine.metrics_config import MetricsConfig
 from engine.shaping.rules import ShapingSettings
 from engine.webhooks.config import WebhooksConfig
 
@@ -179,6 +180,7 @@ class Settings(_Section):
     feedback: FeedbackConfig = FeedbackConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
     consent: ConsentConfig = ConsentConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     # Resolved from the environment, not from the file.
     home: Path = Path("var")

@@ -26,6 +26,7 @@ from datetime import datetime
 
 import asyncpg
 
+from engine import metrics
 from engine.addresses import AddressError, normalize_domain, split_address
 from engine.db.pool import acquire
 from engine.db.queries import q
@@ -111,10 +112,12 @@ class Suppressions:
             async with conn.transaction():  # a savepoint inside the caller's transaction
                 new = await conn.fetchval(*args) is not None
                 moved = await suppress_pending(conn, [(key, scope, reason)])
-            return new, len(moved)
-        async with acquire(self.pool) as c, c.transaction():
-            new = await c.fetchval(*args) is not None
-            moved = await suppress_pending(c, [(key, scope, reason)])
+        else:
+            async with acquire(self.pool) as c, c.transaction():
+                new = await c.fetchval(*args) is not None
+                moved = await suppress_pending(c, [(key, scope, reason)])
+        if new:
+            metrics.inc(metrics.get().suppressions_added, reason=_reason_label(reason))
         return new, len(moved)
 
     async def add_batch(self, items: Sequence[tuple[str, str, str, str]]) -> tuple[int, int]:
@@ -190,7 +193,20 @@ async def add_many(conn: asyncpg.Connection, items: Iterable[tuple[str, str, str
         )
     )
     moved = await suppress_pending(conn, [(a, s, r) for a, s, r, _ in rows])
+    if new:
+        m = metrics.get()
+        reasons = {(r[0], r[1]): r[2] for r in rows}
+        for row in new:
+            metrics.inc(m.suppressions_added, reason=_reason_label(reasons.get((row["address"], row["scope"]), "")))
     return len(new), len(moved)
+
+
+_KNOWN_REASONS = frozenset({"unsubscribed", "complaint", "unknown_user", "bad_domain", "disabled_mailbox", "manual", "import"})
+
+
+def _reason_label(reason: str) -> str:
+    """A bounded label: the known reasons, or ``other`` (operators type free text here)."""
+    return reason if reason in _KNOWN_REASONS else "other"
 
 
 async def erase(conn: asyncpg.Connection, address: str) -> int:

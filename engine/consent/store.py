@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 
+from engine import metrics
 from engine.consent.models import ConsentIn
 from engine.consent.policy import ConsentPolicy
 from engine.db.pool import acquire
@@ -107,6 +108,10 @@ async def apply_changes(
     if stop:
         out.stopped = len(await suppress_pending(conn, stop))
     await record_events(conn, events)
+    m = metrics.get()
+    for i, c in enumerate(kept):
+        if kept_outcome[i] in ("new", "changed"):
+            metrics.inc(m.consent_changes, purpose=c.purpose, status=c.status)
     return out
 
 

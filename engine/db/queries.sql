@@ -1056,3 +1056,32 @@ RETURNING encode(hash, 'hex') AS hash;
 SELECT encode(sha256(salt || convert_to(:address::text, 'UTF8')), 'hex') AS hash,
        EXISTS (SELECT 1 FROM do_not_mail d WHERE d.hash = sha256(salt || convert_to(:address::text, 'UTF8'))) AS listed
 FROM do_not_mail_salt WHERE id = 1;
+
+-- ==== metrics (read at scrape time; engine.api.metrics) ====
+
+-- name: metrics_queue
+-- Waiting recipients by stream and state; 'ready' = due now. Only non-final rows are counted.
+SELECT stream, state, count(*)::bigint AS n,
+       count(*) FILTER (WHERE state IN ('queued', 'deferred') AND next_attempt_at <= now())::bigint AS ready,
+       extract(epoch FROM now() - min(created_at))::float8 AS oldest_seconds
+FROM recipients
+WHERE state IN ('queued', 'deferred', 'leased', 'held')
+GROUP BY stream, state;
+
+-- name: metrics_warmup
+SELECT key, step, sent, delivered, failed, day FROM warmup_state;
+
+-- name: metrics_decisions
+SELECT action, provider, count(*)::int AS n FROM shaping_decisions WHERE ramp_until > now() GROUP BY action, provider;
+
+-- name: metrics_reputation
+-- Outcomes per provider over the last :seconds (complaint and bounce rates are derived from them).
+SELECT provider, outcome, sum(n)::bigint AS n FROM reputation_counters
+WHERE bucket >= now() - make_interval(secs => :seconds)
+GROUP BY provider, outcome;
+
+-- name: metrics_unsubscribe_lag
+-- How long the oldest unsubscribe or consent change has waited for its webhook (0 when none waits).
+SELECT coalesce(extract(epoch FROM now() - min(d.event_at)), 0)::float8 AS seconds
+FROM webhook_deliveries d JOIN events e ON e.id = d.event_id
+WHERE d.state IN ('pending', 'sending') AND e.type IN ('unsubscribed', 'consent_changed');

@@ -466,6 +466,7 @@ class DeliveryWorker:
                 site=route.site,
                 connection_limit=adm.connection_limit if adm else None,
                 max_deliveries_per_connection=adm.max_deliveries_per_connection if adm else None,
+                provider=provider,
             )
         except BaseException:
             if adm is not None and self.gate is not None:

@@ -30,6 +30,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from engine import metrics
 from engine.accept import enqueue_notifications
 from engine.db.pool import acquire
 from engine.errors import DatabaseUnavailable
@@ -78,6 +79,22 @@ class Decided:
 
 
 DsnBuilder = Callable[[Sequence[Attempt]], list[NewMessage]]
+
+
+def _count(decided: Sequence[Decided]) -> None:
+    """Delivery counters, after the outcomes committed (KumoMTA's delivered / transfail / fail)."""
+    m = metrics.get()
+    for d in decided:
+        a = d.attempt
+        if not a.counted:
+            continue
+        provider, egress = metrics.provider_label(a.provider), a.egress or "default"
+        if d.outcome == "delivered":
+            metrics.inc(m.delivered, provider=provider, egress=egress, stream=a.stream)
+        elif d.outcome == "deferred":
+            metrics.inc(m.transfail, provider=provider, egress=egress, stream=a.stream)
+        else:
+            metrics.inc(m.failed, provider=provider, egress=egress, stream=a.stream, category=d.category or "unknown")
 
 
 @dataclass
@@ -188,6 +205,7 @@ class OutcomeWriter:
             self._pending = _Pending(p.decided + self._pending.decided)
             raise
         self.written += len(p)
+        _count(p.decided)
 
     async def _write(self, conn: asyncpg.Connection, decided: list[Decided]) -> None:
         """One transaction: outbox rows and their events, attempts, DSNs, suppressions, counters, automation."""

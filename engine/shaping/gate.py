@@ -30,6 +30,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from engine import metrics
 from engine.shaping.automation import Decisions, evaluate_health
 from engine.shaping.limits import EffectiveLimits, Shaping
 from engine.shaping.rules import ShapingError, ShapingSettings, parse_shaping
@@ -168,6 +169,7 @@ class Gate:
 
         wait = await self.slots.ensure(path, keys, want_more=True, before_acquire=before)
         if wait > 0:
+            metrics.inc(metrics.get().throttle_waits, provider=metrics.provider_label(lim.provider or ""))
             return Admission(False, wait, "connection limit reached")
         needs = list(spread)
         if lim.max_message_rate is not None:
@@ -177,6 +179,7 @@ class Gate:
         if needs:
             wait = await self.buckets.ensure_all(needs)
             if wait > 0:
+                metrics.inc(metrics.get().throttle_waits, provider=metrics.provider_label(lim.provider or ""))
                 return Admission(False, wait, "message rate", postpone=wait > self.config.max_hold)
         # Everything above awaited: check and spend without yielding, so two tasks never spend one unit.
         if not self.buckets.ready(needs) or not all(self.warmup.available(u) for u in units):

@@ -38,6 +38,7 @@ import asyncpg
 import orjson
 import structlog
 
+from engine import metrics
 from engine.config import Settings
 from engine.db.pool import acquire
 from engine.errors import DatabaseUnavailable
@@ -247,7 +248,10 @@ class LaneWorker:
 
     def _results(self, chunk: Sequence[Claimed], out: Outcome) -> list[Result]:
         cfg, now = self.cfg, self.d.clock.now()
+        m = metrics.get()
+        metrics.inc(m.webhook_requests, outcome="ok" if out.ok else "gone" if out.gone else "failed")
         if out.ok:
+            metrics.inc(m.webhook_events, len(chunk))
             if self.failures >= cfg.breaker_failures:
                 self.d.recovered(self.endpoint.id)
             self.failures = 0

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 import aiosmtplib
 import structlog
 
+from engine import metrics
 from engine.deliver.hop import Hop
 from engine.deliver.smtp.connect import AllHopsFailed, Connector
 from engine.deliver.smtp.connection import Connection, PoolKey
@@ -38,9 +39,10 @@ log = structlog.get_logger(__name__)
 class _Site:
     """Pool state for one (site, source) key."""
 
-    __slots__ = ("idle", "open", "waiters", "limit", "max_deliveries")
+    __slots__ = ("idle", "open", "waiters", "limit", "max_deliveries", "label")
 
     def __init__(self, limit: int = 10, max_deliveries: int = 100) -> None:
+        self.label = "other"  # the shaping provider, for the connections-open gauge
         self.idle: list[Connection] = []
         self.open = 0  # connecting + in use + idle + quitting
         self.waiters: deque[asyncio.Future[None]] = deque()
@@ -132,6 +134,7 @@ class ConnectionPool:
         site: str | None = None,
         connection_limit: int | None = None,
         max_deliveries_per_connection: int | None = None,
+        provider: str = "",
     ) -> TransactionResult:
         """Deliver ``message`` to the first hop that takes a connection.
 
@@ -160,6 +163,7 @@ class ConnectionPool:
         pool_site = self._sites.get(key)
         if pool_site is None:
             pool_site = self._sites[key] = _Site(self.settings.connection_limit, self.settings.max_deliveries_per_connection)
+            pool_site.label = metrics.provider_label(provider)
         new_limit = connection_limit or self.settings.connection_limit
         for _ in range(max(0, new_limit - pool_site.limit)):
             pool_site.wake_one()  # callers waiting for a slot may now open one
@@ -230,6 +234,7 @@ class ConnectionPool:
                     self._drop(conn)
             if site.open < site.limit:
                 site.open += 1
+                metrics.get().connections.labels(provider=site.label).inc()
                 break
             fut: asyncio.Future[None] = loop.create_future()
             site.waiters.append(fut)
@@ -243,6 +248,7 @@ class ConnectionPool:
             conn = await self._connector.connect_any(key, hops, source, helo, policy)
         except BaseException:
             site.open -= 1
+            metrics.get().connections.labels(provider=site.label).dec()
             site.wake_one()
             raise
         return conn, False
@@ -272,6 +278,7 @@ class ConnectionPool:
         conn.smtp.close()
         site = self._sites[conn.key]
         site.open -= 1
+        metrics.get().connections.labels(provider=site.label).dec()
         site.wake_one()
 
     def _retire(self, conn: Connection) -> None:
