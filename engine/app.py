@@ -213,6 +213,8 @@ class Engine:
         self._tasks.append(asyncio.create_task(svc.templates.run_refresh(self._stopping), name="templates-refresh"))
         if self.settings.webhooks.enabled:
             self._tasks.append(asyncio.create_task(self._dispatch(svc), name="webhooks"))
+        if self.settings.export.enabled:
+            self._tasks.append(asyncio.create_task(self._export(svc), name="export"))
         log.info(
             "engine_started",
             http=self.http_address,
@@ -310,6 +312,16 @@ class Engine:
         try:
             self.dispatcher = Dispatcher(self.settings, pool)
             await self.dispatcher.run()
+        finally:
+            await pool.close()
+
+    async def _export(self, svc: Services) -> None:
+        """The analytics exporter, on a pool of its own (a slow store never holds delivery's connections)."""
+        from engine.export.exporter import Exporter
+
+        pool = await create_pool(svc.dsn, self.settings, min_size=1, max_size=2)
+        try:
+            await Exporter(self.settings, pool).run(self._stopping)
         finally:
             await pool.close()
 

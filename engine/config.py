@@ -35,6 +35,7 @@ from engine.deliver.config import DeliveryConfig
 from engine.deliver.pools import PoolConfig
 from engine.deliver.routing import RoutingConfig
 from engine.errors import ConfigError
+from engine.export.config import ExportConfig
 from engine.feedback.config import FeedbackConfig
 from engine.metrics_config import MetricsConfig
 from engine.shaping.rules import ShapingSettings
@@ -181,6 +182,7 @@ class Settings(_Section):
     webhooks: WebhooksConfig = WebhooksConfig()
     consent: ConsentConfig = ConsentConfig()
     metrics: MetricsConfig = MetricsConfig()
+    export: ExportConfig = ExportConfig()
 
     # Resolved from the environment, not from the file.
     home: Path = Path("var")
@@ -263,6 +265,12 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
         data.setdefault("webhooks", {})
         if isinstance(data["webhooks"], dict):
             data["webhooks"] = {**data["webhooks"], "secret_key": env["ENGINE_SECRET_KEY"]}
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        exp = data.setdefault("export", {})
+        if isinstance(exp, dict):
+            s3 = exp.setdefault("s3", {})
+            if isinstance(s3, dict):
+                s3["access_key"], s3["secret_key"] = env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
     if env.get("DATABASE_URL"):
         data.setdefault("database", {})
         if isinstance(data["database"], dict):

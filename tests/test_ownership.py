@@ -40,6 +40,8 @@ OWNERS: dict[str, str] = {
     "consent": "engine/consent/store.py",
     "consent_history": "engine/consent/store.py",
     "do_not_mail": "engine/consent/erasure.py",
+    "export_state": "engine/export/exporter.py",
+    "export_batches": "engine/export/exporter.py",
 }
 
 _WRITE_RE = re.compile(r"\b(?:INSERT\s+INTO|(?<!DO\s)(?<!FOR\s)UPDATE|DELETE\s+FROM)\s+([a-z_]+)", re.IGNORECASE)

@@ -1085,3 +1085,135 @@ GROUP BY provider, outcome;
 SELECT coalesce(extract(epoch FROM now() - min(d.event_at)), 0)::float8 AS seconds
 FROM webhook_deliveries d JOIN events e ON e.id = d.event_id
 WHERE d.state IN ('pending', 'sending') AND e.type IN ('unsubscribed', 'consent_changed');
+
+-- ==== export (engine.export.exporter owns export_state and export_batches) ====
+
+-- name: export_init
+INSERT INTO export_state (destination) VALUES (:destination) ON CONFLICT (destination) DO NOTHING;
+
+-- name: export_lease
+-- Take the destination for one batch (several exporters may run: one works at a time). A lease,
+-- not a row lock: a lock would hold a transaction id open while files are written, and that
+-- would hold back every reader of the event stream (they stop below the oldest running one).
+UPDATE export_state SET leased_by = :owner, lease_until = now() + make_interval(secs => :lease_seconds)
+WHERE destination = :destination AND (leased_by IS NULL OR lease_until < now() OR leased_by = :owner)
+RETURNING tx::text::bigint AS tx, event_id, pending_tx::text::bigint AS pending_tx, pending_event_id;
+
+-- name: export_plan
+-- Where the next batch ends: up to :limit events past the cursor, below the snapshot's xmin (so an
+-- event that commits late is never passed; see events_page). No row: nothing new.
+WITH r AS (
+    SELECT e.tx, e.id FROM events e
+    WHERE (e.tx, e.id) > (:tx::text::xid8, :id::bigint) AND e.tx < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY e.tx, e.id
+    LIMIT :limit
+)
+SELECT tx::text::bigint AS tx, id FROM r ORDER BY tx DESC, id DESC LIMIT 1;
+
+-- name: export_set_pending
+UPDATE export_state SET pending_tx = :tx::text::xid8, pending_event_id = :id, updated_at = now()
+WHERE destination = :destination AND leased_by = :owner
+RETURNING destination;
+
+-- name: export_commit
+-- The batch's files are durable: move the cursor past it, remember the batch, free the lease.
+WITH s AS (
+    UPDATE export_state SET tx = pending_tx, event_id = pending_event_id, pending_tx = NULL, pending_event_id = NULL,
+        exported = exported + :events, last_file = :last_file, last_batch_at = now(), last_error = NULL,
+        leased_by = NULL, lease_until = NULL, updated_at = now()
+    WHERE destination = :destination AND leased_by = :owner AND pending_tx IS NOT NULL
+    RETURNING destination
+)
+INSERT INTO export_batches (destination, start_tx, start_event_id, end_tx, end_event_id, events, first_at, last_at, manifest)
+SELECT :destination, :start_tx::text::xid8, :start_id, :end_tx::text::xid8, :end_id, :events, :first_at, :last_at, :manifest
+FROM s
+ON CONFLICT (destination, end_tx, end_event_id) DO UPDATE SET written_at = now()
+RETURNING destination;
+
+-- name: export_release
+-- The destination failed (store down): say why, free the lease, keep the pending batch for the retry.
+UPDATE export_state SET leased_by = NULL, lease_until = NULL, last_error = :error, last_error_at = now(), updated_at = now()
+WHERE destination = :destination AND leased_by = :owner
+RETURNING destination;
+
+-- name: export_status
+SELECT s.destination, s.tx::text::bigint AS tx, s.event_id, s.pending_event_id, s.leased_by, s.lease_until, s.exported,
+       s.last_file, s.last_batch_at, s.last_error, s.last_error_at,
+       (SELECT extract(epoch FROM now() - min(e.created_at))::float8 FROM events e
+        WHERE (e.tx, e.id) > (s.tx, s.event_id)) AS lag_seconds,
+       (SELECT count(*) FROM events e WHERE (e.tx, e.id) > (s.tx, s.event_id))::bigint AS behind
+FROM export_state s ORDER BY s.destination;
+
+-- name: export_batches_since
+SELECT start_tx::text::bigint AS start_tx, start_event_id, end_tx::text::bigint AS end_tx, end_event_id, events,
+       first_at, last_at, manifest
+FROM export_batches WHERE destination = :destination AND last_at >= :since
+ORDER BY end_tx, end_event_id;
+
+-- name: export_events
+-- One batch of the stream, typed and flattened for Parquet (read with COPY ... CSV, parsed by
+-- pyarrow): what each public event says, joined with its recipient and message.
+SELECT e.id AS event_id, e.type AS kind,
+       (extract(epoch FROM e.created_at) * 1000000)::bigint AS occurred_us,
+       to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS date,
+       extract(hour FROM e.created_at AT TIME ZONE 'UTC')::int AS hour,
+       e.message_id::text AS message_id, e.recipient_id,
+       coalesce(e.data->>'stream', r.stream, m.stream) AS stream,
+       r.contact_id, r.external::text AS external,
+       m.metadata->>'campaign' AS campaign, m.metadata::text AS metadata,
+       nullif(split_part(m.content->>'template', '@', 1), '') AS template_name,
+       CASE WHEN split_part(m.content->>'template', '@', 2) ~ '^[0-9]{1,9}$'
+            THEN split_part(m.content->>'template', '@', 2)::int END AS template_version,
+       e.data->>'sending_domain' AS sending_domain, e.data->>'provider' AS provider,
+       CASE WHEN e.type = 'accepted' OR e.data->>'at' = 'submit' THEN NULL ELSE e.data->>'source' END AS egress,
+       CASE WHEN e.type = 'accepted' OR e.data->>'at' = 'submit' THEN e.data->>'source' END AS submission_source,
+       CASE WHEN jsonb_typeof(e.data->'code') = 'number' THEN (e.data->>'code')::int END AS smtp_code,
+       CASE WHEN e.type = 'consent_changed' THEN NULL ELSE e.data->>'status' END AS enhanced_status,
+       e.data->>'reply' AS reply, e.data->>'mx' AS mx, e.data->>'category' AS category,
+       CASE WHEN jsonb_typeof(e.data->'hard') = 'boolean' THEN (e.data->>'hard')::boolean END AS hard,
+       CASE WHEN jsonb_typeof(e.data->'permanent') = 'boolean' THEN (e.data->>'permanent')::boolean END AS permanent,
+       coalesce(CASE WHEN jsonb_typeof(e.data->'attempt') = 'number' THEN (e.data->>'attempt')::int END,
+                CASE WHEN e.type IN ('delivered', 'bounced', 'expired') THEN r.attempts END) AS attempt,
+       e.data->>'next_attempt_at' AS next_attempt_at,
+       CASE WHEN jsonb_typeof(e.data->'link_index') = 'number' THEN (e.data->>'link_index')::int END AS link_index,
+       e.data->>'url' AS url, e.data->>'method' AS method, e.data->>'feedback_type' AS feedback_type,
+       e.data->>'reason' AS reason, e.data->>'origin' AS origin,
+       CASE WHEN jsonb_typeof(e.data->'verified') = 'boolean' THEN (e.data->>'verified')::boolean END AS verified,
+       e.data->>'purpose' AS purpose,
+       CASE WHEN e.type = 'consent_changed' THEN e.data->>'status' END AS consent_status,
+       e.data->>'old_status' AS old_status, e.data->>'legal_basis' AS legal_basis,
+       e.data->>'policy_version' AS policy_version, e.data->>'address_hash' AS address_hash
+FROM events e
+LEFT JOIN recipients r ON r.id = e.recipient_id
+LEFT JOIN messages m ON m.id = e.message_id
+WHERE (e.tx, e.id) > (:start_tx::text::xid8, :start_id::bigint) AND (e.tx, e.id) <= (:end_tx::text::xid8, :end_id::bigint)
+  AND e.type = ANY(:types::text[])
+ORDER BY e.tx, e.id;
+
+-- name: export_count
+SELECT count(*)::int AS n FROM events e
+WHERE (e.tx, e.id) > (:start_tx::text::xid8, :start_id::bigint) AND (e.tx, e.id) <= (:end_tx::text::xid8, :end_id::bigint)
+  AND e.type = ANY(:types::text[]);
+
+-- name: export_facts
+-- Daily facts for one UTC date: counts per (stream, provider, sending domain, campaign).
+SELECT coalesce(e.data->>'stream', r.stream, m.stream) AS stream, e.data->>'provider' AS provider,
+       e.data->>'sending_domain' AS sending_domain, m.metadata->>'campaign' AS campaign,
+       count(*) FILTER (WHERE e.type = 'accepted')::bigint AS sent,
+       count(*) FILTER (WHERE e.type = 'delivered')::bigint AS delivered,
+       count(*) FILTER (WHERE e.type = 'deferred')::bigint AS deferred,
+       count(*) FILTER (WHERE e.type = 'bounced' AND (e.data->>'hard') = 'true')::bigint AS bounced_hard,
+       count(*) FILTER (WHERE e.type = 'bounced' AND (e.data->>'hard') IS DISTINCT FROM 'true'
+                        AND (e.data->>'permanent') = 'true')::bigint AS bounced_soft,
+       count(*) FILTER (WHERE e.type = 'expired')::bigint AS expired,
+       count(*) FILTER (WHERE e.type = 'complained')::bigint AS complaints,
+       count(*) FILTER (WHERE e.type = 'opened')::bigint AS opens,
+       count(*) FILTER (WHERE e.type = 'clicked')::bigint AS clicks,
+       count(*) FILTER (WHERE e.type = 'unsubscribed')::bigint AS unsubscribes
+FROM events e
+LEFT JOIN recipients r ON r.id = e.recipient_id
+LEFT JOIN messages m ON m.id = e.message_id
+WHERE e.created_at >= (:day::date)::timestamp AT TIME ZONE 'UTC'
+  AND e.created_at < (:day::date + 1)::timestamp AT TIME ZONE 'UTC'
+GROUP BY 1, 2, 3, 4
+ORDER BY 1, 2, 3, 4;

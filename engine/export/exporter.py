@@ -1,0 +1,242 @@
+"""The exporter: the only writer of ``export_state`` and ``export_batches``.
+
+Each pass takes the destination's lease, fixes where the batch ends (recorded as *pending*
+before any file is written), reads the batch in commit order (one COPY, parsed by pyarrow),
+writes one file per (event type, date, hour) named ``<first id>-<last id>``, a manifest, and
+optionally the daily facts of the dates it touched, and only then moves the cursor. A crash
+anywhere before that last step leaves the pending batch, which the next pass (this process or
+another) writes again with the same boundaries, so the same names: nothing is lost, nothing is
+written twice under two names. A destination that is down delays the export (logged, kept in
+``export_state.last_error``) and never touches delivery: the exporter has its own pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import hashlib
+import io
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import structlog
+
+from engine.config import Settings
+from engine.db.pool import acquire
+from engine.db.queries import q
+from engine.events.public import PUBLIC_TYPES
+from engine.export.columns import FACTS_SCHEMA, READ, READ_TYPES, TS, schema_for
+from engine.export.destinations import Destination, destination
+
+log = structlog.get_logger(__name__)
+
+TYPES = sorted(PUBLIC_TYPES)
+
+
+@dataclass
+class Batch:
+    start: tuple[int, int]
+    end: tuple[int, int]
+    events: int = 0
+    files: list[dict[str, Any]] = field(default_factory=list)
+    manifest: str = ""
+    first_at: datetime | None = None
+    last_at: datetime | None = None
+
+
+def _csv_to_table(data: bytes) -> pa.Table:
+    return pacsv.read_csv(
+        io.BytesIO(data),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(
+            column_types={n: t for n, t in READ}, strings_can_be_null=True, quoted_strings_can_be_null=False,
+            null_values=[""], true_values=["t"], false_values=["f"],
+        ),
+        read_options=pacsv.ReadOptions(block_size=16 << 20),
+    )
+
+
+def _encode(table: pa.Table, fmt: str) -> bytes:
+    if fmt == "ndjson":
+        lines = [orjson.dumps(r, default=str) for r in table.to_pylist()]
+        return gzip.compress(b"\n".join(lines) + b"\n", compresslevel=5)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return bytes(sink.getvalue().to_pybytes())
+
+
+class Exporter:
+    def __init__(
+        self, settings: Settings, pool: asyncpg.Pool, *, dest: Destination | None = None, owner: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cfg = settings.export
+        self.pool = pool
+        self.dest = dest or destination(settings)
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:export"
+        self.ext = "ndjson.gz" if self.cfg.format == "ndjson" else "parquet"
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Export every ``interval`` (at once again while a full batch came back), until ``stop``."""
+        while not stop.is_set():
+            full = False
+            try:
+                batch = await self.export_once()
+                full = batch is not None and batch.events >= self.cfg.batch_events
+            except Exception as exc:  # the store is down, the database is away: try again later
+                log.warning("export_failed", destination=self.dest.name, error=str(exc)[:500])
+            if not full:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.cfg.interval)
+
+    async def export_once(self) -> Batch | None:
+        """One batch (or nothing new). Raises when the destination fails; the batch stays pending."""
+        name = self.dest.name
+        async with acquire(self.pool) as conn:
+            await conn.execute(*q("export_init", destination=name))
+            row = await conn.fetchrow(
+                *q("export_lease", destination=name, owner=self.owner, lease_seconds=self.cfg.lease)
+            )
+            if row is None:
+                return None  # another exporter holds it
+            start = (row["tx"], row["event_id"])
+            if row["pending_tx"] is not None:
+                end = (row["pending_tx"], row["pending_event_id"])
+            else:
+                plan = await conn.fetchrow(*q("export_plan", tx=str(start[0]), id=start[1], limit=self.cfg.batch_events))
+                if plan is None:
+                    await conn.execute(*q("export_release", destination=name, owner=self.owner, error=None))
+                    return None
+                end = (plan["tx"], plan["id"])
+                await conn.execute(*q("export_set_pending", destination=name, owner=self.owner, tx=str(end[0]), id=end[1]))
+        try:
+            batch = await self.write_batch(start, end)
+        except Exception as exc:
+            async with acquire(self.pool) as conn:
+                await conn.execute(*q("export_release", destination=name, owner=self.owner, error=str(exc)[:1000]))
+            raise
+        async with acquire(self.pool) as conn:
+            await conn.execute(
+                *q(
+                    "export_commit", destination=name, owner=self.owner, events=batch.events,
+                    last_file=batch.files[-1]["path"] if batch.files else None,
+                    start_tx=str(start[0]), start_id=start[1], end_tx=str(end[0]), end_id=end[1],
+                    first_at=batch.first_at, last_at=batch.last_at, manifest=batch.manifest,
+                )
+            )
+        log.info("export_batch_written", destination=name, events=batch.events, files=len(batch.files))
+        return batch
+
+    # -- one batch ----------------------------------------------------------------------------
+
+    async def read(self, start: tuple[int, int], end: tuple[int, int]) -> pa.Table:
+        sql, *args = q("export_events", start_tx=str(start[0]), start_id=start[1], end_tx=str(end[0]), end_id=end[1],
+                       types=TYPES)
+        buf = io.BytesIO()
+        async with acquire(self.pool) as conn:
+            await conn.copy_from_query(sql, *args, output=buf, format="csv", header=True)
+        return await asyncio.to_thread(_csv_to_table, buf.getvalue())
+
+    async def write_batch(self, start: tuple[int, int], end: tuple[int, int]) -> Batch:
+        table = await self.read(start, end)
+        batch = Batch(start, end, events=table.num_rows)
+        if table.num_rows:
+            await asyncio.to_thread(self._write_files, table, batch)
+            if self.cfg.facts:
+                for day in sorted(set(table.column("date").to_pylist())):
+                    await self.write_facts(date.fromisoformat(day), batch)
+            manifest = {
+                "start": {"tx": start[0], "event_id": start[1]}, "end": {"tx": end[0], "event_id": end[1]},
+                "events": batch.events, "min_event_id": batch.files[0]["min_event_id"] if batch.files else None,
+                "files": batch.files, "format": self.cfg.format, "written_at": datetime.now(UTC).isoformat(),
+            }
+            ids = table.column("event_id")
+            batch.manifest = f"_manifests/{pc.min(ids).as_py()}-{pc.max(ids).as_py()}.json"
+            await asyncio.to_thread(self.dest.write, batch.manifest, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        return batch
+
+    def _write_files(self, table: pa.Table, batch: Batch) -> None:
+        occurred = pc.cast(table.column("occurred_us"), pa.timestamp("us")).cast(TS)
+        batch.first_at = pc.min(occurred).as_py()
+        batch.last_at = pc.max(occurred).as_py()
+        keys = table.select(["kind", "date", "hour"]).group_by(["kind", "date", "hour"]).aggregate([]).to_pylist()
+        for key in sorted(keys, key=lambda k: (k["kind"], k["date"], k["hour"])):
+            mask = pc.and_(pc.and_(pc.equal(table.column("kind"), key["kind"]), pc.equal(table.column("date"), key["date"])),
+                           pc.equal(table.column("hour"), key["hour"]))
+            part = table.filter(mask)
+            kind = key["kind"]
+            public = PUBLIC_TYPES[kind]
+            schema = schema_for(kind)
+            cols: dict[str, pa.Array] = {
+                "event_id": part.column("event_id"),
+                "event_type": pa.array([public] * part.num_rows, pa.string()),
+                "occurred_at": pc.cast(part.column("occurred_us"), pa.timestamp("us")).cast(TS),
+            }
+            for f in schema:
+                if f.name not in cols:
+                    cols[f.name] = part.column(f.name).cast(READ_TYPES[f.name])
+            out = pa.Table.from_pydict(cols, schema=schema)
+            ids = part.column("event_id")
+            lo, hi = pc.min(ids).as_py(), pc.max(ids).as_py()
+            rel = f"event_type={public}/date={key['date']}/hour={key['hour']:02d}/{lo}-{hi}.{self.ext}"
+            data = _encode(out, self.cfg.format)
+            self.dest.write(rel, data)
+            batch.files.append({
+                "path": rel, "rows": out.num_rows, "min_event_id": lo, "max_event_id": hi,
+                "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+            })
+
+    async def write_facts(self, day: date, batch: Batch) -> None:
+        async with acquire(self.pool) as conn:
+            rows = await conn.fetch(*q("export_facts", day=day))
+        cols: dict[str, list[Any]] = {f.name: [] for f in FACTS_SCHEMA}
+        for r in rows:
+            cols["date"].append(day.isoformat())
+            for name in FACTS_SCHEMA.names[1:]:
+                cols[name].append(r[name])
+        table = pa.Table.from_pydict(cols, schema=FACTS_SCHEMA)
+        rel = f"facts/date={day.isoformat()}/facts.{self.ext}"
+        data = _encode(table, self.cfg.format)
+        await asyncio.to_thread(self.dest.write, rel, data)
+        batch.files.append({"path": rel, "rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+
+    # -- operations ---------------------------------------------------------------------------
+
+    async def backfill(self, since: datetime) -> tuple[int, int]:
+        """Write again every stored batch that ends at or after ``since``, under the same names.
+
+        Returns (batches rewritten, batches skipped). A batch some of whose events were purged
+        since (retention) is skipped: rewriting it would replace complete files with partial ones.
+        """
+        async with acquire(self.pool) as conn:
+            batches = await conn.fetch(*q("export_batches_since", destination=self.dest.name, since=since))
+        done = skipped = 0
+        for b in batches:
+            start, end = (b["start_tx"], b["start_event_id"]), (b["end_tx"], b["end_event_id"])
+            async with acquire(self.pool) as conn:
+                n = await conn.fetchval(*q("export_count", start_tx=str(start[0]), start_id=start[1], end_tx=str(end[0]),
+                                           end_id=end[1], types=TYPES))
+            if n != b["events"]:
+                log.warning("export_backfill_skipped", manifest=b["manifest"], stored=b["events"], now=n)
+                skipped += 1
+                continue
+            await self.write_batch(start, end)
+            done += 1
+        return done, skipped
+
+
+async def status(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+    async with acquire(pool) as conn:
+        return [dict(r) for r in await conn.fetch(*q("export_status"))]
