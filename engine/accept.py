@@ -245,6 +245,12 @@ class Acceptor:
                 if item.attachments else [],
                 reply_to=_stored_mailbox(item.reply_to) if item.reply_to is not None else None,
             ).to_json()
+        if content is not None and stream in self.settings.mime.bulk_streams and not self.settings.tracking.keys:
+            # Compose would bounce it later (bulk mail needs a one-click List-Unsubscribe, which needs a signing key).
+            raise ValidationFailed(
+                f"stream {stream!r} is bulk and needs a List-Unsubscribe, which needs [[tracking.keys]] "
+                "(make one with `engine tracking keygen --id 1`)", f"{prefix}stream",
+            )
         limit = self.settings.api.max_recipients_per_message
         if len(recipients) > limit:
             raise ValidationFailed(f"too many recipients: {len(recipients)} > {limit}", f"{prefix}to")
@@ -365,6 +371,13 @@ class Acceptor:
         """Validate, enqueue in one transaction, and answer; replays the first answer for a reused key."""
         prefix = "messages[{}]." if batch else ""
         messages = [self.build_http_message(it, key, prefix.format(i)) for i, it in enumerate(items)]
+        total = sum(len(m.recipients) for m in messages)
+        cap = self.settings.api.max_recipients_per_request
+        if total > cap:
+            raise ValidationFailed(
+                f"too many recipients in one request: {total} > {cap} ([api] max_recipients_per_request)",
+                "messages" if batch else "to", 413,
+            )
         await self.check_templates(items, messages, prefix)
         if idempotency_key is None:
             rows = await self.commit(messages)

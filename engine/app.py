@@ -26,6 +26,7 @@ import uvicorn
 from engine import metrics
 from engine.accept import Acceptor
 from engine.apikeys import ApiKeys
+from engine.compose.pipeline import engine_variables
 from engine.compose.render import Renderer
 from engine.compose.tracking import Keyring
 from engine.config import Settings, child_environment
@@ -171,7 +172,7 @@ class Engine:
         except BaseException:
             await pool.close()
             raise
-        renderer = Renderer(self.settings.templates, store=templates)
+        renderer = Renderer(self.settings.templates, store=templates, engine_variables=engine_variables(self.settings))
         suppressions = Suppressions(pool)
         self.services = Services(
             dsn=dsn,
@@ -254,7 +255,6 @@ class Engine:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.set_inheritable(True)
         self.http_address = sock.getsockname()[:2]
         config = uvicorn.Config(
             app,

@@ -161,6 +161,9 @@ class ApiConfig(_Section):
     key_cache_ttl: Duration = Field(default=5.0, description="How long a verified key is trusted without a lookup.")
     idempotency_ttl: Duration = 86400.0
     max_recipients_per_message: int = Field(default=1000, ge=1)
+    max_recipients_per_request: int = Field(
+        default=50_000, ge=1, description="All messages of one request (a batch) together: bounds memory and transaction size.",
+    )
 
 
 class Settings(_Section):
@@ -203,6 +206,11 @@ class Settings(_Section):
                 raise ValueError(
                     f"consent.streams.{name}: not one of queue.streams ({', '.join(sorted(self.queue.streams))})"
                 )
+        if self.feedback.bounce_domain is not None and not (self.feedback.keys or self.tracking.keys):
+            raise ValueError(
+                "feedback.bounce_domain needs signing keys for its VERP tokens: add [[feedback.keys]] or "
+                "[[tracking.keys]] (make one with `engine tracking keygen --id 1`)"
+            )
         for name in self.webhooks.transactional_streams:
             if name not in self.queue.streams:
                 raise ValueError(

@@ -79,6 +79,11 @@ class MessageRow:
         return cls(id, mail_from, stream, raw, parsed, metadata, source)
 
 
+def engine_variables(settings: Settings) -> frozenset[str]:
+    """Template variables the engine fills in itself: ``unsubscribe_url`` when it can sign one."""
+    return frozenset({"unsubscribe_url"}) if settings.tracking.keys else frozenset()
+
+
 class Composer:
     def __init__(
         self,
@@ -88,7 +93,7 @@ class Composer:
         keyring: Keyring | None = None,
     ) -> None:
         self.settings = settings
-        self.renderer = renderer or Renderer(settings.templates)
+        self.renderer = renderer or Renderer(settings.templates, engine_variables=engine_variables(settings))
         self.signer = signer
         if self.signer is None and settings.domains:
             self.signer = DkimSigner.from_config(settings.domains, base_dir=settings.home)
@@ -115,13 +120,13 @@ class Composer:
         content = msg.content
         if content is None:
             raise StoredContentError(msg.content_error or "the message has neither raw bytes nor content")
-        subject, html, text = self._parts(content, recipient_vars)
+        url = unsubscribe_url(self.base_url, recipient_id, self.keyring) if self.keyring is not None else None
+        subject, html, text = self._parts(content, recipient_vars, url)
         sender = content.sender
         list_unsub = None
         if html is not None and self.keyring is not None and (self.settings.tracking.track_clicks or self.settings.tracking.track_opens):
             html, _ = track_html(html, recipient_id, self.keyring, self.settings.tracking, self.base_url)
-        if msg.stream in self.settings.mime.bulk_streams and self.keyring is not None:
-            url = unsubscribe_url(self.base_url, recipient_id, self.keyring)
+        if msg.stream in self.settings.mime.bulk_streams and url is not None:
             mailto = None
             if self.settings.mime.list_unsubscribe_mailto:
                 # The same signed token in the subject identifies the recipient without personal data.
@@ -171,10 +176,15 @@ class Composer:
         _, links = rewrite_links(html, lambda i, u: u, utm=self.settings.tracking.utm, max_links=self.settings.tracking.max_links)
         return links
 
-    def _parts(self, content: StoredContent, recipient_vars: Mapping[str, Any] | None) -> tuple[str, str | None, str | None]:
+    def _parts(
+        self, content: StoredContent, recipient_vars: Mapping[str, Any] | None, unsubscribe: str | None = None,
+    ) -> tuple[str, str | None, str | None]:
         template = content.template
         if template:
-            rendered = self.renderer.render(template, merge_vars(content.vars, dict(recipient_vars or {})))
+            variables = merge_vars(content.vars, dict(recipient_vars or {}))
+            if unsubscribe is not None:
+                variables.setdefault("unsubscribe_url", unsubscribe)  # the engine's own one-click link
+            rendered = self.renderer.render(template, variables)
             subject = content.subject or rendered.subject
             return subject, rendered.html, rendered.text
         return content.subject or "", content.html, content.text

@@ -221,9 +221,14 @@ class _Loader(BaseLoader):
 class Renderer:
     """Validate, inspect and render templates. Thread-safe; one per process."""
 
-    def __init__(self, config: TemplateConfig | None = None, store: TemplateStore | None = None) -> None:
+    def __init__(
+        self, config: TemplateConfig | None = None, store: TemplateStore | None = None,
+        engine_variables: frozenset[str] = frozenset(),
+    ) -> None:
         self.config = config or TemplateConfig()
         self.store = store
+        self.engine_variables = engine_variables
+        """Variables the engine supplies at send time (``unsubscribe_url``): never asked of a submission."""
         self._file_cache: dict[str, tuple[float, frozenset[str]]] = {}
         self._loader = _Loader(
             Path(self.config.directory), store, self.config.max_part_size, self.config.reload_check_interval
@@ -332,7 +337,7 @@ class Renderer:
         required: set[str] = set()
         for jname in self._parts_of(prefix).values():
             required |= self._required_for(jname, frozenset())
-        return required
+        return required - self.engine_variables
 
     def _required_for(self, jname: str, seen: frozenset[str]) -> frozenset[str]:
         """Required names of one Jinja template and everything it references, cached.

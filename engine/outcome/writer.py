@@ -81,6 +81,18 @@ class Decided:
 DsnBuilder = Callable[[Sequence[Attempt]], list[NewMessage]]
 
 
+RESERVED_SUFFIXES = ("test", "example", "invalid", "localhost", "example.com", "example.net", "example.org")
+"""RFC 2606 / RFC 6761 names: they never exist, so a bounce there says nothing about the person."""
+
+
+def reserved_domain(address: str) -> bool:
+    """A reserved test domain has no DNS: the bounce says nothing about the person, and suppressing the
+    address (for every stream) would silently swallow every later test and demo message to it, so a
+    DNS failure there bounces but never suppresses (a real receiver's 550 for such a name still does)."""
+    domain = address.rpartition("@")[2].rstrip(".").lower()
+    return any(domain == s or domain.endswith("." + s) for s in RESERVED_SUFFIXES)
+
+
 def _count(decided: Sequence[Decided]) -> None:
     """Delivery counters, after the outcomes committed (KumoMTA's delivered / transfail / fail)."""
     m = metrics.get()
@@ -219,7 +231,9 @@ class OutcomeWriter:
             a = d.attempt
             event = self._event(d)
             if d.outcome != "deferred":
-                if d.outcome == "bounced" and d.category in SUPPRESS_CATEGORIES:
+                if d.outcome == "bounced" and d.category in SUPPRESS_CATEGORIES and not (
+                    d.category == "bad_domain" and reserved_domain(a.address)
+                ):
                     key = suppression_key(a.address)
                     if key is not None:
                         scope = scope_for(self.suppress_scope, a.stream)
