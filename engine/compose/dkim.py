@@ -38,6 +38,7 @@ from dkim.canonicalization import correct_empty_body, strip_trailing_lines
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.errors import EngineError
+from engine.linebreaks import crlf
 
 Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
 
@@ -390,10 +391,8 @@ def relaxed_body(body: bytes) -> bytes:
 
 
 def _crlf(message: bytes) -> bytes:
-    """Normalize bare LF to CRLF (a cheap count check first: the common case is already CRLF)."""
-    if message.count(b"\n") != message.count(b"\r\n"):
-        message = re.sub(rb"\r?\n", b"\r\n", message)
-    return message
+    """Line ends exactly as the SMTP client will send them (see :mod:`engine.linebreaks`)."""
+    return crlf(message)
 
 
 def _split(message: bytes) -> tuple[list[list[bytes]], bytes]:

@@ -26,10 +26,10 @@ from engine.deliver.smtp.reader import BadReply, ConnectionLost, ReplyReader
 from engine.deliver.smtp.reply import Reply
 from engine.deliver.smtp.results import OutboundMessage, Phase, RecipientReply, TransactionResult
 from engine.deliver.smtp.settings import SmtpClientSettings
+from engine.linebreaks import crlf
 
 log = structlog.get_logger(__name__)
 
-_CRLF_FIX = re.compile(rb"\r\n|\r|\n")
 _DOT_LINE = re.compile(rb"(?m)^\.")
 _BAD_ADDRESS = re.compile(r"[\x00-\x20\x7f<>]")
 
@@ -97,8 +97,7 @@ def dot_stuffed(data: bytes) -> bytes:
 
     Copies the body only when it must change (bare CR/LF, a leading dot, no final CRLF).
     """
-    if b"\r" in data or b"\n" in data:
-        data = _CRLF_FIX.sub(b"\r\n", data)
+    data = crlf(data)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     if data.startswith(b".") or b"\n." in data:

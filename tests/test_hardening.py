@@ -1,0 +1,54 @@
+"""Hardening (issue 16, adversarial run): each test attacks over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+
+from engine.compose.dkim import keygen
+from engine.deliver.scheduler import DeliveryWorker
+from tests.receivers import smtp_receiver, tls_ca  # noqa: F401
+from tests.test_dkim import dkimpy_results
+
+
+async def _deliver_all(eng, mx, n: int) -> None:
+    w = DeliveryWorker(eng.settings, eng.pool, owner="w1", dsn=eng.dsn)
+    t = asyncio.create_task(w.run())
+    try:
+        deadline = time.monotonic() + 30
+        while len(mx.messages) < n:
+            assert time.monotonic() < deadline, f"{len(mx.messages)} of {n}"
+            await asyncio.sleep(0.05)
+    finally:
+        w.request_stop()
+        await t
+
+
+async def test_bare_cr_message_is_signed_as_it_is_sent(engine_factory, smtp_receiver, tmp_path: Path) -> None:
+    """The signer used to normalise bare LF only; the client turned bare CR into CRLF after signing."""
+    mx = smtp_receiver()
+    path, txt = keygen("example.com", "s1", "rsa", tmp_path / "keys")
+    keys = SimpleNamespace(txt={"s1._domainkey.example.com": "".join(re.findall(r'"([^"]*)"', txt))})
+    keys.dnsfunc = lambda name, timeout=5: (keys.txt.get(name.decode().rstrip(".")) or "").encode() or None
+    eng = await engine_factory(
+        f'[webhooks]\nenabled = false\n[routing.static]\n"example.net" = "{mx.address}:{mx.port}"\n'
+        '[delivery]\nflush_interval = "20ms"\npoll_interval = "100ms"\n'
+        f'[[domains]]\nname = "example.com"\n[[domains.dkim]]\nselector = "s1"\nalgorithm = "rsa-sha256"\nkey_file = "{path}"\n'
+    )
+    key, _ = await eng.apikeys.create("k", ["send"])
+    raw = ("From: a@example.com\r\nTo: x@example.net\r\nSubject: cr\r\n\r\n"
+           "line one\rstill line one?\r\nline two\nline three\r\n")
+    async with httpx.AsyncClient(base_url=f"http://{eng.http_address[0]}:{eng.http_address[1]}",
+                                 headers={"Authorization": f"Bearer {key}"}) as http:
+        r = await http.post("/v1/messages", json={"raw": raw, "envelope": {"mail_from": "a@example.com",
+                                                                             "rcpt_to": ["x@example.net"]}})
+        assert r.status_code == 202, r.text
+    await _deliver_all(eng, mx, 1)
+    got = mx.messages[0].data
+    assert b"\r" not in got.replace(b"\r\n", b"") and b"\n" not in got.replace(b"\r\n", b"")
+    assert dkimpy_results(keys, got) == [True]
