@@ -225,8 +225,8 @@ async def test_mx_from_dns_with_preference_and_fallback(harness, smtp_receiver, 
 async def test_transactional_stream_goes_first(harness, smtp_receiver) -> None:
     rx = smtp_receiver()
     h = await harness(routes(example_net=rx), delivery="claim_batch = 5\ndestination_concurrency = 1\n")
-    for i in range(10):
-        await h.submit([f"bulk{i}@example.net"], stream="bulk")
+    for i in range(10):  # the default stream (priority 5) behind transactional (priority 0)
+        await h.submit([f"bulk{i}@example.net"], stream="default")
     for i in range(5):
         await h.submit([f"tx{i}@example.net"], stream="transactional")
     h.start_worker()

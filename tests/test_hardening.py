@@ -52,3 +52,32 @@ async def test_bare_cr_message_is_signed_as_it_is_sent(engine_factory, smtp_rece
     got = mx.messages[0].data
     assert b"\r" not in got.replace(b"\r\n", b"") and b"\n" not in got.replace(b"\r\n", b"")
     assert dkimpy_results(keys, got) == [True]
+
+
+async def test_relayed_mail_gains_received_date_and_message_id_and_stays_byte_exact(engine_factory, smtp_receiver) -> None:
+    """RFC 5321 §4.4 / RFC 6409 §8: trace on top, Date and Message-ID added only when missing."""
+    import aiosmtplib
+
+    mx = smtp_receiver()
+    eng = await engine_factory(
+        f'[webhooks]\nenabled = false\n[routing.static]\n"example.net" = "{mx.address}:{mx.port}"\n'
+        '[delivery]\nflush_interval = "20ms"\npoll_interval = "100ms"\n[server]\nhostname = "mta.sender.test"\n'
+        '[[smtp.listeners]]\nname = "local"\nlisten = "127.0.0.1:0"\ntrusted = true\n'
+    )
+    host, port = eng.smtp_addresses["local"]
+    bare = b"Subject: no date\r\nX-Odd:  keep   spacing \r\n\r\nbody line\r\n"
+    dated = b"Date: Mon, 30 Nov 2026 10:00:00 +0000\r\nMessage-ID: <mine@client.test>\r\nSubject: dated\r\n\r\nb\r\n"
+    async with aiosmtplib.SMTP(hostname=host, port=port, local_hostname="client.example") as smtp:
+        for data in (bare, dated):
+            errors, _ = await smtp.sendmail("app@sender.test", ["x@example.net"], data)
+            assert not errors
+    await _deliver_all(eng, mx, 2)
+    first, second = sorted((m.data for m in mx.messages), key=lambda d: b"dated" in d)
+    assert first.startswith(b"Received: from client.example (127.0.0.1)\r\n\tby mta.sender.test with ESMTP id ")
+    head, _, body = first.partition(b"\r\n\r\n")
+    assert body == b"body line\r\n"
+    assert b"\r\nSubject: no date\r\nX-Odd:  keep   spacing \r\n" in head + b"\r\n"
+    assert len(re.findall(rb"(?m)^Date: ", head)) == 1 and len(re.findall(rb"(?m)^Message-ID: <[0-9a-f]{32}@mta.sender.test>", head)) == 1
+    h2, _, _ = second.partition(b"\r\n\r\n")
+    assert h2.count(b"Date:") == 1 and b"Message-ID: <mine@client.test>" in h2 and h2.startswith(b"Received: ")
+    assert second.endswith(dated)  # everything the client sent, byte for byte, after the trace field

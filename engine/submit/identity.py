@@ -22,7 +22,7 @@ META_HEADER = b"x-engine-meta"
 MAX_META = 8192
 
 
-def _header_end(raw: bytes) -> int:
+def header_end(raw: bytes) -> int:
     """Offset just past the header block (its blank line), or len(raw) when there is no body."""
     for sep in (b"\r\n\r\n", b"\n\n"):
         i = raw.find(sep)
@@ -33,10 +33,10 @@ def _header_end(raw: bytes) -> int:
 
 def extract_identity(raw: bytes) -> tuple[bytes, str | None, dict[str, Any] | None]:
     """(message without the identity headers, contact id, external ids)."""
-    lowered_head = raw[: _header_end(raw)].lower()
+    lowered_head = raw[: header_end(raw)].lower()
     if b"x-engine-" not in lowered_head:
         return raw, None, None
-    end = _header_end(raw)
+    end = header_end(raw)
     lines = raw[:end].splitlines(keepends=True)
     kept: list[bytes] = []
     found: dict[bytes, bytes] = {}

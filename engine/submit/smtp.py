@@ -30,6 +30,7 @@ import ipaddress
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
@@ -51,6 +52,7 @@ from engine.submit.server import (
     start_listener,
 )
 from engine.submit.tls import ensure_self_signed, server_context
+from engine.submit.trace import add_trace, protocol
 
 log = structlog.get_logger(__name__)
 
@@ -207,6 +209,12 @@ class RelayHandler(ListenerHandler):
         key = session.api_key if isinstance(session, RelaySession) else None
         try:
             msg = self.acceptor.build_smtp_message(mail_from, envelope.rcpt_tos, data, key.id if key else None)
+            peer = session.peer[0] if isinstance(session.peer, tuple) and session.peer else None
+            assert msg.raw is not None
+            msg.raw = add_trace(
+                msg.raw, helo=session.host_name, peer_ip=str(peer) if peer else None, hostname=self.settings.server.hostname,
+                proto=protocol(session.ssl is not None, key is not None), queue_id=str(msg.id), now=datetime.now(UTC),
+            )
         except AddressError as exc:
             return format_reply("553 5.1.3", f"Bad address: {exc}")
         except ValidationFailed as exc:
