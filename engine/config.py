@@ -122,6 +122,7 @@ class SmtpConfig(_Section):
     )
     default_stream: str = "relay"
     data_timeout: Duration = 300.0
+    max_sessions: int = Field(default=1000, ge=0, description="Connections per listener; beyond: 421 at once (0 = no cap).")
 
     @field_validator("trusted_networks")
     @classmethod

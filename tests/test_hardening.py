@@ -81,3 +81,40 @@ async def test_relayed_mail_gains_received_date_and_message_id_and_stays_byte_ex
     h2, _, _ = second.partition(b"\r\n\r\n")
     assert h2.count(b"Date:") == 1 and b"Message-ID: <mine@client.test>" in h2 and h2.startswith(b"Received: ")
     assert second.endswith(dated)  # everything the client sent, byte for byte, after the trace field
+
+
+async def test_connections_beyond_the_session_cap_get_421_and_the_others_still_work(engine_factory) -> None:
+    """3,000 idle unauthenticated connections were all accepted; now a listener caps them."""
+    eng = await engine_factory('[webhooks]\nenabled = false\n[smtp]\nmax_sessions = 20\n'
+                               '[[smtp.listeners]]\nname = "local"\nlisten = "127.0.0.1:0"\ntrusted = true\n')
+    host, port = eng.smtp_addresses["local"]
+    idle = []
+    for _ in range(20):
+        r, w = await asyncio.open_connection(host, port)
+        assert (await r.readline()).startswith(b"220 ")
+        idle.append((r, w))
+    refused = []
+    for _ in range(5):
+        r, w = await asyncio.open_connection(host, port)
+        refused.append(await r.readline())
+        assert await r.read() == b""  # closed by the server
+        w.close()
+    assert all(line.startswith(b"421 4.7.0") for line in refused), refused
+    # Those already in are served as usual; a slot frees when one leaves.
+    r, w = idle[0]
+    w.write(b"EHLO client.test\r\n")
+    await w.drain()
+    assert (await r.readline()).startswith(b"250")
+    w.close()
+    await w.wait_closed()
+    deadline = time.monotonic() + 10
+    while True:
+        r2, w2 = await asyncio.open_connection(host, port)
+        line = await r2.readline()
+        w2.close()
+        if line.startswith(b"220 ") or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert line.startswith(b"220 ")
+    for _, w in idle[1:]:
+        w.close()

@@ -38,6 +38,7 @@ class FeedbackInboundConfig(_Section):
     max_recipients: int = Field(default=20, ge=1, le=1000)
     data_timeout: Duration = 60.0
     parse_concurrency: int = Field(default=2, ge=1, le=64, description="Reports parsed at once (in threads).")
+    max_sessions: int = Field(default=100, ge=0, description="Connections at once; beyond: 421 at once (0 = no cap).")
 
     @field_validator("accept_domains")
     @classmethod

@@ -307,6 +307,7 @@ async def start_inbound(
         timeout=cfg.data_timeout,
         shutdown_timeout=settings.server.shutdown_timeout,
         auth_require_tls=True,  # no TLS here: AUTH is never offered
+        max_sessions=cfg.max_sessions,
     )
     log.info("inbound_listener_started", address="%s:%d" % listener.address, domains=sorted(handler.domains))
     return listener

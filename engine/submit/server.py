@@ -129,6 +129,9 @@ class ListenerHandler:
     """Commits under way; shutdown waits for them (bounded) before dropping connections."""
     connections: dict[ListenerSMTP, asyncio.Future[None]] = field(default_factory=dict)
     """Live connections, each with a future done when it is gone; kept by :class:`ListenerSMTP`."""
+    max_sessions: int = 0
+    """Connections beyond this many get ``421`` and are closed at once (0: no cap)."""
+    refused_sessions: int = 0
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
@@ -170,6 +173,7 @@ class ListenerSMTP(SMTP):
     def __init__(self, handler: ListenerHandler, **kwargs: Any) -> None:
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self._closed_future: asyncio.Future[None] | None = None
+        self._refused = False
         super().__init__(handler, **kwargs)
         self._listener_handler = handler
 
@@ -177,12 +181,23 @@ class ListenerSMTP(SMTP):
         return self.session_class(self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        h = self._listener_handler
+        if self._closed_future is None and h.max_sessions and len(h.connections) >= h.max_sessions:
+            # Over the cap: one line and goodbye, before aiosmtpd allocates a session or greets.
+            self._refused = True
+            h.refused_sessions += 1
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+            transport.close()
+            return
         super().connection_made(transport)
         if self._closed_future is None:  # called again after STARTTLS: same connection
             self._closed_future = self.loop.create_future()
             self._listener_handler.connections[self] = self._closed_future
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
         try:
             super().connection_lost(error)
         finally:
@@ -261,6 +276,7 @@ async def start_listener(
     tls_context: ssl.SSLContext | None = None,
     auth_require_tls: bool = True,
     protocol: type[ListenerSMTP] = ListenerSMTP,
+    max_sessions: int = 0,
 ) -> SmtpListenerHandle:
     """Serve ``handler`` on ``listen`` from the running loop; ``label`` names it in errors.
 
@@ -269,6 +285,7 @@ async def start_listener(
     :class:`ListenerError` when the address cannot be bound.
     """
     loop = asyncio.get_running_loop()
+    handler.max_sessions = max_sessions
 
     def factory() -> ListenerSMTP:
         return protocol(

@@ -358,6 +358,7 @@ async def _start_one(
         tls_context=tls_context,
         auth_require_tls=not listener.trusted,  # AUTH itself is required in handle_MAIL, unless trusted
         protocol=RelaySMTP,
+        max_sessions=smtp.max_sessions,
     )
     log.info(
         "smtp_listener_started",
