@@ -181,7 +181,7 @@ async def test_hard_bounce_via_verp_bounces_suppresses_and_stops_queued_mail(env
     rid = first["recipients"][0]["id"]
     await env.deliver(rid)
     queued = await env.submit(["ann@example.net", "bob@example.net"])  # accepted before the bounce
-    other_stream = await env.submit(["ann@example.net"], stream="bulk")
+    other_stream = await env.submit(["ann@example.net"], stream="transactional")
 
     await env.send(dsn("ann@example.net"), [VERP.return_path(rid)])
 
