@@ -1217,3 +1217,7 @@ WHERE e.created_at >= (:day::date)::timestamp AT TIME ZONE 'UTC'
   AND e.created_at < (:day::date + 1)::timestamp AT TIME ZONE 'UTC'
 GROUP BY 1, 2, 3, 4
 ORDER BY 1, 2, 3, 4;
+
+-- name: export_session
+-- A batch is sorted in memory, not in temporary files (the transaction's own setting only).
+SELECT set_config('work_mem', '128MB', true);

@@ -145,7 +145,8 @@ class Exporter:
         sql, *args = q("export_events", start_tx=str(start[0]), start_id=start[1], end_tx=str(end[0]), end_id=end[1],
                        types=TYPES)
         buf = io.BytesIO()
-        async with acquire(self.pool) as conn:
+        async with acquire(self.pool) as conn, conn.transaction():
+            await conn.execute(*q("export_session"))
             await conn.copy_from_query(sql, *args, output=buf, format="csv", header=True)
         return await asyncio.to_thread(_csv_to_table, buf.getvalue())
 
