@@ -293,6 +293,8 @@ async def test_exhausted_retries_are_dead_letters_and_replay_sends_them_under_th
     assert all(r.headers["webhook-id"] == r.events[0]["id"] for r in rx.requests)
     assert await st.deliveries(ep["id"], state="failed") == []
     await st.until(lambda: _all_delivered(st, ep["id"]), what="replayed dead letters recorded")
+    status = (await st.http.get(f"/v1/webhooks/{ep['id']}")).json()["status"]
+    assert status["dead_letters"] == 0 and status["delivered_last_hour"] == 3 and status["lag_p95_seconds"] > 0
 
     # By event id: a new delivery of that event, same webhook-id.
     r = await st.http.post(f"/v1/webhooks/{ep['id']}/replay", json={"event_ids": [evts[1]]})
