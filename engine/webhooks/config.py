@@ -8,7 +8,7 @@ from __future__ import annotations
 from cryptography.fernet import Fernet
 from pydantic import Field, SecretStr, field_validator
 
-from engine.configtypes import Duration, _Section
+from engine.configtypes import Duration, _Section, parse_duration
 
 DEFAULT_SCHEDULE = ["5s", "5m", "30m", "2h", "5h", "10h", "14h", "20h", "24h"]
 
@@ -27,7 +27,8 @@ class WebhooksConfig(_Section):
         ),
     )
     retry_schedule: list[Duration] = Field(
-        default_factory=lambda: list(DEFAULT_SCHEDULE),  # type: ignore[arg-type]  # validated into seconds
+        # Defaults are not validated: parse them here, or the dispatcher would multiply strings.
+        default_factory=lambda: [parse_duration(d) for d in DEFAULT_SCHEDULE],
         description="Delays before each retry after the first attempt (which is immediate); after the last, the dead letter.",
         min_length=1, max_length=50,
     )

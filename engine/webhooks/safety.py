@@ -11,6 +11,7 @@ connection (:class:`SafeResolver`), since DNS can change between the two (rebind
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import socket
 from typing import Any
@@ -81,7 +82,10 @@ class SafeResolver(AbstractResolver):
         results = await self._inner.resolve(host, port, family)
         public = [r for r in results if is_public(r["host"])]
         if not public:
-            raise OSError(f"{host} resolves only to non-public addresses; refused (see [webhooks] allow_private_targets)")
+            # With an errno, aiohttp's ClientConnectorError shows the message (else "[None]").
+            raise OSError(
+                errno.EACCES, f"{host} resolves only to non-public addresses; refused (see [webhooks] allow_private_targets)"
+            )
         return public
 
     async def close(self) -> None:
