@@ -41,7 +41,10 @@ class WebhooksConfig(_Section):
         description="Streams whose events dispatch on their own lane, never behind the others' backlog.",
     )
     poll_interval: Duration = Field(default=0.2, gt=0, description="How often idle dispatchers look for new events.")
-    lease: Duration = Field(default=60.0, gt=0, description="A delivery a dead dispatcher held is retried after this.")
+    lease: Duration = Field(
+        default=60.0, gt=0,
+        description="A delivery a dead dispatcher held is sent again after this (at least one round: batch wait + timeouts).",
+    )
     fanout_batch: int = Field(default=5000, ge=1, le=100000, description="Events turned into deliveries per statement.")
     keep_delivered: Duration = Field(default=86400.0, description="How long delivered rows stay listable (dead letters stay until replayed).")
     secret_overlap: Duration = Field(default=86400.0, description="After a rotation, the old secret also signs for this long.")

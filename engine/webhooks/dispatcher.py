@@ -103,6 +103,7 @@ class LaneWorker:
         self.wake = asyncio.Event()
         self.stop = asyncio.Event()
         self.failures = 0  # consecutive failed requests (the breaker)
+        self.gone_reason: str | None = None  # the endpoint answered 410: disable it before recording the round
         self.task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -156,8 +157,13 @@ class LaneWorker:
         """Claim, send, record. False when there was nothing due (the caller waits)."""
         ep, cfg, d = self.endpoint, self.cfg, self.d
         probing = self.failures >= cfg.breaker_failures
-        limit = 1 if probing else min(MAX_ROUND, max(cfg.concurrency, 64) * ep.batch_max)
-        lease = max(cfg.lease, ep.batch_wait + 2 * cfg.timeout + 10)
+        # Two waves of `concurrency` requests per round: enough to keep the connections busy, and a
+        # round short enough to bound the lease below.
+        limit = 1 if probing else min(MAX_ROUND, 2 * cfg.concurrency * ep.batch_max)
+        # A round sends its requests in waves of `concurrency`, each wave up to `timeout`: the lease
+        # outlives the longest round, so no other dispatcher takes over deliveries still in flight.
+        waves = -(-limit // (ep.batch_max * cfg.concurrency))
+        lease = max(cfg.lease, ep.batch_wait + waves * cfg.timeout + 10)
         claimed = await d.deliveries.claim(ep.id, self.lane, d.owner, d.clock.now(), limit, lease)
         if not claimed:
             return False
@@ -169,6 +175,11 @@ class LaneWorker:
             with contextlib.suppress(Exception):
                 await asyncio.shield(d.deliveries.release(d.owner, [c.id for c in claimed]))
             raise
+        if self.gone_reason is not None:
+            # Disabled before the round is recorded, so no reload of the endpoints can start a worker
+            # that sends the same delivery again before the endpoint is off.
+            await d.endpoints.disable(ep.id, self.gone_reason)
+            log.warning("webhook_endpoint_disabled", endpoint=str(ep.id), reason=self.gone_reason)
         await d.deliveries.complete(d.owner, d.clock.now(), results)
         return True
 
@@ -258,7 +269,7 @@ class LaneWorker:
             return [Result(c.id, "delivered", status=out.status) for c in chunk]
         self.failures += 1
         if out.gone:
-            self.d.gone(self.endpoint.id, f"410 Gone at {now.isoformat()}")
+            self.gone_reason = f"410 Gone at {now.isoformat()}"
             self.stop.set()
             # Not the receiver's fault per event: the deliveries wait (untried) for a re-enable.
             return [Result(c.id, "pending", now, out.status, out.error, counted=False) for c in chunk]
@@ -333,10 +344,6 @@ class Dispatcher:
         log.info("webhook_endpoint_recovered", endpoint=str(endpoint_id))
         self._spawn(self.deliveries.recovered(endpoint_id, self.clock.now()))
 
-    def gone(self, endpoint_id: uuid.UUID, reason: str) -> None:
-        log.warning("webhook_endpoint_disabled", endpoint=str(endpoint_id), reason=reason)
-        self._spawn(self.endpoints.disable(endpoint_id, reason))
-
     async def _fan_out_loop(self) -> None:
         cfg = self.settings.webhooks
         while not self.stopping.is_set():
@@ -401,4 +408,4 @@ class Dispatcher:
             except Exception:
                 log.exception("webhooks_maintenance_failed")
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), timeout=MAINTENANCE_SECONDS)
+                await asyncio.wait_for(self.stopping.wait(), timeout=min(MAINTENANCE_SECONDS, cfg.lease / 2))
