@@ -1029,10 +1029,12 @@ SELECT (SELECT array_agg(id) FROM gone) AS recipient_ids,
 
 -- name: events_erase
 -- Events about the address: its recipients' events, events about the address itself (consent),
+-- observations tied to no recipient that name it (an unverified report's reported_recipient),
 -- and other events of its messages whose payload names it (a bounce reply quoting it).
 DELETE FROM events e
 WHERE e.recipient_id = ANY(:recipient_ids::bigint[])
    OR (e.recipient_id IS NULL AND e.data->>'address' = :address)
+   OR (e.recipient_id IS NULL AND position(:address IN lower(e.data::text)) > 0)
    OR (e.message_id = ANY(:message_ids::uuid[]) AND position(:address IN lower(e.data::text)) > 0)
 RETURNING e.id;
 
