@@ -1027,6 +1027,16 @@ SELECT (SELECT array_agg(id) FROM gone) AS recipient_ids,
        (SELECT array_agg(DISTINCT message_id) FROM gone) AS message_ids,
        (SELECT count(*) FROM blank)::int AS blanked;
 
+-- name: outbox_kept_messages
+-- The erased address's messages that were kept (another recipient still needs them): their stored
+-- form may still name it (a to/cc list, the body, metadata, raw headers); the caller rewrites them.
+SELECT id, mail_from, raw, content, metadata FROM messages
+WHERE id = ANY(:ids::uuid[]) AND content IS DISTINCT FROM '{"erased": true}'::jsonb;
+
+-- name: outbox_scrub_message
+UPDATE messages SET mail_from = :mail_from, raw = :raw, content = :content, metadata = :metadata
+WHERE id = :id;
+
 -- name: events_erase
 -- Events about the address: its recipients' events, events about the address itself (consent),
 -- observations tied to no recipient that name it (an unverified report's reported_recipient),
