@@ -380,6 +380,15 @@ WHERE (:address::text IS NULL OR address = :address)
 ORDER BY created_at DESC, address, scope
 LIMIT :limit;
 
+-- name: suppression_page
+-- Keyset pages in (address, scope) order (the primary key) for the export: each page costs what
+-- it returns, however many suppressions there are, and a full walk sees every row once.
+SELECT address, scope, reason, source, created_at FROM suppressions
+WHERE (address, scope) > (:after_address::text, :after_scope::text)
+  AND (:address::text IS NULL OR address = :address)
+ORDER BY address, scope
+LIMIT :limit;
+
 -- ==== shaping ====
 
 -- name: throttle_take
