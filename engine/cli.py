@@ -31,6 +31,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.tracking",
     "engine.commands.feedback",
     "engine.commands.suppress",
+    "engine.commands.consent",
     "engine.commands.reputation",
     "engine.commands.shaping",
     "engine.commands.webhooks",

@@ -28,6 +28,7 @@ a delivery attempt and writes no event: the row is waiting before and after.
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import orjson
 
 from engine.db.pool import acquire
 from engine.db.queries import q
@@ -513,8 +515,33 @@ class Erased:
     """Messages whose body, sender and metadata were wiped (nobody else waits for them)."""
 
 
+ERASED_ADDRESS = "erased@erased.invalid"
+"""What an erased address becomes inside a message another recipient still needs (``.invalid``: RFC 2606)."""
+
+
 async def erase_address(conn: asyncpg.Connection, address: str) -> Erased:
-    """Remove ``address`` (lower-cased) from the queue: its rows and attempts, and bodies no one else needs."""
+    """Remove ``address`` (lower-cased) from the queue: its rows and attempts, and bodies no one else needs.
+
+    A body another recipient still needs is kept, but every mention of the address in it (a to or
+    cc entry, the text, metadata, raw headers; any case) becomes :data:`ERASED_ADDRESS`.
+    """
     row = await conn.fetchrow(*q("outbox_erase_address", address=address))
     assert row is not None  # an aggregate always returns its row
-    return Erased(list(row["recipient_ids"] or []), list(row["message_ids"] or []), row["blanked"])
+    erased = Erased(list(row["recipient_ids"] or []), list(row["message_ids"] or []), row["blanked"])
+    pattern = re.compile(re.escape(address.encode()), re.IGNORECASE)
+    placeholder = ERASED_ADDRESS.encode()
+
+    def scrub(value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bytes):
+            return pattern.sub(placeholder, value)
+        if isinstance(value, str):
+            return pattern.sub(placeholder, value.encode()).decode()
+        return orjson.loads(pattern.sub(placeholder, orjson.dumps(value)))
+
+    for m in await conn.fetch(*q("outbox_kept_messages", ids=erased.message_ids)):
+        fields = {k: scrub(m[k]) for k in ("mail_from", "raw", "content", "metadata")}
+        if any(fields[k] != m[k] for k in fields):
+            await conn.execute(*q("outbox_scrub_message", id=m["id"], **fields))
+    return erased

@@ -165,6 +165,16 @@ class Suppressions:
             out.setdefault(r["stream"], set()).update(given[(r["address"], r["stream"])])
         return out
 
+    async def page(
+        self, after: tuple[str, str] | None, limit: int, address: str | None = None,
+    ) -> list[Suppression]:
+        """Suppressions in (address, scope) order after ``after``: the export's keyset pages."""
+        a, s = after if after is not None else ("", "")
+        key = None if address is None else normalize_address(address)
+        async with acquire(self.pool) as conn:
+            rows = await conn.fetch(*q("suppression_page", after_address=a, after_scope=s, address=key, limit=limit))
+        return [Suppression(**dict(r)) for r in rows]
+
     async def list(self, address: str | None = None, limit: int = 100) -> list[Suppression]:
         async with acquire(self.pool) as conn:
             rows = await conn.fetch(

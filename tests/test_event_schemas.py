@@ -3,8 +3,9 @@
 One engine (real Postgres, real HTTP) delivers to real aiosmtpd receivers (one greylists and
 rejects an unknown user, one answers 451 until the mail expires), serves the real tracking
 endpoints (open pixel, click redirect, one-click and form unsubscribe), takes complaints and
-bounce reports on its real inbound listener (verified by VERP and unverified), and suppresses
-through the REST API. Every event it wrote is read back twice, through ``GET /v1/events``
+bounce reports on its real inbound listener (verified by VERP and unverified), suppresses
+through the REST API, records consent (bulk mail needs it, as shipped) and erases a contact
+through the REST API, and stops a queued recipient whose consent lapsed when a worker claims it. Every event it wrote is read back twice, through ``GET /v1/events``
 (paging with ``next``) and through a real webhook receiver that checks the Standard Webhooks
 signature; each is validated with ``jsonschema`` (draft 2020-12, formats checked) against the
 schema of its type. A batched endpoint's arrays are validated against the OpenAPI document's
@@ -46,6 +47,9 @@ VERP = Verp(BOUNCE_DOMAIN, {1: VERP_SECRET})
 RING = Keyring({3: TRACKING_SECRET})
 HTML = '<p>Hello <a href="https://shop.example.com/spring?x=1&amp;y=2">shop</a></p>'
 METADATA = {"customer": "c-42", "tags": ["spring", "vip"], "n": 7}
+EXTERNAL = {"segment": "spring-vip", "membership": {"id": "m-9", "reason": "opened twice"}, "owner": "kim"}
+GRANT = {"purpose": "marketing", "status": "granted", "legal_basis": "consent", "source": "crm:hubspot",
+         "captured_at": "2026-01-05T10:00:00Z", "policy_version": "2026-01"}
 
 
 def _config(mx: Any, plain: Any, slow: Any) -> str:
@@ -156,6 +160,11 @@ class Run:
         out: dict[str, Any] = r.json()
         return out
 
+    async def grant(self, *addresses: str, **fields: Any) -> None:
+        r = await self.http.post("/v1/consent", json=[{**GRANT, "address": a, **fields} for a in addresses])
+        assert r.status_code == 200, r.text
+        assert {x["outcome"] for x in r.json()["results"]} == {"new"}
+
     async def suppress(self, address: str) -> None:
         r = await self.http.post("/v1/suppressions", json={"address": address, "reason": "manual"})
         assert r.status_code == 201, r.text
@@ -225,9 +234,13 @@ async def test_every_emitted_event_matches_its_schema(engine_factory, smtp_recei
         assert r.status_code == 201, r.text
         batched.secrets.append(r.json()["secret"])
 
+        # consent.changed: the CRM grants marketing consent to the bulk recipients below (bulk needs it).
+        await run.grant("bob@example.org", "cat@example.org", "dan@example.org")
         # accepted; deferred then delivered (greylisting); bounced (550 5.1.1); suppressed at submit.
+        # Ann comes with her CRM id and external ids: every event of hers carries them.
         await run.suppress("blocked@example.net")
-        first = await run.submit(["ann@example.net", "gone@example.net", "blocked@example.net"])
+        ann = {"email": "ann@example.net", "contact_id": "crm-ann-1", "external": EXTERNAL}
+        first = await run.submit([ann, "gone@example.net", "blocked@example.net"])
         assert {x["email"]: x["state"] for x in first["recipients"]}["blocked@example.net"] == "suppressed"
         # suppressed while waiting (pending): mail scheduled for later, then a suppression.
         later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
@@ -237,6 +250,13 @@ async def test_every_emitted_event_matches_its_schema(engine_factory, smtp_recei
         await run.submit(["zed@slow.test"])
         # Recipients for the tracking endpoints and the inbound reports, in another stream, without metadata.
         second = await run.submit(["bob@example.org", "cat@example.org", "dan@example.org"], stream="bulk", metadata={})
+        assert {x["state"] for x in second["recipients"]} == {"queued"}
+        # suppressed at claim: consent granted until shortly before the mail's send_at; the worker's claim
+        # finds it lapsed (no change was recorded in between, so nothing stopped the row earlier).
+        until = datetime.now(UTC) + timedelta(seconds=8)
+        await run.grant("fin@example.org", effective_until=until.isoformat())
+        third = await run.submit(["fin@example.org"], stream="bulk", send_at=(until + timedelta(seconds=1)).isoformat())
+        assert third["recipients"][0]["state"] == "queued"
         rid = {x["email"]: x["id"] for x in first["recipients"] + second["recipients"]}
 
         worker = DeliveryWorker(eng.settings, eng.pool, owner="w1", dsn=eng.dsn)
@@ -245,7 +265,7 @@ async def test_every_emitted_event_matches_its_schema(engine_factory, smtp_recei
             await run.wait_states({"ann@example.net": "delivered", "gone@example.net": "bounced",
                                    "zed@slow.test": "expired", "bob@example.org": "delivered",
                                    "cat@example.org": "delivered", "dan@example.org": "delivered",
-                                   "late@example.net": "suppressed"})
+                                   "late@example.net": "suppressed", "fin@example.org": "suppressed"})
         finally:
             worker.request_stop()
             await asyncio.wait_for(task, 30)
@@ -271,6 +291,12 @@ async def test_every_emitted_event_matches_its_schema(engine_factory, smtp_recei
         await run.report(dsn("cat@example.org", action="delayed", status="4.2.2",
                              diagnostic="smtp; 452 4.2.2 <{r}>: Mailbox full"), [VERP.return_path(rid["cat@example.org"])])
         await run.report(dsn("fay@example.net"), ["postmaster@fbl.example.test"])
+        # contact.erased: an address the engine only knew from a suppression (it has no events to erase,
+        # so what both ways out carried stays the same).
+        await run.suppress("gil@example.net")
+        r = await http.delete("/v1/contacts/Gil@Example.net")
+        assert r.status_code == 200, r.text
+        erased_hash = r.json()["address_hash"]
 
         want = await run.public_event_count()
         from_api = await run.page_all(want)
@@ -311,24 +337,54 @@ async def test_every_emitted_event_matches_its_schema(engine_factory, smtp_recei
     assert gone["hard"] is True and gone["permanent"] is True and gone["attempt"] == 1 and gone["mx"]
     zed, = of("expired", "zed@slow.test")
     assert zed["smtp_code"] == 451 and zed["attempt"] >= 1 and zed["mx"] and zed["category"]
+    fin, = of("suppressed", "fin@example.org")
+    fin_event = next(e for e in from_api if e["data"] is fin)
+    assert fin["at"] == "claim" and fin["reason"] == "consent:marketing" and "source" not in fin
     blocked, = of("suppressed", "blocked@example.net")
     assert blocked["at"] == "submit" and blocked["source"] == "http" and "egress" not in blocked
     late, = of("suppressed", "late@example.net")
     assert late["pending"] is True and late["scope"] == "*"
     [accepted] = of("accepted", "bob@example.org")
     assert accepted["source"] == "http" and accepted["stream"] == "bulk" and accepted["metadata"] == {}
-    assert [d["method"] for d in of("unsubscribed", "bob@example.org") + of("unsubscribed", "cat@example.org")] == [
-        "one-click", "post"]
+    unsubscribed = of("unsubscribed", "bob@example.org") + of("unsubscribed", "cat@example.org")
+    assert [(d["method"], d["revoked"]) for d in unsubscribed] == [("one-click", "marketing"), ("post", "marketing")]
     [clicked] = of("clicked", "ann@example.net")
     assert clicked["url"] == "https://shop.example.com/spring?x=1&y=2" and clicked["link_index"] == 0
     assert of("opened", "ann@example.net")
     [dan] = of("complained", "dan@example.org")
-    assert dan["verified"] is True and dan["feedback_type"] == "abuse"
+    assert dan["verified"] is True and dan["feedback_type"] == "abuse" and dan["revoked"] == "marketing"
     [unverified] = of("complained", None)
     assert unverified["verified"] is False and unverified["recipient_id"] is None and unverified["message_id"] is None
     assert [d["permanent"] for d in of("bounced", "bob@example.org") + of("bounced", "cat@example.org")] == [True, False]
     [fay] = of("bounced", None)
     assert fay["verified"] is False and fay["origin"] == "dsn"
+
+    # Contact identity: every event of Ann's carries her CRM id and external ids; others carry none.
+    ann_events = [e for e in from_api if e["data"]["address"] == "ann@example.net"]
+    assert {e["type"] for e in ann_events} >= {"email.accepted", "email.deferred", "email.delivered", "email.opened",
+                                              "email.clicked"}
+    assert all(e["data"]["contact_id"] == "crm-ann-1" and e["data"]["external"] == EXTERNAL for e in ann_events)
+    assert all(e["data"]["contact_id"] is None and e["data"]["external"] == {}
+               for e in from_api if e["type"].startswith("email.") and e["data"]["address"] not in (None, "ann@example.net"))
+
+    # consent.changed: the CRM's grants, then the revocations by unsubscribe and by complaint, each once.
+    def consent(address: str) -> list[tuple[Any, ...]]:
+        return [(d["old_status"], d["status"], d["source"], d["actor"]) for e in from_api if e["type"] == "consent.changed"
+                for d in [e["data"]] if d["address"] == address]
+
+    assert consent("bob@example.org") == [(None, "granted", "crm:hubspot", "api:admin"),
+                                          ("granted", "revoked", "list-unsubscribe", "list-unsubscribe")]
+    assert consent("cat@example.org")[-1] == ("granted", "revoked", "list-unsubscribe", "list-unsubscribe")
+    assert consent("dan@example.org")[-1] == ("granted", "revoked", "arf", "arf")
+    granted = next(e["data"] for e in from_api if e["type"] == "consent.changed" and e["data"]["address"] == "bob@example.org")
+    assert (granted["purpose"], granted["legal_basis"], granted["policy_version"], granted["legacy"]) == (
+        "marketing", "consent", "2026-01", False)
+    assert datetime.fromisoformat(granted["captured_at"]) == datetime(2026, 1, 5, 10, tzinfo=UTC)
+    assert (granted["message_id"], granted["recipient_id"], granted["stream"]) == (None, None, None)
+    # contact.erased: only the hash; the address is in no event either way out.
+    [gil] = [e["data"] for e in from_api if e["type"] == "contact.erased"]
+    assert gil["address_hash"] == erased_hash and gil["address"] is None and gil["actor"] == "api:admin"
+    assert "gil@example.net" not in json.dumps(from_api + single.accepted).lower()
 
     # The schemas are not vacuous: a real event with a field removed, mistyped or mislabelled fails.
     delivered = next(e for e in from_api if e["type"] == "email.delivered")
@@ -341,6 +397,18 @@ async def test_every_emitted_event_matches_its_schema(engine_factory, smtp_recei
     ]
     assert all(errors(b) for b in broken)
     assert Draft202012Validator(catalog.schema("email.bounced"), format_checker=FORMATS).iter_errors(delivered)
+    changed = next(e for e in from_api if e["type"] == "consent.changed")
+    erased = next(e for e in from_api if e["type"] == "contact.erased")
+    broken = [
+        {**changed, "data": {**changed["data"], "status": "maybe"}},
+        {**changed, "data": {k: v for k, v in changed["data"].items() if k != "purpose"}},
+        {**erased, "data": {**erased["data"], "address": "gil@example.net"}},
+        {**erased, "data": {**erased["data"], "address_hash": "not-hex"}},
+        {**delivered, "data": {**delivered["data"], "contact_id": 42}},
+        {**delivered, "data": {**delivered["data"], "external": "segment"}},
+        {**fin_event, "data": {**fin_event["data"], "at": "submit"}},  # at: submit comes with source
+    ]
+    assert all(errors(b) for b in broken)
 
 
 def test_schema_files_are_valid_draft_2020_12_and_match_the_catalog() -> None:

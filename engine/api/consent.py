@@ -36,11 +36,11 @@ router = APIRouter(tags=["consent"])
 BATCH = 2000
 
 
-def _encode_after(*parts: str) -> str:
+def encode_after(*parts: str) -> str:
     return base64.urlsafe_b64encode(orjson.dumps(list(parts))).decode().rstrip("=")
 
 
-def _decode_after(text: str, n: int) -> tuple[str, ...]:
+def decode_after(text: str, n: int) -> tuple[str, ...]:
     try:
         parts = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
     except (binascii.Error, ValueError):
@@ -179,7 +179,7 @@ async def list_consent(
 ) -> Any:
     if purpose is not None:
         check_purpose(c.store.policy, purpose)
-    start = _decode_after(after, 2) if after else None
+    start = decode_after(after, 2) if after else None
     if format == "ndjson":
         async def stream() -> AsyncIterator[bytes]:
             pos = start
@@ -191,7 +191,7 @@ async def list_consent(
                 pos = (rows[-1]["address"], rows[-1]["purpose"])
         return StreamingResponse(stream(), media_type="application/x-ndjson")
     rows = await c.store.page(start, limit, purpose)  # type: ignore[arg-type]
-    nxt = _encode_after(rows[-1]["address"], rows[-1]["purpose"]) if len(rows) == limit else None
+    nxt = encode_after(rows[-1]["address"], rows[-1]["purpose"]) if len(rows) == limit else None
     return {"records": [_json(r) for r in rows], "next": nxt}
 
 

@@ -56,6 +56,7 @@ class SuppressionOut(BaseModel):
 
 class SuppressionList(BaseModel):
     suppressions: list[SuppressionOut]
+    next: str | None = Field(default=None, description="Pass as 'after' for the next page; null on the last page.")
 
 
 class SuppressionAdded(BaseModel):

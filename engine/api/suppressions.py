@@ -1,44 +1,65 @@
-"""``/v1/suppressions``: list (read scope), add and lift (admin scope) suppressions.
+"""``/v1/suppressions``: list and export (read scope), add and lift (admin scope) suppressions.
 
 Adding is an operator decision with lasting effect (mail to the address stops,
 including mail already queued), so it needs ``admin`` like other configuration;
 reading needs ``read``. Errors are JSON ``{"error", "field"}`` like the rest of
-the API: a bad address or scope is a 422 naming the field, never a 500.
+the API: a bad address or scope is a 422 naming the field, never a 500. The listing is an
+export: keyset pages in address order (``next`` -> ``after``), or all of it streamed as NDJSON
+(``format=ndjson``), so a CRM can mirror the list however long it is.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import structlog
 from fastapi import APIRouter, Depends, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
+from engine.api.consent import decode_after, encode_after
 from engine.api.deps import HttpContext, get_ctx, get_suppressions, require_admin, require_read
 from engine.api.models import SuppressionAdded, SuppressionIn, SuppressionList, SuppressionRemoved
 from engine.apikeys import ApiKey
 from engine.errors import NotFound
-from engine.suppression import Suppressions, configured_scope, normalize_address
+from engine.suppression import Suppression, Suppressions, configured_scope, normalize_address
 
 log = structlog.get_logger(__name__)
 
 router = APIRouter(prefix="/v1/suppressions", tags=["suppressions"])
 
 
-@router.get("", response_model=SuppressionList, summary="Suppressions, newest first (optionally one address)")
+def _out(r: Suppression) -> dict[str, Any]:
+    return {"address": r.address, "scope": r.scope, "reason": r.reason, "source": r.source, "created_at": r.created_at}
+
+
+@router.get(
+    "", response_model=SuppressionList,
+    summary="Suppressions in address order, by cursor (optionally one address; all as NDJSON with format=ndjson)",
+)
 async def list_suppressions(
     address: str | None = Query(default=None, max_length=320),
-    limit: int = Query(default=100, ge=1, le=1000),
+    after: str | None = Query(default=None, max_length=2000, description="The 'next' of the previous page."),
+    limit: int = Query(default=100, ge=1, le=10000),
+    format: str = Query(default="json", pattern="^(json|ndjson)$"),
     key: ApiKey = Depends(require_read),
     suppressions: Suppressions = Depends(get_suppressions),
-) -> dict[str, Any]:
-    rows = await suppressions.list(address or None, limit)
-    return {
-        "suppressions": [
-            {"address": r.address, "scope": r.scope, "reason": r.reason, "source": r.source, "created_at": r.created_at}
-            for r in rows
-        ]
-    }
+) -> Any:
+    start: tuple[str, str] | None = decode_after(after, 2) if after else None  # type: ignore[assignment]
+    if format == "ndjson":
+        async def stream() -> AsyncIterator[bytes]:
+            pos = start
+            while True:
+                rows = await suppressions.page(pos, 5000, address or None)
+                if not rows:
+                    return
+                yield b"".join(orjson.dumps(_out(r)) + b"\n" for r in rows)
+                pos = (rows[-1].address, rows[-1].scope)
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+    rows = await suppressions.page(start, limit, address or None)
+    nxt = encode_after(rows[-1].address, rows[-1].scope) if len(rows) == limit else None
+    return {"suppressions": [_out(r) for r in rows], "next": nxt}
 
 
 @router.post(

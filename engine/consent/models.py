@@ -24,6 +24,14 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _Text = Annotated[str, Field(min_length=1, max_length=200)]
 
 
+class FieldError(ValueError):
+    """A cross-field check's error that still names its field (pydantic puts model-level errors at the root)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def _printable(v: str | None, what: str) -> str | None:
     if v is not None and any(ord(c) < 32 or ord(c) == 127 for c in v):
         raise ValueError(f"{what} must not contain control characters (CR, LF, NUL ...)")
@@ -91,16 +99,16 @@ class ConsentIn(BaseModel):
         now = datetime.now(UTC)
         if self.captured_at is None:
             if not self.legacy:
-                raise ValueError("captured_at is required (only legacy records may omit it)")
+                raise FieldError("captured_at", "captured_at is required (only legacy records may omit it)")
             self.captured_at = EPOCH
         elif self.captured_at > now + CLOCK_SKEW:
-            raise ValueError("captured_at is in the future")
+            raise FieldError("captured_at", "captured_at is in the future")
         if self.source is None:
             if not self.legacy:
-                raise ValueError("source is required (e.g. 'crm:hubspot' or 'signup-form')")
+                raise FieldError("source", "source is required (e.g. 'crm:hubspot' or 'signup-form')")
             self.source = "legacy"
         if self.effective_from and self.effective_until and self.effective_until <= self.effective_from:
-            raise ValueError("effective_until must be after effective_from")
+            raise FieldError("effective_until", "effective_until must be after effective_from")
         return self
 
 
@@ -110,6 +118,9 @@ def field_of(exc_errors: list[Any]) -> tuple[str, str]:
         return "body", "invalid"
     e = exc_errors[0]
     loc = ".".join(str(p) for p in e.get("loc", ())) or "body"
+    cause = (e.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        loc = ".".join(p for p in (loc if loc != "body" else "", cause.field) if p)
     msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
     if e.get("type") == "extra_forbidden":
         msg = "unknown field"

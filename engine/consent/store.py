@@ -13,6 +13,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -94,6 +95,7 @@ async def apply_changes(
         out.counts[o] += 1
     events: list[Event] = []
     stop: list[tuple[str, str, str]] = []
+    now = datetime.now(UTC)
     for i, c in enumerate(kept):
         if kept_outcome[i] not in ("new", "changed"):
             continue
@@ -103,6 +105,8 @@ async def apply_changes(
             "captured_at": c.captured_at.isoformat() if c.captured_at else None,
             "policy_version": c.policy_version, "contact_id": c.contact_id, "legacy": c.legacy, "actor": actor[:200],
         }))
+        if not _in_effect(c, now):
+            continue  # a revocation from a later date stops nothing yet: the claim check stops its mail once it applies
         for stream in policy.blocks(c.purpose, c.status, c.legacy):
             stop.append((c.address, stream, f"consent:{c.purpose}"))
     if stop:
@@ -113,6 +117,11 @@ async def apply_changes(
         if kept_outcome[i] in ("new", "changed"):
             metrics.inc(m.consent_changes, purpose=c.purpose, status=c.status)
     return out
+
+
+def _in_effect(c: ConsentIn, now: datetime) -> bool:
+    """Whether a record applies now (its effective window, as the enqueue and claim checks read it)."""
+    return (c.effective_from is None or c.effective_from <= now) and (c.effective_until is None or c.effective_until > now)
 
 
 async def erase(conn: asyncpg.Connection, address: str) -> int:

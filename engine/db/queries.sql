@@ -380,6 +380,15 @@ WHERE (:address::text IS NULL OR address = :address)
 ORDER BY created_at DESC, address, scope
 LIMIT :limit;
 
+-- name: suppression_page
+-- Keyset pages in (address, scope) order (the primary key) for the export: each page costs what
+-- it returns, however many suppressions there are, and a full walk sees every row once.
+SELECT address, scope, reason, source, created_at FROM suppressions
+WHERE (address, scope) > (:after_address::text, :after_scope::text)
+  AND (:address::text IS NULL OR address = :address)
+ORDER BY address, scope
+LIMIT :limit;
+
 -- ==== shaping ====
 
 -- name: throttle_take
@@ -1027,12 +1036,24 @@ SELECT (SELECT array_agg(id) FROM gone) AS recipient_ids,
        (SELECT array_agg(DISTINCT message_id) FROM gone) AS message_ids,
        (SELECT count(*) FROM blank)::int AS blanked;
 
+-- name: outbox_kept_messages
+-- The erased address's messages that were kept (another recipient still needs them): their stored
+-- form may still name it (a to/cc list, the body, metadata, raw headers); the caller rewrites them.
+SELECT id, mail_from, raw, content, metadata FROM messages
+WHERE id = ANY(:ids::uuid[]) AND content IS DISTINCT FROM '{"erased": true}'::jsonb;
+
+-- name: outbox_scrub_message
+UPDATE messages SET mail_from = :mail_from, raw = :raw, content = :content, metadata = :metadata
+WHERE id = :id;
+
 -- name: events_erase
 -- Events about the address: its recipients' events, events about the address itself (consent),
+-- observations tied to no recipient that name it (an unverified report's reported_recipient),
 -- and other events of its messages whose payload names it (a bounce reply quoting it).
 DELETE FROM events e
 WHERE e.recipient_id = ANY(:recipient_ids::bigint[])
    OR (e.recipient_id IS NULL AND e.data->>'address' = :address)
+   OR (e.recipient_id IS NULL AND position(:address IN lower(e.data::text)) > 0)
    OR (e.message_id = ANY(:message_ids::uuid[]) AND position(:address IN lower(e.data::text)) > 0)
 RETURNING e.id;
 

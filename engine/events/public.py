@@ -47,6 +47,9 @@ SCHEMA_VERSION = 1
 # Stored field -> public field: the stored names are short and shared by several stages;
 # the public ones say what they are.
 _RENAMED = {"code": "smtp_code", "status": "enhanced_status", "source": "egress"}
+_OWN_NAMES = frozenset({"consent_changed", "contact_erased"})
+"""Types whose stored names are already public: a consent change's ``status`` is the consent
+status and its ``source`` the system that recorded it, not an SMTP status or an egress."""
 _COMMON = ("message_id", "recipient_id", "address", "stream", "metadata")
 
 
@@ -108,13 +111,14 @@ def public_event(row: Mapping[str, Any] | asyncpg.Record) -> dict[str, Any]:
     kind = row["type"]
     stored: Mapping[str, Any] = row["data"] or {}
     data: dict[str, Any] = {}
+    renamed = {} if kind in _OWN_NAMES else _RENAMED
     for k, v in stored.items():
         if k == "v" or k in _COMMON:
             continue
         if k == "source" and (kind == "accepted" or stored.get("at") == "submit"):
             data["source"] = v  # where the message came in (smtp or http), not an egress source
         else:
-            data[_RENAMED.get(k, k)] = v
+            data[renamed.get(k, k)] = v
     mid = row["message_id"]
     data["message_id"] = str(mid) if isinstance(mid, uuid.UUID) else mid
     data["recipient_id"] = row["recipient_id"]
