@@ -18,7 +18,8 @@ Part 2, during the end-to-end run (``e2e-off``, ``e2e-unbatched``, ``e2e-batched
 variant of ``bench_e2e`` (same engine config, same load, DKIM off, the counting SMTP sink),
 with ``[webhooks] enabled = false`` versus the engine's own dispatcher (the one ``engine run``
 starts) sending every event (``email.accepted`` and ``email.delivered``: 2 per message) to the
-receiver. Reported: the delivery rate side by side, events received while mail flowed, the
+receiver; ``e2e-batched-proc`` / ``e2e-unbatched-proc`` run the dispatcher as a separate ``engine
+webhooks run`` process beside an engine whose own is off. Reported: the delivery rate side by side, events received while mail flowed, the
 event-to-2xx lag measured at the receiver (p50/p95/max) and the one the engine reports
 (``engine webhooks status --json``: ``delivered_at - event_at`` of the delivery rows).
 
@@ -71,7 +72,9 @@ from benchmarks.harness import (
 from benchmarks.sink import CountingSink
 
 COMMAND = ".venv/bin/python -m benchmarks.bench_webhooks"
-PARTS = ["dispatch-unbatched", "dispatch-batched", "e2e-off", "e2e-unbatched", "e2e-batched"]
+E2E_MODES = ["off", "unbatched", "batched", "unbatched-proc", "batched-proc"]
+PARTS = ["dispatch-unbatched", "dispatch-batched", *(f"e2e-{m}" for m in E2E_MODES)]
+DEFAULT_PARTS = ["dispatch-unbatched", "dispatch-batched", "e2e-off", "e2e-unbatched", "e2e-batched", "e2e-batched-proc"]
 PG = "webhooks"
 
 
@@ -287,10 +290,11 @@ def webhooks_status(dsn: str, home: Path, config: Path) -> dict[str, Any] | None
 
 
 SPLIT_SQL = """
-SELECT count(*)::int AS n,
-       percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY extract(epoch FROM created_at - event_at)) AS fanout,
-       percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY extract(epoch FROM delivered_at - created_at)) AS send
-FROM webhook_deliveries WHERE state = 'delivered'
+SELECT e.type, count(*)::int AS n,
+       percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY extract(epoch FROM d.created_at - d.event_at)) AS fanout,
+       percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY extract(epoch FROM d.delivered_at - d.created_at)) AS send
+FROM webhook_deliveries d JOIN events e ON e.id = d.event_id
+WHERE d.state = 'delivered' GROUP BY ROLLUP (e.type) ORDER BY e.type NULLS FIRST
 """
 
 
@@ -301,10 +305,35 @@ async def lag_split(dsn: str) -> dict[str, Any]:
 
     conn = await asyncpg.connect(dsn)
     try:
-        row = await conn.fetchrow(SPLIT_SQL)
+        rows = await conn.fetch(SPLIT_SQL)
     finally:
         await conn.close()
-    return dict(row) if row is not None else {}
+    return {("all" if r["type"] is None else "email." + r["type"]): dict(r) for r in rows}
+
+
+async def start_dispatcher(dsn: str, home: Path, config: Path) -> subprocess.Popen[bytes]:
+    """``engine webhooks run`` with ``config``; returns once it logged that it started (bounded)."""
+    env = {**os.environ, "DATABASE_URL": dsn, "ENGINE_HOME": str(home)}
+    log_path = home / "dispatcher.log"
+    with open(log_path, "wb") as log:
+        disp = subprocess.Popen([sys.executable, "-m", "engine", "--config", str(config), "webhooks", "run"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.perf_counter() + 60
+    while b"webhook_dispatcher_started" not in log_path.read_bytes():
+        if disp.poll() is not None or time.perf_counter() > deadline:
+            stop_dispatcher(disp)
+            raise RuntimeError(f"engine webhooks run did not start, see {log_path}")
+        await asyncio.sleep(0.01)
+    return disp
+
+
+def stop_dispatcher(disp: subprocess.Popen[bytes]) -> None:
+    disp.terminate()
+    try:
+        disp.wait(30)
+    except subprocess.TimeoutExpired:
+        disp.kill()
+        disp.wait()
 
 
 def wall_offset() -> float:
@@ -360,18 +389,9 @@ async def dispatch_phase(mode: str, pg_dsn: str, rx: Receiver, args: argparse.Na
         res.note = f"only {accepted} of {n} messages accepted; "
     cfg = home / "dispatch.toml"
     cfg.write_text(base + webhooks_config(True, args))
-    env = {**os.environ, "DATABASE_URL": dsn, "ENGINE_HOME": str(home)}
-    log_path = home / "dispatcher.log"
     pg = postgres_pid(PG)
-    with open(log_path, "wb") as log:
-        disp = subprocess.Popen([sys.executable, "-m", "engine", "--config", str(cfg), "webhooks", "run"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=log)
+    disp = await start_dispatcher(dsn, home, cfg)
     try:
-        deadline = time.perf_counter() + 60
-        while b"webhook_dispatcher_started" not in log_path.read_bytes():
-            if disp.poll() is not None or time.perf_counter() > deadline:
-                raise RuntimeError(f"engine webhooks run did not start, see {log_path}")
-            await asyncio.sleep(0.01)
         t_ready = time.perf_counter()
         cpu0, pg0, rx0 = proc_cpu_seconds(disp.pid), (tree_cpu_seconds(pg) if pg else 0.0), rx.cpu()
         profiler = Profiler(OUT / "webhooks-profile" / mode) if args.profile else None
@@ -392,14 +412,9 @@ async def dispatch_phase(mode: str, pg_dsn: str, rx: Receiver, args: argparse.Na
         if res.received < accepted:
             res.note += f"partial: {res.received}/{accepted} events within {args.phase_limit:.0f} s; "
         if disp.poll() is not None:
-            res.note += f"dispatcher exited {disp.returncode}, see {log_path}; "
+            res.note += f"dispatcher exited {disp.returncode}, see {home}/dispatcher.log; "
     finally:
-        disp.terminate()
-        try:
-            disp.wait(30)
-        except subprocess.TimeoutExpired:
-            disp.kill()
-            disp.wait()
+        stop_dispatcher(disp)
     return res
 
 
@@ -418,23 +433,39 @@ class E2E:
     window: float = 0.0
     drain: float | None = None    # last event arrival - last mail delivered
     rx_cpu: float | None = None
+    disp_cpu: float | None = None  # the separate dispatcher process (-proc modes)
 
 
 async def e2e_phase(mode: str, pg_dsn: str, sink: CountingSink, rx: Receiver, args: argparse.Namespace, rnd: int) -> E2E:
+    """``mode``: off, unbatched, batched (the engine's own dispatcher, inside ``engine run``), or
+    unbatched-proc, batched-proc (``[webhooks] enabled = false`` and one ``engine webhooks run`` beside it)."""
     on = mode != "off"
-    batch = args.batch_size if mode == "batched" else 1
+    own_process = mode.endswith("-proc")
+    batch = args.batch_size if mode.startswith("batched") else 1
     out = E2E(mode, Result(mode, args.messages, 0, 0.0, None, None, "-"), batch)
     times: list[float] = []
+    disp: list[subprocess.Popen[bytes]] = []
 
     async def ready(run: PhaseRun) -> None:
         admin = await asyncio.to_thread(create_key, run.dsn, run.home, "admin")
         _, secret = await create_endpoint(run.url, admin, rx.url, batch, args.batch_wait_ms)
         await rx.reset(secret)
-        times.append(rx.cpu())
+        if own_process:
+            cfg = run.home / "dispatch.toml"
+            cfg.write_text(run.config.read_text().replace(webhooks_config(False, args), webhooks_config(True, args)))
+            disp.append(await start_dispatcher(run.dsn, run.home, cfg))
+            times.append(proc_cpu_seconds(disp[0].pid))
+        times.insert(0, rx.cpu())
 
     async def delivered(run: PhaseRun) -> None:
         # Every message has 2 events (accepted, delivered); wait for the tail, bounded.
-        await rx.wait_for(2 * args.messages, time.perf_counter() + args.drain_limit)
+        try:
+            await rx.wait_for(2 * args.messages, time.perf_counter() + args.drain_limit)
+            if disp:
+                out.disp_cpu = proc_cpu_seconds(disp[0].pid) - times[1]
+        finally:
+            for d in disp:
+                stop_dispatcher(d)
         out.rx_cpu = rx.cpu() - times[0]
         out.stats = await rx.stats()
         off = wall_offset()
@@ -447,7 +478,8 @@ async def e2e_phase(mode: str, pg_dsn: str, sink: CountingSink, rx: Receiver, ar
         out.status = await asyncio.to_thread(webhooks_status, run.dsn, run.home, run.config)
         out.split = await lag_split(run.dsn)
 
-    hooks = PhaseHooks(config=webhooks_config(on, args), ready=ready if on else None, delivered=delivered if on else None)
+    hooks = PhaseHooks(config=webhooks_config(on and not own_process, args), ready=ready if on else None,
+                       delivered=delivered if on else None)
     variant = f"engine-rest-wh-{mode}-{rnd}"
     out.result = await guarded(variant, args, engine_phase(variant, pg_dsn, PG, sink, args, hooks))
     return out
@@ -499,7 +531,8 @@ def report(dispatch: list[Dispatch], e2e: list[E2E], args: argparse.Namespace, s
     if e2e:
         p("")
         p(f"2. end to end, REST batch, {args.messages} messages of ~2 KB to {sink.kind if sink else '-'}, "
-          f"{args.workers} delivery workers, DKIM off; the engine's own dispatcher sends every event "
+          f"{args.workers} delivery workers, DKIM off; the engine's own dispatcher (in `engine run`'s listener process; "
+          f"'own proc': [webhooks] enabled = false and one `engine webhooks run` beside it) sends every event "
           f"(2 per message); lag = receiver arrival - event timestamp")
         head = (f"{'variant':<26} {'delivered':>9} {'seconds':>8} {'msg/s':>7} {'vs off':>7} {'events':>7} "
                 f"{'in run':>7} {'ev/s in run':>11} {'lag p50':>8} {'lag p95':>8} {'lag max':>8} {'drain s':>8} "
@@ -511,6 +544,8 @@ def report(dispatch: list[Dispatch], e2e: list[E2E], args: argparse.Namespace, s
         for r in e2e:
             res = r.result
             label = "webhooks off" if r.mode == "off" else ("on, unbatched" if r.batch == 1 else f"on, batched ({r.batch})")
+            if r.mode.endswith("-proc"):
+                label += ", own proc"
             vs = f"{100 * res.rate / off_rate:.0f}%" if off_rate and r.mode != "off" else "-"
             st, s = r.status or {}, r.stats
             ev_rate = r.in_window / r.window if r.window > 0 and r.in_window >= 0 else None
@@ -521,6 +556,8 @@ def report(dispatch: list[Dispatch], e2e: list[E2E], args: argparse.Namespace, s
             details = []
             if res.cpu is not None:
                 details.append(f"engine CPU {res.cpu:.1f} s ({res.cpu_split}), PG {_s(res.pg_cpu, '{:.1f}')} s")
+            if r.disp_cpu is not None:
+                details.append(f"`engine webhooks run` CPU {r.disp_cpu:.1f} s")
             if r.rx_cpu is not None:
                 details.append(f"receiver CPU {r.rx_cpu:.1f} s")
             bt = s.get("by_type") or {}
@@ -532,10 +569,10 @@ def report(dispatch: list[Dispatch], e2e: list[E2E], args: argparse.Namespace, s
                 details.append(f"{s['duplicates']} duplicates")
             if details:
                 p(f"{'':<26} " + "; ".join(details))
-            sp = r.split
-            if sp.get("fanout") and sp.get("send"):
-                p(f"{'':<26} engine split p50/p95: event -> fanned out {sp['fanout'][0]:.2f}/{sp['fanout'][1]:.2f} s, "
-                  f"fanned out -> 2xx recorded {sp['send'][0]:.2f}/{sp['send'][1]:.2f} s")
+            for kind, sp in r.split.items():
+                if sp.get("fanout") and sp.get("send"):
+                    p(f"{'':<26} engine split p50/p95 ({kind}): event -> fanned out {sp['fanout'][0]:.2f}/{sp['fanout'][1]:.2f} s, "
+                      f"fanned out -> 2xx recorded {sp['send'][0]:.2f}/{sp['send'][1]:.2f} s")
             if res.note:
                 p(f"{'':<26} note: {res.note}")
         for r in e2e:
@@ -554,7 +591,7 @@ def report(dispatch: list[Dispatch], e2e: list[E2E], args: argparse.Namespace, s
     ons = [r for r in e2e if r.mode != "off" and r.result.rate > 0]
     if offs and ons:
         ref = sum(offs) / len(offs)
-        for mode in ("unbatched", "batched"):
+        for mode in E2E_MODES[1:]:
             rates = [r.result.rate for r in ons if r.mode == mode]
             if rates:
                 ratio = sum(rates) / len(rates) / ref
@@ -576,7 +613,7 @@ async def main(argv: list[str]) -> None:
     ap.add_argument("--wh-concurrency", type=int, default=0, help="[webhooks] concurrency (0: the engine default)")
     ap.add_argument("--drain-limit", type=float, default=120.0, help="seconds to wait for the last events after the last mail")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the e2e parts, alternating (off, on, ...)")
-    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--only", default=",".join(DEFAULT_PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     args = ap.parse_args(argv)
     only = [v.strip() for v in args.only.split(",") if v.strip()]
     unknown = set(only) - set(PARTS)
@@ -599,16 +636,16 @@ async def main(argv: list[str]) -> None:
                     except Exception as exc:  # noqa: BLE001 - reported, the other parts go on
                         dispatch.append(Dispatch(mode, args.batch_size if mode == "batched" else 1, args.events,
                                                  note=f"failed: {type(exc).__name__}: {exc}"))
-            modes = [m for m in ("off", "unbatched", "batched") if f"e2e-{m}" in only]
+            modes = [m for m in E2E_MODES if f"e2e-{m}" in only]
             if modes:
                 sink = CountingSink(free_port(), OUT / "webhooks-sink")
                 sink.wait_ready()
                 for rnd in range(args.rounds):
                     for mode in modes:
                         e2e.append(await e2e_phase(mode, pg_dsn, sink, rx, args, rnd))
-                        if mode == "unbatched":
+                        if mode.startswith("unbatched"):
                             samples.update(await rx.samples())
-                        elif mode == "batched":
+                        elif mode.startswith("batched"):
                             samples.setdefault("batch", (await rx.samples()).get("batch"))
     finally:
         if sink is not None:
