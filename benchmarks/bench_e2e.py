@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,7 +232,37 @@ key_file = "{dkim_key}"
     return cfg
 
 
-async def engine_phase(variant: str, pg_dsn: str, pg_name: str, sink: CountingSink, args: argparse.Namespace) -> Result:
+@dataclass
+class PhaseRun:
+    """What a hook of :func:`engine_phase` gets: the running engine and the phase's clock."""
+
+    url: str
+    dsn: str
+    home: Path
+    pid: int
+    config: Path
+    t0: float = 0.0          # perf_counter at the first submit
+    last_at: float = 0.0     # perf_counter when the sink counted the last message
+
+
+@dataclass
+class PhaseHooks:
+    """Extension points for benchmarks built on this phase (bench_webhooks).
+
+    ``config`` is appended to the engine's config; ``ready`` runs once the engine is up, before
+    the clock starts; ``delivered`` once the sink counted the last message (or the phase limit
+    passed), before the engine stops. Neither callback is inside the timed interval.
+    """
+
+    config: str = ""
+    ready: Callable[[PhaseRun], Awaitable[None]] | None = None
+    delivered: Callable[[PhaseRun], Awaitable[None]] | None = None
+
+
+async def engine_phase(
+    variant: str, pg_dsn: str, pg_name: str, sink: CountingSink, args: argparse.Namespace, hooks: PhaseHooks | None = None,
+) -> Result:
+    hooks = hooks or PhaseHooks()
     home = OUT / f"e2e-{variant}"
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
@@ -243,7 +273,7 @@ async def engine_phase(variant: str, pg_dsn: str, pg_name: str, sink: CountingSi
         dkim_key, _ = keygen("example.com", "s1", "rsa", out_dir=home / "dkim", bits=2048)
     dsn = await create_database(pg_dsn, variant.replace("-", "_"))
     http_port, smtp_port = free_port(), free_port()
-    config = engine_config(http_port, smtp_port, sink.port, args, dkim_key)
+    config = engine_config(http_port, smtp_port, sink.port, args, dkim_key) + hooks.config
     rest = variant.startswith("engine-rest")
     key = await asyncio.to_thread(create_key, dsn, home) if rest else ""
     pg = postgres_pid(pg_name)
@@ -252,13 +282,16 @@ async def engine_phase(variant: str, pg_dsn: str, pg_name: str, sink: CountingSi
         url = f"http://127.0.0.1:{http_port}"
         await wait_http(url)
         await asyncio.sleep(1.0)  # let the workers connect and start claiming
+        run = PhaseRun(url, dsn, home, proc.pid, home / "bench.toml")
+        if hooks.ready is not None:
+            await hooks.ready(run)
         profiler = Profiler(OUT / "e2e-profile" / variant) if args.profile else None
         if profiler:
             profiler.start(proc.pid)
         base = sink.count
         cpu0, pg0 = tree_cpu_seconds(proc.pid), (tree_cpu_seconds(pg) if pg else 0.0)
         listener0 = proc_cpu_seconds(proc.pid)
-        t0 = time.perf_counter()
+        t0 = run.t0 = time.perf_counter()
         deadline = t0 + args.phase_limit
         note = ""
         if rest:
@@ -279,6 +312,9 @@ async def engine_phase(variant: str, pg_dsn: str, pg_name: str, sink: CountingSi
         pg_cpu = (tree_cpu_seconds(pg) - pg0) if pg else None
         rss = tree_peak_rss_mb(proc.pid)
         profile = profiler.stop() if profiler else []
+        if hooks.delivered is not None:
+            run.last_at = last_at
+            await hooks.delivered(run)
         if proc.poll() is not None:
             note = (note + "; " if note else "") + f"engine exited {proc.returncode}, see {home}/engine.log"
     if delivered < n:
@@ -374,9 +410,9 @@ def report(results: list[Result], args: argparse.Namespace, sink: CountingSink, 
     print("command: " + " ".join([COMMAND, *argv]))
 
 
-async def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--messages", type=int, default=20_000)
+def add_engine_args(ap: argparse.ArgumentParser, messages: int = 20_000) -> None:
+    """The options :func:`engine_phase` reads (shared with benchmarks built on it)."""
+    ap.add_argument("--messages", type=int, default=messages)
     ap.add_argument("--workers", type=int, default=2, help="engine delivery processes")
     ap.add_argument("--destination-concurrency", type=int, default=20,
                     help="engine [delivery] destination_concurrency and Postfix destination concurrency")
@@ -387,6 +423,11 @@ async def main() -> None:
     ap.add_argument("--phase-limit", type=float, default=150.0, help="seconds allowed per variant")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy each engine process during its phase and print hot spots (slows the run)")
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_engine_args(ap)
     ap.add_argument("--only", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     argv = sys.argv[1:]
     args = ap.parse_args(argv)

@@ -184,9 +184,14 @@ class LaneWorker:
         return True
 
     async def _fill(self, claimed: list[Claimed], lease: float) -> list[Claimed]:
-        """Batching: wait up to ``max_wait`` (from the oldest event) for a full batch."""
+        """Batching: a batch goes when it is full or when its oldest event has waited ``max_wait``.
+
+        With less than one batch claimed, wait for more. With full batches in hand they go now,
+        and a young partial tail is handed back for the next round rather than holding them up
+        (a busy stream rarely claims an exact multiple: waiting for one delayed every batch).
+        """
         ep, d = self.endpoint, self.d
-        while len(claimed) % ep.batch_max and not self.d.stopping.is_set():
+        while len(claimed) < ep.batch_max and not self.d.stopping.is_set():
             oldest = min(c.event_at for c in claimed)
             left = ep.batch_wait - (d.clock.now() - oldest).total_seconds()
             if left <= 0:
@@ -194,10 +199,15 @@ class LaneWorker:
             self.wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=min(left, d.poll_interval))
-            more = await d.deliveries.claim(
-                ep.id, self.lane, d.owner, d.clock.now(), ep.batch_max - len(claimed) % ep.batch_max, lease
-            )
+            more = await d.deliveries.claim(ep.id, self.lane, d.owner, d.clock.now(), ep.batch_max - len(claimed), lease)
             claimed += more
+        tail = len(claimed) % ep.batch_max
+        if len(claimed) > ep.batch_max and tail:
+            # Claims hold at most one event per recipient, so handing the newest back keeps order.
+            rest = claimed[-tail:]
+            if (d.clock.now() - min(c.event_at for c in rest)).total_seconds() < ep.batch_wait:
+                await d.deliveries.release(d.owner, [c.id for c in rest])
+                claimed = claimed[:-tail]
         return claimed
 
     async def _send(self, claimed: list[Claimed]) -> list[Result]:
