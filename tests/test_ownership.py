@@ -40,6 +40,7 @@ OWNERS: dict[str, str] = {
     "consent": "engine/consent/store.py",
     "consent_history": "engine/consent/store.py",
     "do_not_mail": "engine/consent/erasure.py",
+    "audit_log": "engine/audit.py",
 }
 
 _WRITE_RE = re.compile(r"\b(?:INSERT\s+INTO|(?<!DO\s)(?<!FOR\s)UPDATE|DELETE\s+FROM)\s+([a-z_]+)", re.IGNORECASE)
