@@ -174,11 +174,15 @@ class RelayHandler(ListenerHandler):
         except Exception as exc:
             log.warning("smtp_auth_unavailable", reason=f"{type(exc).__name__}: {exc}", listener=self.listener.name)
             return "454 4.7.0 Temporary authentication failure, try again later"
-        if key is not None and key.allows("send") and key.permits(_peer_ip(session)):
-            return None
+        if key is not None and key.allows("send"):
+            if key.permits(_peer_ip(session)):
+                return None
+            log.info("smtp_auth_not_allowed", api_key=key.name, listener=self.listener.name, peer=format_peer(session))
+            session.drop_auth()
+            return "530 5.7.0 Authentication required (the API key is no longer allowed from this address)"
         log.info("smtp_auth_revoked", listener=self.listener.name, peer=format_peer(session))
         session.drop_auth()
-        return "530 5.7.0 Authentication required (the API key is no longer valid from this address)"
+        return "530 5.7.0 Authentication required (the API key is no longer valid)"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
@@ -279,7 +283,12 @@ class RelayHandler(ListenerHandler):
         return await self._authenticate(server, login, password)
 
     async def _authenticate(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
-        """Username is the key's name or ``api``; the password is the API key (scope ``send``)."""
+        """Username is the key's name or ``api``; the password is the API key (scope ``send``).
+
+        A client address over ``[api] auth_failures_per_minute`` is refused before the lookup
+        (``454 4.7.0``, see :mod:`engine.authlimit`); a valid key used from outside its IP
+        allowlist is refused (``535 5.7.8``) and counted as a failure.
+        """
         session = server.session
         assert isinstance(session, RelaySession)
         ip = _peer_ip(session)
