@@ -26,6 +26,7 @@ import uvicorn
 from engine import metrics
 from engine.accept import Acceptor
 from engine.apikeys import ApiKeys
+from engine.audit import Actor, AuditLog
 from engine.compose.pipeline import engine_variables
 from engine.compose.render import Renderer
 from engine.compose.tracking import Keyring
@@ -79,6 +80,7 @@ class Services:
     keyring: Keyring | None
     webhooks: Endpoints
     webhook_deliveries: Deliveries
+    audit: AuditLog
 
 
 @dataclass
@@ -178,7 +180,7 @@ class Engine:
             dsn=dsn,
             pool=pool,
             outbox=outbox,
-            apikeys=ApiKeys(pool, self.settings.api.key_cache_ttl),
+            apikeys=ApiKeys(pool, self.settings.api.key_cache_ttl, self.settings.api.auth_failures_per_minute),
             acceptor=Acceptor(self.settings, outbox, renderer=renderer, templates=templates, suppressions=suppressions),
             templates=templates,
             renderer=renderer,
@@ -187,6 +189,7 @@ class Engine:
             keyring=Keyring.from_config(self.settings.tracking) if self.settings.tracking.keys else None,
             webhooks=Endpoints(pool, self.settings),
             webhook_deliveries=Deliveries(pool, self.settings.webhooks.transactional_streams),
+            audit=AuditLog(pool),
         )
 
     async def close_pool(self) -> None:
@@ -248,6 +251,7 @@ class Engine:
                 ConsentStore(svc.pool, ConsentPolicy.from_config(self.settings.consent)), svc.suppressions,
                 self.settings.queue.streams, self.settings.consent.max_import_errors,
             ),
+            audit=svc.audit,
         )
         app = wrap(create_app(ctx), self.settings)
         host, port = self.settings.http.listen
@@ -425,6 +429,7 @@ async def _reload(engine: Engine) -> None:
         try:
             await notify_reload(engine.pool, shaping.source)
             log.info("shaping_reload_sent", file=shaping.source)
+            await engine.svc.audit.record(Actor.system("signal:SIGHUP"), "shaping.reload", shaping.source)
         except DatabaseUnavailable as exc:
             log.error("shaping_reload_not_sent", error=str(exc))
 

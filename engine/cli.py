@@ -36,6 +36,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.shaping",
     "engine.commands.webhooks",
     "engine.commands.export",
+    "engine.commands.audit",
 )
 
 

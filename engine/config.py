@@ -160,6 +160,10 @@ class QueueConfig(_Section):
 
 class ApiConfig(_Section):
     key_cache_ttl: Duration = Field(default=5.0, description="How long a verified key is trusted without a lookup.")
+    auth_failures_per_minute: int = Field(
+        default=20, ge=0,
+        description="Failed authentications (HTTP and SMTP AUTH) one client address may make per minute; 0 = no limit.",
+    )
     idempotency_ttl: Duration = 86400.0
     max_recipients_per_message: int = Field(default=1000, ge=1)
     max_recipients_per_request: int = Field(

@@ -42,6 +42,7 @@ OWNERS: dict[str, str] = {
     "do_not_mail": "engine/consent/erasure.py",
     "export_state": "engine/export/exporter.py",
     "export_batches": "engine/export/exporter.py",
+    "audit_log": "engine/audit.py",
 }
 
 _WRITE_RE = re.compile(r"\b(?:INSERT\s+INTO|(?<!DO\s)(?<!FOR\s)UPDATE|DELETE\s+FROM)\s+([a-z_]+)", re.IGNORECASE)

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import __version__
 from engine.accept import IdempotencyConflict
-from engine.api import consent, events, health, messages, metrics, suppressions, templates, tracking, webhooks
+from engine.api import audit, consent, events, health, messages, metrics, suppressions, templates, tracking, webhooks
 from engine.api.deps import HttpContext
 from engine.api.responses import RETRY_AFTER_SECONDS, ApiError, error_response
 from engine.config import Settings
@@ -198,6 +198,8 @@ def create_app(ctx: HttpContext) -> FastAPI:
         app.include_router(consent.router, responses=keyed)
     if ctx.webhooks is not None:
         app.include_router(webhooks.router, responses={**keyed, 404: {"model": ErrorOut}})
+    if ctx.audit is not None:
+        app.include_router(audit.router, responses=keyed)
     app.include_router(health.router, responses={503: {"description": "The database is unreachable"}})
     if ctx.settings.metrics.enabled:
         app.include_router(metrics.router)

@@ -22,11 +22,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from engine.api import ndjson
-from engine.api.deps import ConsentDeps, get_consent, require_admin, require_read, require_scope_consent
+from engine.api.deps import Audit, ConsentDeps, get_audit, get_consent, require_admin, require_read, require_scope_consent
 from engine.apikeys import ApiKey
 from engine.consent.erasure import erase_contact, is_erased
 from engine.consent.models import ConsentIn, field_of
-from engine.consent.store import check_purpose
+from engine.consent.store import apply_changes, check_purpose
 from engine.errors import ValidationFailed
 from engine.suppression import configured_scope, normalize_address
 
@@ -55,7 +55,10 @@ def _json(row: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.post("/v1/consent", summary="Record consent changes (one object or a list of up to 1000)")
-async def post_consent(request: Request, key: ApiKey = Depends(require_scope_consent), c: ConsentDeps = Depends(get_consent)) -> dict[str, Any]:
+async def post_consent(
+    request: Request, key: ApiKey = Depends(require_scope_consent), c: ConsentDeps = Depends(get_consent),
+    audit: Audit = Depends(get_audit),
+) -> dict[str, Any]:
     try:
         body = orjson.loads(await request.body())
     except orjson.JSONDecodeError:
@@ -73,7 +76,23 @@ async def post_consent(request: Request, key: ApiKey = Depends(require_scope_con
             raise ValidationFailed(f"{prefix}{where}: {msg}", field=f"{prefix}{where}") from None
         check_purpose(c.store.policy, change.purpose, f"{prefix}purpose")
         changes.append(change)
-    applied = await c.store.record(changes, f"api:{key.name}")
+    addresses = sorted({ch.address for ch in changes})
+    before = None
+    if len(changes) == 1:  # one change by hand: what it replaced
+        current = [r for r in await c.store.current(changes[0].address) if r["purpose"] == changes[0].purpose]
+        before = {"purpose": changes[0].purpose, "status": current[0]["status"] if current else None}
+    async with audit.transaction() as conn:  # the change and its audit row commit together
+        applied = await apply_changes(conn, changes, f"api:{key.name}", c.store.policy)
+        await audit(
+            "consent.change", None if len(addresses) == 1 else f"{len(addresses)} addresses",
+            address=addresses[0] if len(addresses) == 1 else None, before=before,
+            after={
+                "records": len(changes), "purposes": sorted({ch.purpose for ch in changes}),
+                "statuses": sorted({ch.status for ch in changes}), "outcomes": applied.counts,
+                "pending_stopped": applied.stopped,
+            },
+            conn=conn,
+        )
     return {
         "results": [{"address": ch.address, "purpose": ch.purpose, "outcome": o} for ch, o in zip(changes, applied.outcomes)],
         "pending_stopped": applied.stopped,
@@ -131,7 +150,10 @@ def _consent_line(c: ConsentDeps) -> Callable[[Any], ConsentIn]:
 
 
 @router.post("/v1/consent/import", summary="Bulk consent sync: NDJSON (gzip allowed), streamed, idempotent")
-async def import_consent(request: Request, key: ApiKey = Depends(require_scope_consent), c: ConsentDeps = Depends(get_consent)) -> dict[str, Any]:
+async def import_consent(
+    request: Request, key: ApiKey = Depends(require_scope_consent), c: ConsentDeps = Depends(get_consent),
+    audit: Audit = Depends(get_audit),
+) -> dict[str, Any]:
     actor = f"import:{key.name}"
 
     async def apply(batch: list[Any]) -> dict[str, int]:
@@ -139,12 +161,17 @@ async def import_consent(request: Request, key: ApiKey = Depends(require_scope_c
         return {**applied.counts, "pending_stopped": applied.stopped}
 
     result = await _import(request, _consent_line(c), apply, c.max_errors)
-    log.info("consent_imported", **{k: v for k, v in result.items() if k != "errors"})
+    totals = {k: v for k, v in result.items() if k != "errors"}
+    log.info("consent_imported", **totals)
+    await audit("consent.import", None, after=totals)
     return result
 
 
 @router.post("/v1/suppressions/import", summary="Bulk suppression sync: NDJSON {address, scope, reason} (gzip allowed)")
-async def import_suppressions(request: Request, key: ApiKey = Depends(require_admin), c: ConsentDeps = Depends(get_consent)) -> dict[str, Any]:
+async def import_suppressions(
+    request: Request, key: ApiKey = Depends(require_admin), c: ConsentDeps = Depends(get_consent),
+    audit: Audit = Depends(get_audit),
+) -> dict[str, Any]:
     streams = c.streams
 
     def parse(doc: Any) -> tuple[str, str, str, str]:
@@ -166,7 +193,9 @@ async def import_suppressions(request: Request, key: ApiKey = Depends(require_ad
         new, moved = await c.suppressions.add_batch(batch)
         return {"new": new, "pending_stopped": moved}
 
-    return await _import(request, parse, apply, c.max_errors)
+    result = await _import(request, parse, apply, c.max_errors)
+    await audit("suppression.import", None, after={k: v for k, v in result.items() if k != "errors"})
+    return result
 
 
 @router.get("/v1/consent", summary="Current consent records, by cursor (or all as NDJSON with format=ndjson)")
@@ -215,10 +244,19 @@ async def get_contact(address: str, key: ApiKey = Depends(require_read), c: Cons
 
 
 @router.delete("/v1/contacts/{address}", summary="Erase an address everywhere; it is never mailed again")
-async def delete_contact(address: str, key: ApiKey = Depends(require_admin), c: ConsentDeps = Depends(get_consent)) -> dict[str, Any]:
+async def delete_contact(
+    address: str, key: ApiKey = Depends(require_admin), c: ConsentDeps = Depends(get_consent),
+    audit: Audit = Depends(get_audit),
+) -> dict[str, Any]:
     if len(address) > 320:
         raise ValidationFailed("address is longer than 320 characters", field="address")
     report = await erase_contact(c.store.pool, address, f"api:{key.name}")
+    # Never the address itself: the audit log outlives the erasure. The hash finds the row again.
+    await audit("contact.erase", f"sha256:{report.address_hash}", after={
+        "recipients": report.recipients, "messages_blanked": report.messages_blanked, "events": report.events,
+        "suppressions": report.suppressions, "consent_rows": report.consent_rows,
+        "idempotency_keys": report.idempotency_keys,
+    })
     log.info("contact_erased", address_hash=report.address_hash, recipients=report.recipients, events=report.events)
     return {
         "erased": True, "address_hash": report.address_hash, "recipients": report.recipients,

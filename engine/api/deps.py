@@ -10,9 +10,11 @@ the bearer key and check its scope) read the context from the request they alrea
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from fastapi import Depends, Request
@@ -20,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from engine.api.responses import ApiError
 from engine.apikeys import ApiKey
+from engine.audit import Actor, AuditLog
 
 if TYPE_CHECKING:
     import asyncpg
@@ -88,6 +91,8 @@ class HttpContext:
     events: EventStore | None = None
     webhooks: WebhookDeps | None = None
     consent: ConsentDeps | None = None
+    audit: AuditLog | None = None
+    """The audit log: admin actions record through :func:`get_audit`; ``GET /v1/audit`` reads it."""
 
 
 def context(request: Request) -> HttpContext:
@@ -147,6 +152,51 @@ async def get_webhooks(ctx: HttpContext = Depends(get_ctx)) -> WebhookDeps:
     return ctx.webhooks
 
 
+def client_ip(request: Request) -> str | None:
+    """The connecting client's address (a proxy in front of the engine is the client)."""
+    return request.client.host if request.client is not None else None
+
+
+@dataclass
+class Audit:
+    """The audit log bound to one request: records as the request's API key, from its client address."""
+
+    log: AuditLog
+    request: Request
+
+    @property
+    def actor(self) -> Actor:
+        key: ApiKey | None = getattr(self.request.state, "api_key", None)
+        if key is None:  # a handler recording without require_*: a bug, not a client error
+            raise RuntimeError("audit recorded before the request's API key was verified")
+        return Actor.api_key(key.name, key.id, client_ip(self.request))
+
+    async def __call__(
+        self, action: str, target: str | None = None, *, address: str | None = None,
+        before: Mapping[str, Any] | None = None, after: Mapping[str, Any] | None = None,
+        conn: asyncpg.Connection | None = None,
+    ) -> None:
+        """Record ``action`` (see :func:`engine.audit.record`: an email address goes in ``address``)."""
+        await self.log.record(self.actor, action, target, address=address, before=before, after=after, conn=conn)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection in a transaction, for an owner that takes one, so change and row commit together."""
+        async with self.log.transaction() as conn:
+            yield conn
+
+
+async def get_audit_log(ctx: HttpContext = Depends(get_ctx)) -> AuditLog:
+    if ctx.audit is None:
+        raise _NotMounted("audit")
+    return ctx.audit
+
+
+async def get_audit(request: Request, log: AuditLog = Depends(get_audit_log)) -> Audit:
+    """``audit: Audit = Depends(get_audit)``, next to a ``require_*`` dependency."""
+    return Audit(log, request)
+
+
 bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>`")
 
 
@@ -154,13 +204,27 @@ def require(scope: str) -> Callable[..., Awaitable[ApiKey]]:
     """A dependency returning the request's API key: 401 without a valid key, 403 without ``scope``."""
 
     async def dependency(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ApiKey:
+        apikeys = context(request).apikeys
+        ip = client_ip(request)
+        wait = apikeys.failures.retry_after(ip)
+        if wait > 0:  # too many failures from this address: refused before the key is looked up
+            apikeys.failures.refused("http")
+            raise ApiError(
+                429, f"too many failed authentications from {ip}; try again in {math.ceil(wait)} s",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
         if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
             raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
-        key = await context(request).apikeys.verify(creds.credentials)
+        key = await apikeys.verify(creds.credentials)
         if key is None:
-            raise ApiError(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+            apikeys.failures.failed(ip, "http")
+            raise ApiError(401, "invalid, revoked or expired API key", headers={"WWW-Authenticate": "Bearer"})
+        if not key.permits(ip):
+            apikeys.failures.failed(ip, "http")
+            raise ApiError(403, f"API key {key.name!r} may not be used from {ip} (not in its IP allowlist)")
         if not key.allows(scope):
             raise ApiError(403, f"this API key lacks the '{scope}' scope")
+        request.state.api_key = key
         structlog.contextvars.bind_contextvars(api_key=key.name)
         return key
 

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from engine.api.consent import decode_after, encode_after
-from engine.api.deps import HttpContext, get_ctx, get_suppressions, require_admin, require_read
+from engine.api.deps import Audit, HttpContext, get_audit, get_ctx, get_suppressions, require_admin, require_read
 from engine.api.models import SuppressionAdded, SuppressionIn, SuppressionList, SuppressionRemoved
 from engine.apikeys import ApiKey
 from engine.errors import NotFound
@@ -71,10 +71,16 @@ async def add_suppression(
     key: ApiKey = Depends(require_admin),
     suppressions: Suppressions = Depends(get_suppressions),
     ctx: HttpContext = Depends(get_ctx),
+    audit: Audit = Depends(get_audit),
 ) -> JSONResponse:
     scope = configured_scope(body.scope, ctx.settings.queue.streams)
-    new, moved = await suppressions.suppress(body.address, scope, body.reason, f"api:{key.name}"[:200])
     address = normalize_address(body.address)
+    async with audit.transaction() as conn:
+        new, moved = await suppressions.suppress(body.address, scope, body.reason, f"api:{key.name}"[:200], conn=conn)
+        await audit(
+            "suppression.add", address=address, before={"suppressed": not new, "scope": body.scope},
+            after={"scope": body.scope, "reason": body.reason, "created": new, "pending_suppressed": moved}, conn=conn,
+        )
     log.info("suppression_added", address=address, scope=body.scope, new=new, pending_suppressed=moved)
     return JSONResponse(
         {"address": address, "scope": body.scope, "created": new, "pending_suppressed": moved},
@@ -88,9 +94,11 @@ async def remove_suppression(
     scope: str | None = Query(default=None, max_length=64),
     key: ApiKey = Depends(require_admin),
     suppressions: Suppressions = Depends(get_suppressions),
+    audit: Audit = Depends(get_audit),
 ) -> dict[str, Any]:
     removed = await suppressions.remove(address, scope)
     if not removed:
         raise NotFound(f"{address} is not suppressed" + (f" for scope {scope!r}" if scope else ""))
+    await audit("suppression.remove", address=normalize_address(address), before={"scopes": removed})
     log.info("suppression_removed", address=normalize_address(address), scopes=removed)
     return {"address": normalize_address(address), "removed_scopes": removed}

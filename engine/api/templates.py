@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from engine.api.deps import get_renderer, get_template_store, require_admin, require_read
+from engine.api.deps import Audit, get_audit, get_renderer, get_template_store, require_admin, require_read
 from engine.api.models import TemplateCreated, TemplateIn
 from engine.apikeys import ApiKey
 from engine.compose.render import PARTS, Renderer, TemplateError
@@ -43,6 +43,7 @@ async def upload(
     key: ApiKey = Depends(require_admin),
     store: DbTemplateStore = Depends(get_template_store),
     renderer: Renderer = Depends(get_renderer),
+    audit: Audit = Depends(get_audit),
 ) -> JSONResponse:
     name = check_name(body.name)
     # Layouts this upload extends may have been uploaded through another process.
@@ -53,6 +54,11 @@ async def upload(
     except TemplateError as exc:
         raise ValidationFailed(exc.message, _field(exc)) from None
     version, _ = await store.create(name, body.parts, key.id)
+    await audit(
+        "template.upload", f"{name}@{version}",
+        before={"latest_version": version - 1} if version > 1 else None,
+        after={"name": name, "version": version, "parts": {p: len(t) for p, t in sorted(body.parts.items())}},
+    )
     required = sorted(await asyncio.to_thread(renderer.required_variables, f"{name}@{version}"))
     return JSONResponse({"name": name, "version": version, "required_variables": required}, status_code=201)
 

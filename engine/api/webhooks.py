@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Response
 
-from engine.api.deps import WebhookDeps, get_webhooks, require_admin
+from engine.api.deps import Audit, WebhookDeps, get_audit, get_webhooks, require_admin
 from engine.api.models import (
     WebhookCreated,
     WebhookDeliveryList,
@@ -26,20 +26,25 @@ from engine.api.models import (
     WebhookReplayOut,
 )
 from engine.apikeys import ApiKey
+from engine.audit import replay_view, webhook_view
 from engine.errors import ValidationFailed
 from engine.events.public import event_id, parse_event_id
-from engine.webhooks.endpoints import UNSET
+from engine.webhooks.endpoints import UNSET, Endpoint
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
 
 @router.post("", status_code=201, response_model=WebhookCreated, summary="Create an endpoint (the secret is shown once)")
-async def create_webhook(body: WebhookIn, key: ApiKey = Depends(require_admin), wh: WebhookDeps = Depends(get_webhooks)) -> dict[str, Any]:
+async def create_webhook(
+    body: WebhookIn, key: ApiKey = Depends(require_admin), wh: WebhookDeps = Depends(get_webhooks),
+    audit: Audit = Depends(get_audit),
+) -> dict[str, Any]:
     batch = body.batch
     ep, secret = await wh.endpoints.create(
         body.url, events=body.events, streams=body.streams, description=body.description, enabled=body.enabled,
         batch_max=batch.max_events if batch else 1, batch_wait=(batch.max_wait_ms if batch else 1000) / 1000.0,
     )
+    await audit("webhook.create", str(ep.id), after=webhook_view(ep.as_json()))
     if wh.wake is not None:
         wh.wake()
     return {**ep.as_json(), "secret": secret}
@@ -71,11 +76,13 @@ def _status_json(s: dict[str, Any]) -> dict[str, Any]:
 @router.patch("/{endpoint_id}", response_model=WebhookOut, summary="Change an endpoint (only the fields given)")
 async def patch_webhook(
     endpoint_id: uuid.UUID, body: WebhookPatch, key: ApiKey = Depends(require_admin), wh: WebhookDeps = Depends(get_webhooks),
+    audit: Audit = Depends(get_audit),
 ) -> dict[str, Any]:
     given = body.model_fields_set
     for name in ("url", "enabled", "description"):
         if name in given and getattr(body, name) is None:
             raise ValidationFailed(f"{name} cannot be null", field=name)
+    before = await wh.endpoints.get(endpoint_id)
     ep = await wh.endpoints.update(
         endpoint_id,
         url=body.url if body.url is not None else UNSET,
@@ -86,6 +93,7 @@ async def patch_webhook(
         batch_max=body.batch.max_events if body.batch is not None else UNSET,
         batch_wait=body.batch.max_wait_ms / 1000.0 if body.batch is not None else UNSET,
     )
+    await audit("webhook.update", str(ep.id), before=webhook_view(before.as_json()), after=webhook_view(ep.as_json()))
     if wh.wake is not None:
         wh.wake()
     return ep.as_json()
@@ -94,16 +102,21 @@ async def patch_webhook(
 @router.delete("/{endpoint_id}", status_code=204, summary="Delete an endpoint and its deliveries")
 async def delete_webhook(
     endpoint_id: uuid.UUID, key: ApiKey = Depends(require_admin), wh: WebhookDeps = Depends(get_webhooks),
+    audit: Audit = Depends(get_audit),
 ) -> Response:
+    before: Endpoint = await wh.endpoints.get(endpoint_id)
     await wh.endpoints.delete(endpoint_id)
+    await audit("webhook.delete", str(endpoint_id), before=webhook_view(before.as_json()))
     return Response(status_code=204)
 
 
 @router.post("/{endpoint_id}/rotate-secret", response_model=WebhookCreated, summary="A new secret; the old one also signs for a while")
 async def rotate_secret(
     endpoint_id: uuid.UUID, key: ApiKey = Depends(require_admin), wh: WebhookDeps = Depends(get_webhooks),
+    audit: Audit = Depends(get_audit),
 ) -> dict[str, Any]:
     ep, secret = await wh.endpoints.rotate(endpoint_id)
+    await audit("webhook.rotate", str(ep.id), after={"secret_rotation_ends_at": ep.rotating_until})
     if wh.wake is not None:
         wh.wake()
     return {**ep.as_json(), "secret": secret}
@@ -133,12 +146,14 @@ async def list_deliveries(
              summary="Send again: by event id, time range, or dead letters (same webhook-id)")
 async def replay(
     endpoint_id: uuid.UUID, body: WebhookReplayIn, key: ApiKey = Depends(require_admin), wh: WebhookDeps = Depends(get_webhooks),
+    audit: Audit = Depends(get_audit),
 ) -> dict[str, Any]:
     await wh.endpoints.get(endpoint_id)
     ids = [parse_event_id(t) for t in body.event_ids] if body.event_ids is not None else None
     n = await wh.deliveries.replay(
         endpoint_id, datetime.now(UTC), dead_letters=body.dead_letters, event_ids=ids, since=body.since, until=body.until,
     )
+    await audit("webhook.replay", str(endpoint_id), after=replay_view(body.dead_letters, body.event_ids, body.since, body.until, n))
     if wh.wake is not None:
         wh.wake()
     return {"queued": n}

@@ -99,6 +99,7 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
 
 
 def cmd_queue_action(args: argparse.Namespace) -> int:
+    from engine.audit import Actor, AuditLog
     from engine.outbox import Outbox
 
     sel = _selector(args)
@@ -110,7 +111,13 @@ def cmd_queue_action(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         async with database(args.settings) as pool:
-            return await Outbox(pool, 0).manage(args.action, **sel, **extra)
+            n = await Outbox(pool, 0).manage(args.action, **sel, **extra)
+            target = (f"domain={sel['domain']}" if sel["domain"] else "") + (
+                f"{' ' if sel['domain'] else ''}message={sel['message_id']}" if sel["message_id"] else "")
+            await AuditLog(pool).record(Actor.cli(), f"queue.{args.action}", target or "all", after={
+                "recipients": n, "domain": sel["domain"], "message_id": sel["message_id"], **extra,
+            })
+            return n
 
     n = run_async(go())
     print(f"{args.action}: {n} recipient(s)")

@@ -26,6 +26,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from engine.audit import Actor, AuditLog
 from engine.deliver.routing import RouteError, Router
 from engine.errors import ConfigError
 from engine.runtime import database, print_json, run_async
@@ -131,6 +132,10 @@ async def _reload(args: argparse.Namespace) -> int:
     reload_id = uuid.uuid4().hex
     async with database(args.settings) as pool:
         await notify_reload(pool, json.dumps({"id": reload_id, "file": shaping.source, "digest": digest}))
+        await AuditLog(pool).record(Actor.cli(), "shaping.reload", shaping.source, after={
+            "sha256": digest, "providers": len(shaping.file.provider), "domains": len(shaping.file.domain),
+            "reload_id": reload_id,
+        })
         print(f"reload sent: workers re-read {shaping.source} "
               f"({len(shaping.file.provider)} providers, {len(shaping.file.domain)} domains, sha256 {digest[:12]})")
         deadline = time.monotonic() + min(args.wait, 3600.0)

@@ -10,9 +10,10 @@ import argparse
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from engine.audit import Actor, AuditLog
 from engine.commands import Subparsers
 from engine.runtime import database, run_async
-from engine.suppression import GLOBAL, Suppression, Suppressions, configured_scope
+from engine.suppression import GLOBAL, Suppression, Suppressions, configured_scope, normalize_address
 
 T = TypeVar("T")
 
@@ -34,12 +35,12 @@ def register(sub: Subparsers) -> None:
     p.set_defaults(func=cmd_suppress_list)
 
 
-def _run(args: argparse.Namespace, work: Callable[[Suppressions], Awaitable[T]]) -> T:
-    """One piece of work against the suppression list over a short-lived pool."""
+def _run(args: argparse.Namespace, work: Callable[[Suppressions, AuditLog], Awaitable[T]]) -> T:
+    """One piece of work against the suppression list (and the audit log) over a short-lived pool."""
 
     async def go() -> T:
         async with database(args.settings) as pool:
-            return await work(Suppressions(pool))
+            return await work(Suppressions(pool), AuditLog(pool))
 
     result: T = run_async(go())
     return result
@@ -47,7 +48,18 @@ def _run(args: argparse.Namespace, work: Callable[[Suppressions], Awaitable[T]])
 
 def cmd_suppress_add(args: argparse.Namespace) -> int:
     configured_scope(args.scope, args.settings.queue.streams)  # before any connection: a typo is exit 1
-    new, moved = _run(args, lambda s: s.suppress(args.address, args.scope, args.reason, "cli"))
+
+    async def add(s: Suppressions, audit: AuditLog) -> tuple[bool, int]:
+        async with audit.transaction() as conn:  # the suppression and its audit row commit together
+            new, moved = await s.suppress(args.address, args.scope, args.reason, "cli", conn=conn)
+            await audit.record(
+                Actor.cli(), "suppression.add", address=normalize_address(args.address),
+                before={"suppressed": not new, "scope": args.scope},
+                after={"scope": args.scope, "reason": args.reason, "created": new, "pending_suppressed": moved}, conn=conn,
+            )
+        return new, moved
+
+    new, moved = _run(args, add)
     print(f"{'suppressed' if new else 'already suppressed'}: {args.address} ({args.scope})")
     if moved:
         print(f"{moved} queued recipient(s) will not be sent")
@@ -55,7 +67,14 @@ def cmd_suppress_add(args: argparse.Namespace) -> int:
 
 
 def cmd_suppress_remove(args: argparse.Namespace) -> int:
-    scopes = _run(args, lambda s: s.remove(args.address, args.scope))
+
+    async def remove(s: Suppressions, audit: AuditLog) -> list[str]:
+        scopes = await s.remove(args.address, args.scope)
+        if scopes:
+            await audit.record(Actor.cli(), "suppression.remove", address=normalize_address(args.address), before={"scopes": scopes})
+        return scopes
+
+    scopes = _run(args, remove)
     if not scopes:
         print(f"{args.address} was not suppressed")
         return 1
@@ -64,7 +83,7 @@ def cmd_suppress_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_suppress_list(args: argparse.Namespace) -> int:
-    rows: list[Suppression] = _run(args, lambda s: s.list(args.address, args.limit))
+    rows: list[Suppression] = _run(args, lambda s, _: s.list(args.address, args.limit))
     for r in rows:
         print(f"{r.created_at:%Y-%m-%d %H:%M:%S}  {r.scope:<16} {r.address:<40} {r.reason} ({r.source})")
     return 0

@@ -15,12 +15,13 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from engine.audit import Actor, AuditLog, replay_view, webhook_view
 from engine.commands import Subparsers
 from engine.errors import ValidationFailed
 from engine.events.public import PUBLIC_TYPES, event_id, parse_event_id
 from engine.runtime import database, print_json, run_async
 from engine.webhooks.deliveries import Deliveries
-from engine.webhooks.endpoints import Endpoints
+from engine.webhooks.endpoints import Endpoint, Endpoints
 
 T = TypeVar("T")
 
@@ -95,11 +96,26 @@ def _run(args: argparse.Namespace, work: Callable[[Endpoints, Deliveries], Await
     return result
 
 
+async def _audit(e: Endpoints, action: str, target: str, *, before: Endpoint | None = None,
+                 after: Endpoint | dict[str, Any] | None = None) -> None:
+    """Record a change made from the command line (right after it: the owner commits on its own)."""
+    await AuditLog(e.pool).record(
+        Actor.cli(), action, target,
+        before=webhook_view(before.as_json()) if before is not None else None,
+        after=webhook_view(after.as_json()) if isinstance(after, Endpoint) else after,
+    )
+
+
 def cmd_add(args: argparse.Namespace) -> int:
-    ep, secret = _run(args, lambda e, d: e.create(
-        args.url, events=args.events, streams=args.streams, description=args.description, enabled=not args.disabled,
-        batch_max=args.batch, batch_wait=args.batch_wait,
-    ))
+    async def add(e: Endpoints, d: Deliveries) -> tuple[Endpoint, str]:
+        ep, secret = await e.create(
+            args.url, events=args.events, streams=args.streams, description=args.description, enabled=not args.disabled,
+            batch_max=args.batch, batch_wait=args.batch_wait,
+        )
+        await _audit(e, "webhook.create", str(ep.id), after=ep)
+        return ep, secret
+
+    ep, secret = _run(args, add)
     if args.json:
         print_json({**ep.as_json(), "secret": secret})
     else:
@@ -123,19 +139,30 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    _run(args, lambda e, d: e.delete(args.id))
+    async def rm(e: Endpoints, d: Deliveries) -> None:
+        before = await e.get(args.id)
+        await e.delete(args.id)
+        await _audit(e, "webhook.delete", str(args.id), before=before)
+
+    _run(args, rm)
     print(f"deleted webhook {args.id}")
     return 0
 
 
+async def _set_enabled(e: Endpoints, endpoint_id: uuid.UUID, enabled: bool) -> None:
+    before = await e.get(endpoint_id)
+    after = await e.update(endpoint_id, enabled=enabled)
+    await _audit(e, "webhook.update", str(endpoint_id), before=before, after=after)
+
+
 def cmd_enable(args: argparse.Namespace) -> int:
-    _run(args, lambda e, d: e.update(args.id, enabled=True))
+    _run(args, lambda e, d: _set_enabled(e, args.id, True))
     print(f"enabled webhook {args.id}")
     return 0
 
 
 def cmd_disable(args: argparse.Namespace) -> int:
-    _run(args, lambda e, d: e.update(args.id, enabled=False))
+    _run(args, lambda e, d: _set_enabled(e, args.id, False))
     print(f"disabled webhook {args.id}")
     return 0
 
@@ -189,11 +216,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 async def _replay(e: Endpoints, d: Deliveries, args: argparse.Namespace, ids: list[int] | None) -> int:
     await e.get(args.id)
-    return await d.replay(args.id, datetime.now(UTC), dead_letters=args.dead, event_ids=ids, since=args.since, until=args.until)
+    n = await d.replay(args.id, datetime.now(UTC), dead_letters=args.dead, event_ids=ids, since=args.since, until=args.until)
+    await _audit(e, "webhook.replay", str(args.id), after=replay_view(args.dead, args.event, args.since, args.until, n))
+    return n
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
-    ep, secret = _run(args, lambda e, d: e.rotate(args.id))
+    async def rotate(e: Endpoints, d: Deliveries) -> tuple[Endpoint, str]:
+        ep, secret = await e.rotate(args.id)
+        await _audit(e, "webhook.rotate", str(ep.id), after={"secret_rotation_ends_at": ep.rotating_until})
+        return ep, secret
+
+    ep, secret = _run(args, rotate)
     until = ep.rotating_until.isoformat() if ep.rotating_until else "-"
     print(f"new secret (shown once, keep it): {secret}")
     print(f"the previous secret also signs until {until}")

@@ -219,17 +219,24 @@ WHERE state IN ('queued', 'deferred', 'held') AND state = ANY(:states::text[])
 RETURNING id, message_id, stream;
 
 -- name: insert_api_key
-INSERT INTO api_keys (name, prefix, key_hash, scopes) VALUES (:name, :prefix, :key_hash, :scopes)
+INSERT INTO api_keys (name, prefix, key_hash, scopes, allow_cidrs, expires_at)
+VALUES (:name, :prefix, :key_hash, :scopes, :allow_cidrs, :expires_at)
 RETURNING id, created_at;
 
 -- name: list_api_keys
-SELECT id, name, prefix, scopes, created_at, revoked_at, last_used_at FROM api_keys ORDER BY id;
+SELECT id, name, prefix, scopes, created_at, revoked_at, last_used_at, expires_at, allow_cidrs, rotated_at
+FROM api_keys ORDER BY id;
 
 -- name: revoke_api_key
-UPDATE api_keys SET revoked_at = now() WHERE name = :name AND revoked_at IS NULL RETURNING id;
+-- Every key of the name that still works: the current one and any rotated out but still in grace.
+UPDATE api_keys SET revoked_at = now()
+WHERE name = :name AND revoked_at IS NULL AND (rotated_at IS NULL OR expires_at > now())
+RETURNING id, scopes, expires_at, allow_cidrs::text[] AS allow, rotated_at;
 
 -- name: find_api_key
-SELECT id, name, scopes FROM api_keys WHERE key_hash = :key_hash AND revoked_at IS NULL;
+-- Expiry is checked here and again by the caller on every cache hit (engine.apikeys).
+SELECT id, name, scopes, expires_at, allow_cidrs FROM api_keys
+WHERE key_hash = :key_hash AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now());
 
 -- name: touch_api_key
 UPDATE api_keys SET last_used_at = now() WHERE id = :id;
@@ -1242,3 +1249,68 @@ ORDER BY 1, 2, 3, 4;
 -- name: export_session
 -- A batch is sorted in memory, not in temporary files (the transaction's own setting only).
 SELECT set_config('work_mem', '128MB', true);
+
+-- ==== audit log and API key lifecycle ====
+
+-- name: api_key_current
+-- The one current key of a name (neither revoked nor rotated out), locked for a rotation.
+SELECT id, scopes, expires_at, allow_cidrs FROM api_keys
+WHERE name = :name AND revoked_at IS NULL AND rotated_at IS NULL
+FOR UPDATE;
+
+-- name: api_key_rotate_out
+-- The key a rotation replaces works until its grace ends (or its own earlier expiry).
+UPDATE api_keys SET rotated_at = now(),
+       expires_at = least(coalesce(expires_at, 'infinity'::timestamptz), now() + make_interval(secs => :grace))
+WHERE id = :id
+RETURNING expires_at;
+
+-- name: api_key_set_allow
+-- Every key of the name that still works gets the new allowlist (NULL: any address).
+UPDATE api_keys SET allow_cidrs = :allow_cidrs
+WHERE name = :name AND revoked_at IS NULL AND (rotated_at IS NULL OR expires_at > now())
+RETURNING id;
+
+-- name: api_key_allow_of
+SELECT id, allow_cidrs::text[] AS allow FROM api_keys
+WHERE name = :name AND revoked_at IS NULL AND (rotated_at IS NULL OR expires_at > now())
+ORDER BY id;
+
+-- name: audit_insert
+-- An action about an email address names it by its erasure hash (see do_not_mail_hash), never in
+-- clear: erasing the address leaves the log as it is, and the rows still correlate.
+INSERT INTO audit_log (actor, actor_key_id, source_ip, action, target, before, after)
+VALUES (:actor, :actor_key_id, :source_ip::inet, :action,
+        coalesce(:target::text, (SELECT 'sha256:' || encode(sha256(salt || convert_to(:address::text, 'UTF8')), 'hex')
+                                 FROM do_not_mail_salt WHERE id = 1)),
+        :before, :after)
+RETURNING id, at;
+
+-- name: audit_address_target
+-- How the log names an (already normalized) email address: for finding its rows.
+SELECT 'sha256:' || encode(sha256(salt || convert_to(:address::text, 'UTF8')), 'hex') FROM do_not_mail_salt WHERE id = 1;
+
+-- name: audit_page
+-- Rows after (:tx, :id) in commit order, below the snapshot's xmin (see events_page): a reader
+-- paging by cursor never passes a row whose transaction commits late.
+SELECT id, tx::text::bigint AS tx, at, actor, actor_key_id, host(source_ip) AS source_ip, action, target, before, after
+FROM audit_log
+WHERE (tx, id) > (:tx::text::xid8, :id::bigint)
+  AND tx < pg_snapshot_xmin(pg_current_snapshot())
+  AND (:action::text IS NULL OR action = :action OR (right(:action, 1) = '.' AND left(action, length(:action)) = :action))
+  AND (:actor::text IS NULL OR actor = :actor)
+  AND (:target::text IS NULL OR target = :target)
+  AND (:since::timestamptz IS NULL OR at >= :since)
+  AND (:until::timestamptz IS NULL OR at < :until)
+ORDER BY tx, id
+LIMIT :limit;
+
+-- name: audit_prune_allow
+-- Lets this transaction's audit_prune pass the append-only trigger (and only this transaction's).
+SELECT set_config('engine.audit_prune', :on, true);
+
+-- name: audit_prune
+-- Retention: the oldest rows before :before, a batch at a time (no long lock).
+DELETE FROM audit_log WHERE id IN (
+    SELECT id FROM audit_log WHERE at < :before ORDER BY at LIMIT :limit
+);

@@ -27,6 +27,7 @@ import asyncio
 import base64
 import binascii
 import ipaddress
+import math
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -164,7 +165,8 @@ class RelayHandler(ListenerHandler):
 
         Called at every MAIL FROM, through the ApiKeys cache (``[api] key_cache_ttl``),
         so revoking a key also stops sessions that authenticated before the revocation.
-        A revoked key ends the session's authentication: the answer is the same ``530``
+        A revoked or expired key, or one whose allowlist no longer takes the client's address,
+        ends the session's authentication: the answer is the same ``530``
         as for a client that never authenticated (RFC 4954 section 6); this transaction is
         refused even from a trusted network, since the client chose to send as that key.
         """
@@ -175,7 +177,11 @@ class RelayHandler(ListenerHandler):
             log.warning("smtp_auth_unavailable", reason=f"{type(exc).__name__}: {exc}", listener=self.listener.name)
             return "454 4.7.0 Temporary authentication failure, try again later"
         if key is not None and key.allows("send"):
-            return None
+            if key.permits(_peer_ip(session)):
+                return None
+            log.info("smtp_auth_not_allowed", api_key=key.name, listener=self.listener.name, peer=format_peer(session))
+            session.drop_auth()
+            return "530 5.7.0 Authentication required (the API key is no longer allowed from this address)"
         log.info("smtp_auth_revoked", listener=self.listener.name, peer=format_peer(session))
         session.drop_auth()
         return "530 5.7.0 Authentication required (the API key is no longer valid)"
@@ -285,12 +291,27 @@ class RelayHandler(ListenerHandler):
         return await self._authenticate(server, login, password)
 
     async def _authenticate(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
-        """Username is the key's name or ``api``; the password is the API key (scope ``send``)."""
+        """Username is the key's name or ``api``; the password is the API key (scope ``send``).
+
+        A client address over ``[api] auth_failures_per_minute`` is refused before the lookup
+        (``454 4.7.0``, see :mod:`engine.authlimit`); a valid key used from outside its IP
+        allowlist is refused (``535 5.7.8``) and counted as a failure.
+        """
         session = server.session
         assert isinstance(session, RelaySession)
+        ip = _peer_ip(session)
+        failures = self.apikeys.failures
+        wait = failures.retry_after(ip)
+        if wait > 0:  # too many failures from this address: refused before the key is looked up
+            failures.refused("smtp")
+            return await self._auth_failed(
+                server, session, f"Too many failed authentications from your address, try again in {math.ceil(wait)} s",
+                code="454 4.7.0",
+            )
         try:
             username, secret = login.decode("utf-8"), password.decode("utf-8")
         except UnicodeDecodeError:
+            failures.failed(ip, "smtp")
             return await self._auth_failed(server, session, "Authentication credentials invalid")
         try:
             key = await self.apikeys.verify(secret)
@@ -298,14 +319,22 @@ class RelayHandler(ListenerHandler):
             log.warning("smtp_auth_unavailable", reason=f"{type(exc).__name__}: {exc}", listener=self.listener.name)
             return AuthResult(success=False, handled=False, message="454 4.7.0 Temporary authentication failure")
         if key is None or username not in (key.name, "api"):
+            failures.failed(ip, "smtp")
             return await self._auth_failed(server, session, "Authentication credentials invalid")
+        if not key.permits(ip):
+            failures.failed(ip, "smtp")
+            log.info("smtp_auth_not_allowed", api_key=key.name, listener=self.listener.name, peer=format_peer(session))
+            return await self._auth_failed(
+                server, session, "Authentication refused: this API key may not be used from your address (IP allowlist)"
+            )
         if not key.allows("send"):
             return await self._auth_failed(server, session, "Authentication credentials invalid: key lacks the send scope")
         log.info("smtp_auth_ok", api_key=key.name, listener=self.listener.name, peer=format_peer(session))
         session.key_digest = hash_key(secret)
         return AuthResult(success=True, auth_data=key)
 
-    async def _auth_failed(self, server: SMTP, session: RelaySession, reason: str) -> AuthResult:
+    async def _auth_failed(self, server: SMTP, session: RelaySession, reason: str, code: str = "535 5.7.8") -> AuthResult:
+        """Refuse this AUTH with ``code``; the connection's third refusal hangs up (``421``)."""
         session.auth_failures += 1
         log.info("smtp_auth_failed", failures=session.auth_failures, listener=self.listener.name, peer=format_peer(session))
         if session.auth_failures >= MAX_AUTH_FAILURES:
@@ -313,7 +342,15 @@ class RelayHandler(ListenerHandler):
             if isinstance(server, RelaySMTP):
                 server.close_connection()
             return AuthResult(success=False, handled=True)
-        return AuthResult(success=False, handled=False, message=f"535 5.7.8 {reason}")
+        return AuthResult(success=False, handled=False, message=f"{code} {reason}")
+
+
+def _peer_ip(session: Session) -> str | None:
+    """The client's IP address, or None when the peer is not a TCP address."""
+    peer = session.peer
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return None
 
 
 async def _b64(server: SMTP, text: str) -> bytes | None:
