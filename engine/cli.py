@@ -34,6 +34,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.reputation",
     "engine.commands.shaping",
     "engine.commands.webhooks",
+    "engine.commands.retention",
 )
 
 

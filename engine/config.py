@@ -36,6 +36,8 @@ from engine.deliver.pools import PoolConfig
 from engine.deliver.routing import RoutingConfig
 from engine.errors import ConfigError
 from engine.feedback.config import FeedbackConfig
+from engine.logging import LoggingConfig
+from engine.retention.config import RetentionConfig
 from engine.shaping.rules import ShapingSettings
 from engine.webhooks.config import WebhooksConfig
 
@@ -179,6 +181,8 @@ class Settings(_Section):
     feedback: FeedbackConfig = FeedbackConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
     consent: ConsentConfig = ConsentConfig()
+    retention: RetentionConfig = RetentionConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     # Resolved from the environment, not from the file.
     home: Path = Path("var")

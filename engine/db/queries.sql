@@ -1056,3 +1056,100 @@ RETURNING encode(hash, 'hex') AS hash;
 SELECT encode(sha256(salt || convert_to(:address::text, 'UTF8')), 'hex') AS hash,
        EXISTS (SELECT 1 FROM do_not_mail d WHERE d.hash = sha256(salt || convert_to(:address::text, 'UTF8'))) AS listed
 FROM do_not_mail_salt WHERE id = 1;
+
+-- ==== retention: each owner's purge, run in small batches by engine.retention ====
+
+-- name: outbox_prune_bodies
+-- Message bodies (raw, content) and the recipients' template variables are blanked once every
+-- recipient of the message has been final since before :before; the message and recipient rows
+-- stay (history, events, late bounces). Walks messages_body_idx oldest first: a message created
+-- after :before cannot be due, and a blanked one has left the index.
+WITH due AS (
+    SELECT m.id FROM messages m
+    WHERE (m.raw IS NOT NULL OR m.content NOT IN ('{"erased": true}'::jsonb, '{"purged": true}'::jsonb))
+      AND m.created_at < :before
+      AND NOT EXISTS (SELECT 1 FROM recipients r
+                      WHERE r.message_id = m.id
+                        AND (r.state NOT IN ('delivered', 'bounced', 'expired', 'suppressed') OR r.updated_at >= :before))
+    ORDER BY m.created_at
+    LIMIT :limit
+    FOR UPDATE OF m SKIP LOCKED
+), vars AS (
+    UPDATE recipients r SET vars = NULL FROM due WHERE r.message_id = due.id AND r.vars IS NOT NULL RETURNING r.id
+), blank AS (
+    UPDATE messages m SET raw = NULL, content = '{"purged": true}'::jsonb FROM due WHERE m.id = due.id RETURNING m.id
+)
+SELECT (SELECT count(*) FROM blank)::int AS n;
+
+-- name: outbox_due_bodies
+SELECT count(*)::bigint AS n FROM messages m
+WHERE (m.raw IS NOT NULL OR m.content NOT IN ('{"erased": true}'::jsonb, '{"purged": true}'::jsonb))
+  AND m.created_at < :before
+  AND NOT EXISTS (SELECT 1 FROM recipients r
+                  WHERE r.message_id = m.id
+                    AND (r.state NOT IN ('delivered', 'bounced', 'expired', 'suppressed') OR r.updated_at >= :before));
+
+-- name: outbox_prune_recipients
+-- Recipient rows final since before :before go, their attempts with them (ON DELETE CASCADE), and
+-- each message none of whose recipients is left. Oldest first through recipients_final_idx.
+WITH due AS (
+    SELECT id FROM recipients
+    WHERE state IN ('delivered', 'bounced', 'expired', 'suppressed') AND updated_at < :before
+    ORDER BY updated_at
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM recipients r USING due WHERE r.id = due.id RETURNING r.id, r.message_id
+), msgs AS (
+    DELETE FROM messages m
+    WHERE m.id IN (SELECT message_id FROM gone)
+      AND NOT EXISTS (SELECT 1 FROM recipients o WHERE o.message_id = m.id AND o.id NOT IN (SELECT id FROM due))
+    RETURNING m.id
+)
+SELECT (SELECT count(*) FROM gone)::int AS recipients, (SELECT count(*) FROM msgs)::int AS messages;
+
+-- name: outbox_due_recipients
+SELECT count(*)::bigint AS recipients,
+       (SELECT count(*) FROM attempts a JOIN recipients r ON r.id = a.recipient_id
+        WHERE r.state IN ('delivered', 'bounced', 'expired', 'suppressed') AND r.updated_at < :before)::bigint AS attempts
+FROM recipients
+WHERE state IN ('delivered', 'bounced', 'expired', 'suppressed') AND updated_at < :before;
+
+-- name: events_prune
+-- Events written before :before, except those a webhook still owes someone: an event an enabled
+-- endpoint has a pending or sending delivery for, and (while any endpoint is enabled) an event the
+-- fan-out has not reached yet. Dead letters do not hold their event.
+WITH cur AS (
+    SELECT c.tx, c.event_id FROM webhook_cursor c
+    WHERE c.id = 1 AND EXISTS (SELECT 1 FROM webhook_endpoints w WHERE w.enabled)
+), due AS (
+    SELECT e.id FROM events e
+    WHERE e.created_at < :before
+      AND NOT EXISTS (SELECT 1 FROM cur WHERE (e.tx, e.id) > (cur.tx, cur.event_id))
+      AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
+                      WHERE d.event_id = e.id AND d.state IN ('pending', 'sending') AND w.enabled)
+    ORDER BY e.created_at
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM events e USING due WHERE e.id = due.id
+RETURNING e.id;
+
+-- name: events_due
+WITH cur AS (
+    SELECT c.tx, c.event_id FROM webhook_cursor c
+    WHERE c.id = 1 AND EXISTS (SELECT 1 FROM webhook_endpoints w WHERE w.enabled)
+)
+SELECT count(*)::bigint AS n FROM events e
+WHERE e.created_at < :before
+  AND NOT EXISTS (SELECT 1 FROM cur WHERE (e.tx, e.id) > (cur.tx, cur.event_id))
+  AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
+                  WHERE d.event_id = e.id AND d.state IN ('pending', 'sending') AND w.enabled);
+
+-- name: retention_sizes
+-- On-disk size (table, indexes and TOAST) and the planner's row estimate of each table; a table
+-- that does not exist (yet) gives NULLs.
+SELECT t.name, pg_total_relation_size(to_regclass(t.name))::bigint AS bytes,
+       (SELECT greatest(c.reltuples, 0)::bigint FROM pg_class c WHERE c.oid = to_regclass(t.name)) AS estimated_rows
+FROM unnest(:tables::text[]) WITH ORDINALITY AS t(name, i)
+ORDER BY t.i;

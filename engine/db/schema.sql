@@ -373,3 +373,14 @@ VALUES (1, decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-
 
 -- Events about an address rather than a recipient row (consent changes): found again on erasure.
 CREATE INDEX events_address_idx ON events ((data->>'address')) WHERE recipient_id IS NULL;
+
+-- from 0012_retention
+-- Indexes the background purge (engine.retention) walks oldest first, one small batch at a time.
+CREATE INDEX recipients_final_idx ON recipients (updated_at)
+    WHERE state IN ('delivered', 'bounced', 'expired', 'suppressed');
+-- Messages that still hold a body; retention's {"purged": true} and erasure's {"erased": true} leave it.
+CREATE INDEX messages_body_idx ON messages (created_at)
+    WHERE raw IS NOT NULL OR content NOT IN ('{"erased": true}'::jsonb, '{"purged": true}'::jsonb);
+-- Events a webhook delivery still waits to send are kept by the events purge.
+CREATE INDEX webhook_deliveries_open_event_idx ON webhook_deliveries (event_id)
+    WHERE state IN ('pending', 'sending');

@@ -1,0 +1,50 @@
+"""``[retention]``: how long each kind of data is kept, and how gently the purge works.
+
+Lives next to the retention code (like ``engine.webhooks.config``); ``engine.config`` composes it.
+A window is a duration (``"30d"``) or ``"never"`` (that kind is kept forever).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field
+
+from engine.configtypes import Duration, _Section, parse_duration
+
+NEVER = "never"
+
+
+def _window(value: Any) -> float | None:
+    """A duration in seconds, or None for ``"never"``; 0 is refused (it would purge at once, surely a mistake)."""
+    if isinstance(value, str) and value.strip().lower() == NEVER:
+        return None
+    if value is None:
+        return None
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"a retention window must be above 0 (or {NEVER!r} to keep forever), got {value!r}")
+    return seconds
+
+
+Window = Annotated[float | None, BeforeValidator(_window)]
+
+
+class RetentionConfig(_Section):
+    enabled: bool = Field(default=True, description="Run the purge inside `engine run` (any number of hosts may).")
+    message_bodies: Window = Field(
+        default=7 * 86400.0,
+        description="Bodies (raw, content, template variables) are blanked this long after the message's last recipient became final.",
+    )
+    recipients: Window = Field(
+        default=30 * 86400.0,
+        description="Recipient rows and their attempts go this long after becoming final; a message goes with its last recipient.",
+    )
+    events: Window = Field(
+        default=30 * 86400.0,
+        description="Events go this long after they were written, unless a webhook endpoint still waits to receive them.",
+    )
+    audit: Window = Field(default=400 * 86400.0, description="Audit log entries go this long after they were written.")
+    interval: Duration = Field(default=3600.0, gt=0, description="Time between purge passes.")
+    batch_size: int = Field(default=5000, ge=1, le=100_000, description="Rows per statement (each its own short transaction).")
+    pause: Duration = Field(default=0.2, description="Sleep between two batches, so the purge never hogs the database.")
