@@ -213,6 +213,8 @@ class Engine:
         self._tasks.append(asyncio.create_task(svc.templates.run_refresh(self._stopping), name="templates-refresh"))
         if self.settings.retention.enabled:  # [retention]: old data purged in small batches by each table's owner
             purge = Retention(svc.pool, self.settings.retention, self._stopping)
+            for note in self.settings.retention.caveats(self.settings.tracking):
+                log.info("retention_caveat", note=note)
             self._tasks.append(asyncio.create_task(purge.run(), name="retention"))
         if self.settings.webhooks.enabled:
             self._tasks.append(asyncio.create_task(self._dispatch(svc), name="webhooks"))

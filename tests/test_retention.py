@@ -214,3 +214,18 @@ def test_retention_show_and_run_cli(db_dsn, tmp_path) -> None:
     run = subprocess.run([*cmd, "retention", "run", "--json"], capture_output=True, text=True, env=env, timeout=60)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["events"] == 0
+    assert report["caveats"] == []
+
+
+def test_caveats_name_what_short_windows_break() -> None:
+    from engine.compose.tracking import TrackingConfig
+
+    tracking = TrackingConfig.model_validate({"keys": [{"id": 1, "secret": "s" * 40}]})
+    notes = RetentionConfig().caveats(tracking)
+    assert len(notes) == 2 and "click_ttl is 180d" in notes[0] and "unsubscribe_ttl is 400d" in notes[1]
+    assert RetentionConfig().caveats(TrackingConfig()) == []  # no tracking keys: no tracked links to break
+    keep = RetentionConfig.model_validate({"message_bodies": "180d", "recipients": "400d", "events": "500d"})
+    assert keep.caveats(tracking) == [
+        "events outlive their recipients: events of purged recipients keep their ids but lose the address "
+        "and contact ids in GET /v1/events and webhook payloads"
+    ]

@@ -58,6 +58,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             return await Retention(pool, args.settings.retention).show()
 
     report: dict[str, Any] = run_async(go())
+    report["caveats"] = args.settings.retention.caveats(args.settings.tracking)
     if args.json:
         print_json(report)
         return 0
@@ -73,6 +74,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"\n{'table':<20} {'size':>10} {'rows (estimate)':>16}")
     for t in report["tables"]:
         print(f"{t['table']:<20} {size_text(t['bytes']):>10} {_count(t['estimated_rows']):>16}")
+    for note in report["caveats"]:
+        print(f"\nnote: {note}")
     return 0
 
 
