@@ -1060,49 +1060,52 @@ FROM do_not_mail_salt WHERE id = 1;
 -- ==== retention: each owner's purge, run in small batches by engine.retention ====
 
 -- name: outbox_prune_bodies
--- Message bodies (raw, content) and the recipients' template variables are blanked once every
--- recipient of the message has been final since before :before; the message and recipient rows
--- stay (history, events, late bounces). Walks messages_body_idx oldest first: a message created
--- after :before cannot be due, and a blanked one has left the index.
+-- Message bodies (raw, content) are blanked once every recipient of the message has been final
+-- since before :before; the message and recipient rows stay (history, events, late bounces).
+-- Walks messages_body_idx oldest first: a message created after :before cannot be due, and a
+-- blanked one has left the index. The recipients test is a scalar subquery on purpose: it runs
+-- as one index probe per candidate, where a NOT EXISTS may be planned as a scan of every
+-- waiting recipient per batch.
 WITH due AS (
     SELECT m.id FROM messages m
     WHERE (m.raw IS NOT NULL OR m.content NOT IN ('{"erased": true}'::jsonb, '{"purged": true}'::jsonb))
       AND m.created_at < :before
-      AND NOT EXISTS (SELECT 1 FROM recipients r
-                      WHERE r.message_id = m.id
-                        AND (r.state NOT IN ('delivered', 'bounced', 'expired', 'suppressed') OR r.updated_at >= :before))
+      AND (SELECT bool_and(r.state IN ('delivered', 'bounced', 'expired', 'suppressed') AND r.updated_at < :before)
+           FROM recipients r WHERE r.message_id = m.id)
     ORDER BY m.created_at
     LIMIT :limit
     FOR UPDATE OF m SKIP LOCKED
-), vars AS (
-    UPDATE recipients r SET vars = NULL FROM due WHERE r.message_id = due.id AND r.vars IS NOT NULL RETURNING r.id
 ), blank AS (
-    UPDATE messages m SET raw = NULL, content = '{"purged": true}'::jsonb FROM due WHERE m.id = due.id RETURNING m.id
+    UPDATE messages m SET raw = NULL, content = '{"purged": true}'::jsonb
+    WHERE m.id = ANY(ARRAY(SELECT id FROM due))
+    RETURNING m.id
 )
-SELECT (SELECT count(*) FROM blank)::int AS n;
+SELECT count(*)::int AS n FROM blank;
 
 -- name: outbox_due_bodies
 SELECT count(*)::bigint AS n FROM messages m
 WHERE (m.raw IS NOT NULL OR m.content NOT IN ('{"erased": true}'::jsonb, '{"purged": true}'::jsonb))
   AND m.created_at < :before
-  AND NOT EXISTS (SELECT 1 FROM recipients r
-                  WHERE r.message_id = m.id
-                    AND (r.state NOT IN ('delivered', 'bounced', 'expired', 'suppressed') OR r.updated_at >= :before));
+  AND (SELECT bool_and(r.state IN ('delivered', 'bounced', 'expired', 'suppressed') AND r.updated_at < :before)
+       FROM recipients r WHERE r.message_id = m.id);
 
 -- name: outbox_prune_recipients
 -- Recipient rows final since before :before go, their attempts with them (ON DELETE CASCADE), and
--- each message none of whose recipients is left. Oldest first through recipients_final_idx.
+-- each message none of whose recipients is left. Oldest first through recipients_final_idx. The
+-- ids travel as arrays (= ANY) so every step is an index probe per row, never a table scan.
 WITH due AS (
-    SELECT id FROM recipients
+    SELECT id, message_id FROM recipients
     WHERE state IN ('delivered', 'bounced', 'expired', 'suppressed') AND updated_at < :before
     ORDER BY updated_at
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
+), ids AS (
+    SELECT coalesce(array_agg(id), '{}') AS rids, coalesce(array_agg(DISTINCT message_id), '{}') AS mids FROM due
 ), gone AS (
-    DELETE FROM recipients r USING due WHERE r.id = due.id RETURNING r.id, r.message_id
+    DELETE FROM recipients r WHERE r.id = ANY((SELECT rids FROM ids)::bigint[]) RETURNING r.id
 ), msgs AS (
     DELETE FROM messages m
-    WHERE m.id IN (SELECT message_id FROM gone)
+    WHERE m.id = ANY((SELECT mids FROM ids)::uuid[])
       AND NOT EXISTS (SELECT 1 FROM recipients o WHERE o.message_id = m.id AND o.id NOT IN (SELECT id FROM due))
     RETURNING m.id
 )
@@ -1118,7 +1121,8 @@ WHERE state IN ('delivered', 'bounced', 'expired', 'suppressed') AND updated_at 
 -- name: events_prune
 -- Events written before :before, except those a webhook still owes someone: an event an enabled
 -- endpoint has a pending or sending delivery for, and (while any endpoint is enabled) an event the
--- fan-out has not reached yet. Dead letters do not hold their event.
+-- fan-out has not reached yet. Dead letters do not hold their event. With a large backlog of
+-- pending deliveries the planner probes webhook_deliveries_open_event_idx once per candidate.
 WITH cur AS (
     SELECT c.tx, c.event_id FROM webhook_cursor c
     WHERE c.id = 1 AND EXISTS (SELECT 1 FROM webhook_endpoints w WHERE w.enabled)
@@ -1132,7 +1136,7 @@ WITH cur AS (
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
 )
-DELETE FROM events e USING due WHERE e.id = due.id
+DELETE FROM events e WHERE e.id = ANY(ARRAY(SELECT id FROM due))
 RETURNING e.id;
 
 -- name: events_due

@@ -37,7 +37,7 @@ class RetentionConfig(_Section):
     enabled: bool = Field(default=True, description="Run the purge inside `engine run` (any number of hosts may).")
     message_bodies: Window = Field(
         default=7 * 86400.0,
-        description="Bodies (raw, content, template variables) are blanked this long after the message's last recipient became final.",
+        description="Bodies (raw, content) are blanked this long after the message's last recipient became final.",
     )
     recipients: Window = Field(
         default=30 * 86400.0,
