@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -50,9 +51,10 @@ KINDS = ("message_bodies", "recipients", "events", "audit")
 TABLES = ("messages", "recipients", "attempts", "events", "webhook_deliveries", "audit_log")
 """Tables whose size ``engine retention show`` prints."""
 AUDIT_OWNER = "engine.audit"
-"""The audit log's owner module. Its ``prune(conn, before) -> int`` deletes (a batch of) entries
-written before ``before``; an optional ``due(conn, before) -> int`` counts them. Looked up at run
-time so retention works (and says "not available") on a database without an audit log."""
+"""The audit log's owner module (built in parallel with this one). Its ``prune(conn, before,
+limit=...) -> int`` deletes a batch of entries written before ``before``; an optional
+``due(conn, before) -> int`` counts them for ``engine retention show``. Looked up at run time so
+retention works (and reports the audit kind as skipped) in a build without an audit log."""
 _MAX_AUDIT_CALLS = 10_000
 
 
@@ -164,16 +166,20 @@ class Retention:
         return recipients, messages
 
     async def _audit_batches(self, prune: Callable[..., Awaitable[Any]], before: datetime) -> int:
-        """The owner decides its batch size; call it until it finds nothing more to delete."""
+        """Batches through the owner: ``prune(conn, before, limit=...)`` until a batch comes back short
+        (an owner without a ``limit`` parameter picks its own batch size: called until it finds nothing)."""
+        sized = "limit" in inspect.signature(prune).parameters
         total = 0
         for _ in range(_MAX_AUDIT_CALLS):
             if self.stopping.is_set():
                 break
             async with acquire(self.pool) as conn:
-                n = await prune(conn, before)
+                n = await (prune(conn, before, limit=self.config.batch_size) if sized else prune(conn, before))
             if not isinstance(n, int) or n <= 0:
                 break
             total += n
+            if sized and n < self.config.batch_size:
+                break
             await self._sleep(self.config.pause)
         return total
 
