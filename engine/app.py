@@ -38,6 +38,7 @@ from engine.errors import DatabaseUnavailable, EngineError
 from engine.events.store import EventStore
 from engine.outbox import Outbox
 from engine.outcome.reputation import Reputation
+from engine.retention.purge import Retention
 from engine.shaping import automation
 from engine.submit.server import SmtpListenerHandle
 from engine.suppression import Suppressions
@@ -215,6 +216,11 @@ class Engine:
             self.inbound_address = self.inbound.address
         self._tasks.append(asyncio.create_task(self._housekeeping(svc), name="housekeeping"))
         self._tasks.append(asyncio.create_task(svc.templates.run_refresh(self._stopping), name="templates-refresh"))
+        if self.settings.retention.enabled:  # [retention]: old data purged in small batches by each table's owner
+            purge = Retention(svc.pool, self.settings.retention, self._stopping)
+            for note in self.settings.retention.caveats(self.settings.tracking):
+                log.info("retention_caveat", note=note)
+            self._tasks.append(asyncio.create_task(purge.run(), name="retention"))
         if self.settings.webhooks.enabled:
             self._tasks.append(asyncio.create_task(self._dispatch(svc), name="webhooks"))
         if self.settings.export.enabled:

@@ -23,6 +23,8 @@ import ipaddress
 import time
 from collections.abc import Callable
 
+from engine import metrics
+
 WINDOW = 60.0
 MAX_TRACKED = 50_000
 """Addresses tracked at once; past it, those with no failure in the window are forgotten."""
@@ -79,6 +81,7 @@ class AuthFailures:
     def failed(self, ip: str | None, transport: str) -> None:
         """Count one failed authentication from ``ip`` over ``transport`` (``http`` or ``smtp``)."""
         _COUNTS[(transport, "failed")] += 1
+        metrics.inc(metrics.get().auth_failures, door=transport)
         if self.per_minute <= 0:
             return
         now = self.clock()

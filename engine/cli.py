@@ -37,6 +37,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.webhooks",
     "engine.commands.export",
     "engine.commands.audit",
+    "engine.commands.retention",
 )
 
 

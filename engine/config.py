@@ -37,7 +37,9 @@ from engine.deliver.routing import RoutingConfig
 from engine.errors import ConfigError
 from engine.export.config import ExportConfig
 from engine.feedback.config import FeedbackConfig
+from engine.logging import LoggingConfig
 from engine.metrics_config import MetricsConfig
+from engine.retention.config import RetentionConfig
 from engine.shaping.rules import ShapingSettings
 from engine.webhooks.config import WebhooksConfig
 
@@ -191,6 +193,8 @@ class Settings(_Section):
     consent: ConsentConfig = ConsentConfig()
     metrics: MetricsConfig = MetricsConfig()
     export: ExportConfig = ExportConfig()
+    retention: RetentionConfig = RetentionConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     # Resolved from the environment, not from the file.
     home: Path = Path("var")

@@ -545,3 +545,48 @@ async def erase_address(conn: asyncpg.Connection, address: str) -> Erased:
         if any(fields[k] != m[k] for k in fields):
             await conn.execute(*q("outbox_scrub_message", id=m["id"], **fields))
     return erased
+
+
+# --------------------------------------------------------------------------- retention (engine.retention asks)
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    recipients: int
+    """Recipient rows deleted (their attempts went with them)."""
+    messages: int
+    """Message rows deleted because none of their recipients was left."""
+
+
+async def prune_bodies(conn: asyncpg.Connection, before: datetime, limit: int) -> int:
+    """Blank up to ``limit`` message bodies whose recipients have all been final since before ``before``.
+
+    Why blank and not delete: the message row still carries the sender, stream and metadata that
+    events, late bounces and ``GET /v1/messages`` need; the content is what disk space and privacy
+    ask to drop first. Each recipient's template variables stay until its row goes (blanking them
+    here would rewrite every recipient row, with all its indexes, to save a few bytes each).
+    Returns how many were blanked.
+    """
+    return int(await conn.fetchval(*q("outbox_prune_bodies", before=before, limit=limit)))
+
+
+async def prune_recipients(conn: asyncpg.Connection, before: datetime, limit: int) -> Pruned:
+    """Delete up to ``limit`` recipient rows final since before ``before``, with their attempts,
+    and the messages left without any recipient."""
+    row = await conn.fetchrow(*q("outbox_prune_recipients", before=before, limit=limit))
+    assert row is not None  # aggregates always return their row
+    return Pruned(row["recipients"], row["messages"])
+
+
+async def due_for_retention(
+    conn: asyncpg.Connection, bodies_before: datetime | None, recipients_before: datetime | None
+) -> dict[str, int | None]:
+    """How many bodies, recipients and attempts the purge would take now (None: that kind is kept forever)."""
+    out: dict[str, int | None] = {"message_bodies": None, "recipients": None, "attempts": None}
+    if bodies_before is not None:
+        out["message_bodies"] = int(await conn.fetchval(*q("outbox_due_bodies", before=bodies_before)))
+    if recipients_before is not None:
+        row = await conn.fetchrow(*q("outbox_due_recipients", before=recipients_before))
+        assert row is not None
+        out["recipients"], out["attempts"] = int(row["recipients"]), int(row["attempts"])
+    return out

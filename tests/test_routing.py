@@ -399,11 +399,11 @@ async def test_zone_text_and_tcp_fallback(dns_server):
 # ----------------------------------------------------------------------------- CLI
 
 
-async def test_dns_check_cli(dns_server, capsys):
+async def test_dns_route_cli(dns_server, capsys):
     srv = dns_server({"example.test": {"MX": "10 mx1.provider.test."}, "nomail.test": {"MX": "0 ."}, **PROVIDER})
     parser = argparse.ArgumentParser(prog="engine")
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["dns", "check", "example.test", "nomail.test", "--nameserver", srv.nameserver])
+    args = parser.parse_args(["dns", "route", "example.test", "nomail.test", "--nameserver", srv.nameserver])
     status = await args.func(args)
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert status == 1

@@ -29,7 +29,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from engine.app import serve
     from engine.logging import configure
 
-    configure()
+    configure(args.settings.logging)
     run_async(serve(args.settings, args.workers))
     return 0
 
@@ -38,7 +38,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from engine.app import run_worker
     from engine.logging import configure
 
-    configure()
+    configure(args.settings.logging)
     run_async(run_worker(args.settings))
     return 0
 

@@ -238,6 +238,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from engine.app import run_dispatcher
     from engine.logging import configure
 
-    configure()
+    configure(args.settings.logging)
     run_async(run_dispatcher(args.settings))
     return 0

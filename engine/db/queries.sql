@@ -1314,3 +1314,104 @@ SELECT set_config('engine.audit_prune', :on, true);
 DELETE FROM audit_log WHERE id IN (
     SELECT id FROM audit_log WHERE at < :before ORDER BY at LIMIT :limit
 );
+
+-- ==== retention: each owner's purge, run in small batches by engine.retention ====
+
+-- name: outbox_prune_bodies
+-- Message bodies (raw, content) are blanked once every recipient of the message has been final
+-- since before :before; the message and recipient rows stay (history, events, late bounces).
+-- Walks messages_body_idx oldest first: a message created after :before cannot be due, and a
+-- blanked one has left the index. The recipients test is a scalar subquery on purpose: it runs
+-- as one index probe per candidate, where a NOT EXISTS may be planned as a scan of every
+-- waiting recipient per batch.
+WITH due AS (
+    SELECT m.id FROM messages m
+    WHERE (m.raw IS NOT NULL OR m.content NOT IN ('{"erased": true}'::jsonb, '{"purged": true}'::jsonb))
+      AND m.created_at < :before
+      AND (SELECT bool_and(r.state IN ('delivered', 'bounced', 'expired', 'suppressed') AND r.updated_at < :before)
+           FROM recipients r WHERE r.message_id = m.id)
+    ORDER BY m.created_at
+    LIMIT :limit
+    FOR UPDATE OF m SKIP LOCKED
+), blank AS (
+    UPDATE messages m SET raw = NULL, content = '{"purged": true}'::jsonb
+    WHERE m.id = ANY(ARRAY(SELECT id FROM due))
+    RETURNING m.id
+)
+SELECT count(*)::int AS n FROM blank;
+
+-- name: outbox_due_bodies
+SELECT count(*)::bigint AS n FROM messages m
+WHERE (m.raw IS NOT NULL OR m.content NOT IN ('{"erased": true}'::jsonb, '{"purged": true}'::jsonb))
+  AND m.created_at < :before
+  AND (SELECT bool_and(r.state IN ('delivered', 'bounced', 'expired', 'suppressed') AND r.updated_at < :before)
+       FROM recipients r WHERE r.message_id = m.id);
+
+-- name: outbox_prune_recipients
+-- Recipient rows final since before :before go, their attempts with them (ON DELETE CASCADE), and
+-- each message none of whose recipients is left. Oldest first through recipients_final_idx. The
+-- ids travel as arrays (= ANY) so every step is an index probe per row, never a table scan.
+WITH due AS (
+    SELECT id, message_id FROM recipients
+    WHERE state IN ('delivered', 'bounced', 'expired', 'suppressed') AND updated_at < :before
+    ORDER BY updated_at
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+), ids AS (
+    SELECT coalesce(array_agg(id), '{}') AS rids, coalesce(array_agg(DISTINCT message_id), '{}') AS mids FROM due
+), gone AS (
+    DELETE FROM recipients r WHERE r.id = ANY((SELECT rids FROM ids)::bigint[]) RETURNING r.id
+), msgs AS (
+    DELETE FROM messages m
+    WHERE m.id = ANY((SELECT mids FROM ids)::uuid[])
+      AND NOT EXISTS (SELECT 1 FROM recipients o WHERE o.message_id = m.id AND o.id NOT IN (SELECT id FROM due))
+    RETURNING m.id
+)
+SELECT (SELECT count(*) FROM gone)::int AS recipients, (SELECT count(*) FROM msgs)::int AS messages;
+
+-- name: outbox_due_recipients
+SELECT count(*)::bigint AS recipients,
+       (SELECT count(*) FROM attempts a JOIN recipients r ON r.id = a.recipient_id
+        WHERE r.state IN ('delivered', 'bounced', 'expired', 'suppressed') AND r.updated_at < :before)::bigint AS attempts
+FROM recipients
+WHERE state IN ('delivered', 'bounced', 'expired', 'suppressed') AND updated_at < :before;
+
+-- name: events_prune
+-- Events written before :before, except those a webhook still owes someone: an event an enabled
+-- endpoint has a pending or sending delivery for, and (while any endpoint is enabled) an event the
+-- fan-out has not reached yet. Dead letters do not hold their event. With a large backlog of
+-- pending deliveries the planner probes webhook_deliveries_open_event_idx once per candidate.
+WITH cur AS (
+    SELECT c.tx, c.event_id FROM webhook_cursor c
+    WHERE c.id = 1 AND EXISTS (SELECT 1 FROM webhook_endpoints w WHERE w.enabled)
+), due AS (
+    SELECT e.id FROM events e
+    WHERE e.created_at < :before
+      AND NOT EXISTS (SELECT 1 FROM cur WHERE (e.tx, e.id) > (cur.tx, cur.event_id))
+      AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
+                      WHERE d.event_id = e.id AND d.state IN ('pending', 'sending') AND w.enabled)
+    ORDER BY e.created_at
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM events e WHERE e.id = ANY(ARRAY(SELECT id FROM due))
+RETURNING e.id;
+
+-- name: events_due
+WITH cur AS (
+    SELECT c.tx, c.event_id FROM webhook_cursor c
+    WHERE c.id = 1 AND EXISTS (SELECT 1 FROM webhook_endpoints w WHERE w.enabled)
+)
+SELECT count(*)::bigint AS n FROM events e
+WHERE e.created_at < :before
+  AND NOT EXISTS (SELECT 1 FROM cur WHERE (e.tx, e.id) > (cur.tx, cur.event_id))
+  AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
+                  WHERE d.event_id = e.id AND d.state IN ('pending', 'sending') AND w.enabled);
+
+-- name: retention_sizes
+-- On-disk size (table, indexes and TOAST) and the planner's row estimate of each table; a table
+-- that does not exist (yet) gives NULLs.
+SELECT t.name, pg_total_relation_size(to_regclass(t.name))::bigint AS bytes,
+       (SELECT greatest(c.reltuples, 0)::bigint FROM pg_class c WHERE c.oid = to_regclass(t.name)) AS estimated_rows
+FROM unnest(:tables::text[]) WITH ORDINALITY AS t(name, i)
+ORDER BY t.i;

@@ -450,3 +450,14 @@ CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
     FOR EACH ROW EXECUTE FUNCTION audit_log_append_only();
 CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
+
+-- from 0012_retention
+-- Indexes the background purge (engine.retention) walks oldest first, one small batch at a time.
+CREATE INDEX recipients_final_idx ON recipients (updated_at)
+    WHERE state IN ('delivered', 'bounced', 'expired', 'suppressed');
+-- Messages that still hold a body; retention's {"purged": true} and erasure's {"erased": true} leave it.
+CREATE INDEX messages_body_idx ON messages (created_at)
+    WHERE raw IS NOT NULL OR content NOT IN ('{"erased": true}'::jsonb, '{"purged": true}'::jsonb);
+-- Events a webhook delivery still waits to send are kept by the events purge.
+CREATE INDEX webhook_deliveries_open_event_idx ON webhook_deliveries (event_id)
+    WHERE state IN ('pending', 'sending');

@@ -55,6 +55,7 @@ from engine.compose.pipeline import Composer, MessageRow
 from engine.consent.policy import ConsentPolicy
 from engine.db.pool import acquire
 from engine.db.queries import q
+from engine.deliver.attemptlog import log_attempt
 from engine.deliver.config import DeliveryConfig
 from engine.deliver.pools import EgressPools, Source
 from engine.deliver.routing import Route, RouteError, Router
@@ -477,23 +478,15 @@ class DeliveryWorker:
             self.gate.done(adm, ok, len(result.results) - ok)
         by_rcpt = {r.recipient: r for r in result.results}
         attempts = []
+        pool = self.pools.pool_for(job.msg.stream)
         for row in job.rows:
             r = by_rcpt[row["address"]]
-            attempts.append(
-                self._attempt_row(
-                    job, row, r.kind, r.code, r.enhanced_status, r.reply, result.host, started,
-                    provider=provider, egress=source.name,
-                )
+            attempt = self._attempt_row(
+                job, row, r.kind, r.code, r.enhanced_status, r.reply, result.host, started,
+                provider=provider, egress=source.name,
             )
-            log.info(
-                "delivery_attempt",
-                message_id=str(job.message_id),
-                domain=dest.domain,
-                mx=result.host,
-                outcome=r.kind,
-                reply=r.reply,
-                duration_ms=monotonic_ms(started),
-            )
+            attempts.append(attempt)
+            log_attempt(attempt, pool=pool, tls=result.tls)
         self.writer.add(attempts)
         self.delivered += sum(1 for a in attempts if a.kind == "delivered")
         if all(r.kind == "temporary" and r.phase in _CONNECTION_PHASES for r in result.results):
@@ -578,9 +571,10 @@ class DeliveryWorker:
     def _settle(
         self, job: Job, kind: str, code: int | None, status: str | None, reply: str, mx: str | None, started: float
     ) -> None:
-        self.writer.add([self._attempt_row(job, row, kind, code, status, reply, mx, started) for row in job.rows])
-        for _ in job.rows:
-            log.info("delivery_attempt", message_id=str(job.message_id), domain=job.domain, mx=mx, outcome=kind, reply=reply)
+        attempts = [self._attempt_row(job, row, kind, code, status, reply, mx, started) for row in job.rows]
+        self.writer.add(attempts)
+        for attempt in attempts:
+            log_attempt(attempt)
 
     def _suspend(self, dest: Destination, reason: str) -> None:
         """Stop trying a destination that refuses connections; defer what waits for it, untried."""

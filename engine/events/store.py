@@ -177,3 +177,18 @@ async def erase_events(
         *q("events_erase", address=address, recipient_ids=list(recipient_ids), message_ids=list(message_ids))
     )
     return [r["id"] for r in rows]
+
+
+async def prune_events(conn: asyncpg.Connection, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` events written before ``before`` that no webhook endpoint still waits for.
+
+    Kept regardless of age: events an enabled endpoint has a pending or sending delivery for, and
+    (while any endpoint is enabled) events the fan-out has not reached. A dead letter does not keep
+    its event: replaying it after the event is gone ends it as "the event no longer exists".
+    """
+    return len(await conn.fetch(*q("events_prune", before=before, limit=limit)))
+
+
+async def events_due(conn: asyncpg.Connection, before: datetime) -> int:
+    """How many events :func:`prune_events` would take now."""
+    return int(await conn.fetchval(*q("events_due", before=before)))
