@@ -31,6 +31,7 @@ from engine.configtypes import (  # noqa: F401  (re-exported for section modules
     parse_size,
 )
 from engine.consent.config import ConsentConfig
+from engine.dashboard.config import DashboardConfig
 from engine.deliver.config import DeliveryConfig
 from engine.deliver.pools import PoolConfig
 from engine.deliver.routing import RoutingConfig
@@ -181,6 +182,7 @@ class Settings(_Section):
     webhooks: WebhooksConfig = WebhooksConfig()
     consent: ConsentConfig = ConsentConfig()
     metrics: MetricsConfig = MetricsConfig()
+    dashboard: DashboardConfig = DashboardConfig()
 
     # Resolved from the environment, not from the file.
     home: Path = Path("var")
