@@ -39,12 +39,19 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 CHROMIUM_ARGS = ["--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--no-first-run", "--disable-quic", "--disable-features=Translate,OptimizationHints,MediaRouter"]
 WAIT_MS = 60_000
+# A browser, an engine and a worker share two loaded cores with the rest of the suite: room beyond the default 120 s.
+pytestmark = pytest.mark.timeout(300)
 
 SHAPING = """
 [provider.bigmail]
 match = [{DomainSuffix = "bigmail.test"}]
 provider_max_message_rate = "600/min"
 provider_connection_limit = 3
+
+[warmup.new-ip]
+sources = ["default"]
+schedule = [100, 200]
+spread_over = "1s"
 """
 
 
@@ -113,10 +120,10 @@ class Tab:
         async with self.page.expect_navigation():
             await self.page.click("#login")
 
-    async def shot(self, name: str) -> Path:
+    async def shot(self, name: str, full_page: bool = True) -> Path:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         path = ARTIFACTS / f"{name}.png"
-        await self.page.screenshot(path=str(path), full_page=True)
+        await self.page.screenshot(path=str(path), full_page=full_page)
         assert path.stat().st_size > 1000
         return path
 
@@ -132,11 +139,11 @@ class Tab:
         return str(await self.page.inner_text(selector)).strip()
 
 
-async def _engine(engine_factory: Any, tmp_path: Path, rx: Receiver | None = None) -> tuple[Any, str]:
+async def _engine(engine_factory: Any, tmp_path: Path, rx: Receiver | None = None, webhooks: bool = False) -> tuple[Any, str]:
     (tmp_path / "shaping.toml").write_text(SHAPING)
     route = f'[routing.static]\n"bigmail.test" = "{rx.address}:{rx.port}"\n' if rx else ""
     eng = await engine_factory(
-        '[dashboard]\nrefresh = "1s"\n[webhooks]\nenabled = false\n[shaping]\nfile = "shaping.toml"\n'
+        f'[dashboard]\nrefresh = "1s"\n[webhooks]\nenabled = {str(webhooks).lower()}\n[shaping]\nfile = "shaping.toml"\n'
         '[delivery]\npoll_interval = "50ms"\nflush_interval = "20ms"\n' + route
     )
     host, port = eng.http_address
@@ -266,7 +273,11 @@ async def test_provider_numbers_change_live_as_mail_is_delivered(engine_factory,
     assert await tab.text("#queue-waiting") == "0"
     await tab.shot("overview-after-delivery")
     await tab.goto("/dashboard/warmup")
-    assert await tab.text("h1") == "Warm-up ramps"
+    ramp = "tr[data-ramp='new-ip:default']"
+    cells = await tab.page.locator(f"{ramp} td").all_inner_texts()
+    assert cells[:5] == ["new-ip", "default", "all", "1 of 2", cells[4]] and cells[6] == "100", cells  # step 1, cap 100
+    assert 1 <= int(await tab.text(f"{ramp} [data-field=sent]")) <= 100
+    await tab.shot("warmup")
     assert tab.offsite == []
 
 
@@ -371,12 +382,12 @@ async def test_docs_render_offline(engine_factory, tmp_path, browser) -> None:
     try:
         await tab.page.wait_for_selector(".swagger-ui .info .title", timeout=WAIT_MS)
     except Exception:
-        await tab.shot("docs-failed")
+        await tab.shot("docs-failed", full_page=False)
         raise AssertionError(f"Swagger UI did not render; console: {tab.console}; requests: {tab.requests}") from None
     assert (await tab.text(".swagger-ui .info .title")).startswith("engine")
     await tab.page.wait_for_selector(".opblock-summary-path[data-path='/v1/messages']", timeout=WAIT_MS)
     assert await tab.page.locator(".opblock-tag", has_text="webhooks").count() >= 1
-    await tab.shot("docs")
+    await tab.shot("docs", full_page=False)
     assert tab.offsite == []
     assert f"{base}/dashboard/static/swagger/swagger-ui-bundle.js" in tab.requests
     assert f"{base}/openapi.json" in tab.requests
@@ -386,7 +397,7 @@ async def test_docs_render_offline(engine_factory, tmp_path, browser) -> None:
 
 
 async def test_pages_need_a_session_and_send_security_headers(engine_factory, tmp_path) -> None:
-    eng, base = await _engine(engine_factory, tmp_path)
+    eng, base = await _engine(engine_factory, tmp_path, webhooks=True)
     key, _ = await eng.apikeys.create("viewer", ["read"])
     async with httpx.AsyncClient(base_url=base) as c:
         for path in ("/dashboard", "/dashboard/providers", "/dashboard/warmup", "/dashboard/queue", "/dashboard/search?address=a@b.c"):
@@ -410,6 +421,7 @@ async def test_pages_need_a_session_and_send_security_headers(engine_factory, tm
         assert "script-src 'self'" in r.headers["content-security-policy"]
         assert r.headers["x-frame-options"] == "DENY" and r.headers["cache-control"] == "no-store"
         assert "https://" not in r.text and "http://" not in r.text
+        assert 'id="event-lag"' in r.text and 'id="unsubscribe-lag"' in r.text  # webhooks on: their lag is shown
         live = await c.get("/dashboard/live/providers", cookies={COOKIE: cookie})
         assert live.status_code == 200 and 'data-provider="bigmail"' in live.text
         # Revoking the key ends its sessions (within the key cache's TTL).

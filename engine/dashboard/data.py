@@ -123,7 +123,7 @@ async def overview(request: Request, ctx: HttpContext) -> dict[str, Any]:
         "held": sum(s["held"] for s in streams),
         "streams": streams,
         "oldest": oldest, "oldest_level": cfg.level("queue_age", oldest),
-        "webhooks": "engine_webhook_events_pending" in fam,
+        "webhooks": ctx.webhooks is not None,
         "events_pending": int(_sum(fam.get("engine_webhook_events_pending", []))),
         "events_dead": int(_sum(fam.get("engine_webhook_events_dead_lettered", []))),
         "event_lag_p95": p95, "event_lag_p95_level": cfg.level("event_lag", p95),

@@ -223,6 +223,8 @@ async def login(request: Request) -> Response:
     elif not key.allows("read"):
         error = "This API key lacks the 'read' scope the dashboard needs."
     if key is None or error is not None:
+        # Failed logins go through the same key check as the API; a per-IP limit on failed
+        # authentications, where the engine has one, belongs here too.
         log.warning("dashboard_login_failed", client=request.client.host if request.client else None, reason=error)
         return render(request, "login.html", status=401, next=target, error=error)
     cookie, session = state(request).sessions.issue(secret)
