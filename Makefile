@@ -6,8 +6,8 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 CONFIG ?= deploy/engine.dev.toml
 PYTEST_ARGS ?=
-# Debian packages the test suite needs (independent DKIM verifier).
-DEB_TEST_PKGS := libmail-dkim-perl opendkim opendkim-tools
+# Debian packages the test suite needs (independent DKIM verifier; Chromium for the dashboard's browser tests).
+DEB_TEST_PKGS := libmail-dkim-perl opendkim opendkim-tools chromium
 
 .PHONY: install run test bench deb-test lint clean
 
@@ -50,4 +50,4 @@ lint: $(LINT_STAMP)
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) var .pytest-pg .pytest_cache
+	rm -rf $(VENV) var .pytest-pg .pytest_cache test-artifacts

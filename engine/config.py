@@ -31,6 +31,7 @@ from engine.configtypes import (  # noqa: F401  (re-exported for section modules
     parse_size,
 )
 from engine.consent.config import ConsentConfig
+from engine.dashboard.config import DashboardConfig
 from engine.deliver.config import DeliveryConfig
 from engine.deliver.pools import PoolConfig
 from engine.deliver.routing import RoutingConfig
@@ -195,6 +196,7 @@ class Settings(_Section):
     export: ExportConfig = ExportConfig()
     retention: RetentionConfig = RetentionConfig()
     logging: LoggingConfig = LoggingConfig()
+    dashboard: DashboardConfig = DashboardConfig()
 
     # Resolved from the environment, not from the file.
     home: Path = Path("var")

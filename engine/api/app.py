@@ -15,8 +15,10 @@ from typing import Any
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import __version__
@@ -25,6 +27,7 @@ from engine.api import audit, consent, events, health, messages, metrics, suppre
 from engine.api.deps import HttpContext
 from engine.api.responses import RETRY_AFTER_SECONDS, ApiError, error_response
 from engine.config import Settings
+from engine.dashboard import routes as dashboard
 from engine.errors import DatabaseUnavailable, NotFound, ValidationFailed
 from engine.events import catalog
 from engine.submit.models import UNSTORABLE, ErrorOut
@@ -171,6 +174,10 @@ def create_app(ctx: HttpContext) -> FastAPI:
         title="engine",
         version=__version__,
         description="Self-hosted email sending engine: submit mail, follow its delivery.",
+        # /docs is served below from assets in the package (FastAPI's default loads them from a CDN and renders
+        # blank offline); ReDoc has no local copy, so it is off.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.ctx = ctx
     app.exception_handler(RequestValidationError)(on_validation_error)
@@ -203,8 +210,29 @@ def create_app(ctx: HttpContext) -> FastAPI:
     app.include_router(health.router, responses={503: {"description": "The database is unreachable"}})
     if ctx.settings.metrics.enabled:
         app.include_router(metrics.router)
+    app.mount(STATIC_PATH, StaticFiles(packages=[("engine.dashboard", "static")]), name="static")
+    app.get("/docs", include_in_schema=False)(docs)
+    if ctx.settings.dashboard.enabled:
+        app.state.dashboard = dashboard.DashboardState(ctx.settings)
+        app.include_router(dashboard.router)
     app.openapi = partial(openapi, app)  # type: ignore[method-assign]
     return app
+
+
+STATIC_PATH = "/dashboard/static"
+"""Assets shipped in the package (engine/dashboard/static): the dashboard's and Swagger UI's."""
+
+
+async def docs() -> HTMLResponse:
+    """Swagger UI over ``/openapi.json``, every asset from this engine (no request leaves the host)."""
+    return get_swagger_ui_html(
+        openapi_url="/openapi.json", title="engine API",
+        swagger_js_url=f"{STATIC_PATH}/swagger/swagger-ui-bundle.js",
+        swagger_css_url=f"{STATIC_PATH}/swagger/swagger-ui.css",
+        swagger_favicon_url=f"{STATIC_PATH}/swagger/favicon-32x32.png",
+        # validatorUrl: Swagger UI would otherwise load a badge from validator.swagger.io.
+        swagger_ui_parameters={"validatorUrl": None},
+    )
 
 
 def openapi(app: FastAPI) -> dict[str, Any]:

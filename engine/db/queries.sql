@@ -1415,3 +1415,23 @@ SELECT t.name, pg_total_relation_size(to_regclass(t.name))::bigint AS bytes,
        (SELECT greatest(c.reltuples, 0)::bigint FROM pg_class c WHERE c.oid = to_regclass(t.name)) AS estimated_rows
 FROM unnest(:tables::text[]) WITH ORDINALITY AS t(name, i)
 ORDER BY t.i;
+
+-- ==== dashboard (reads only; engine.dashboard.data) ====
+
+-- name: dashboard_event_counts
+-- Recipient state changes over the last :seconds, by type: the overview's rates (received = accepted).
+SELECT type, count(*)::bigint AS n FROM events
+WHERE created_at >= now() - make_interval(secs => :seconds)
+  AND type IN ('accepted', 'delivered', 'deferred', 'bounced', 'suppressed', 'complained')
+GROUP BY type;
+
+-- name: dashboard_recent_replies
+-- The latest delivery outcomes with their replies (newest first), for "last replies" per provider:
+-- the shaping provider the writer recorded, else the recipient's domain (as in reputation_counters).
+SELECT e.created_at, e.type, coalesce(e.data->>'provider', r.domain, '') AS provider,
+       e.data->>'code' AS code, e.data->>'reply' AS reply, e.data->>'mx' AS mx
+FROM events e LEFT JOIN recipients r ON r.id = e.recipient_id
+WHERE e.created_at >= now() - make_interval(secs => :seconds)
+  AND e.type IN ('delivered', 'deferred', 'bounced')
+ORDER BY e.created_at DESC, e.id DESC
+LIMIT :limit;

@@ -48,12 +48,21 @@ def _key_file(home: Path) -> bytes:
     return key
 
 
+def engine_key(settings: Settings) -> bytes:
+    """The engine's secret key: ``[webhooks] secret_key`` / ``ENGINE_SECRET_KEY``, else ``$ENGINE_HOME/secret.key``.
+
+    Other keys are derived from it (the dashboard's session key, with HMAC), so one secret to
+    keep and to share between hosts.
+    """
+    configured = settings.webhooks.secret_key
+    return configured.get_secret_value().encode() if configured is not None else _key_file(settings.home)
+
+
 class SecretBox:
     """Encrypts and decrypts endpoint secrets with the engine's secret key."""
 
     def __init__(self, settings: Settings) -> None:
-        configured = settings.webhooks.secret_key
-        key = configured.get_secret_value().encode() if configured is not None else _key_file(settings.home)
+        key = engine_key(settings)
         try:
             self._fernet = Fernet(key)
         except (ValueError, TypeError):
