@@ -343,6 +343,12 @@ async def test_hold_and_release_a_domain_with_confirmation_and_csrf(engine_facto
     async with page.expect_navigation():
         await page.click("#confirm")
     assert await tab.text("#notice") == "release: 3 recipient(s) changed"
+    # Each action taken through the dashboard is in the audit log, as the admin key, from the browser's address.
+    audit = await eng.pool.fetch("SELECT actor, action, target, source_ip::text AS ip, after FROM audit_log "
+                                 "WHERE action LIKE 'queue.%' ORDER BY id")
+    assert [(a["action"], a["target"], a["after"]["changed"]) for a in audit] == [
+        ("queue.hold", "domain:slow.example", 3), ("queue.release", "domain:slow.example", 3)]
+    assert all(a["ip"].startswith("127.") for a in audit)
     assert await _states(eng, "slow.example") == ["queued"] * 3
     assert await tab.text(f"{row} [data-field=queued]") == "3"
     await tab.shot("queue-released")

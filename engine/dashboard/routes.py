@@ -29,6 +29,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from engine.addresses import normalize_domain
 from engine.api.deps import HttpContext, context
 from engine.apikeys import ApiKey
+from engine.audit import Actor
 from engine.dashboard import data
 from engine.dashboard.session import COOKIE, COOKIE_PATH, Session, Sessions, safe_next, same_origin
 from engine.errors import ValidationFailed
@@ -348,8 +349,11 @@ async def queue_action(request: Request) -> Response:
     ctx = context(request)
     before = data.affected(action, (await data.queue(ctx, domain))["rows"])
     changed = await ctx.outbox.manage(action, domain=domain)
-    # AUDIT: when engine.audit exists, record this action here: actor=v.key.name, action=f"queue.{action}",
-    # target=f"domain:{domain}", source IP=request.client.host, before={"matching": before}, after={"changed": changed}.
+    if ctx.audit is not None:
+        await ctx.audit.record(
+            Actor.api_key(v.key.name, v.key.id, request.client.host if request.client else None),
+            f"queue.{action}", f"domain:{domain}", before={"matching": before, "via": "dashboard"}, after={"changed": changed},
+        )
     log.info("dashboard_queue_action", api_key=v.key.name, action=action, domain=domain, matching=before, changed=changed,
              client=request.client.host if request.client else None)
     query = urlencode({"done": action, "n": changed, "domain": domain})
