@@ -88,6 +88,9 @@ class HttpContext:
     events: EventStore | None = None
     webhooks: WebhookDeps | None = None
     consent: ConsentDeps | None = None
+    # For /readyz: which of this process's listeners are up (name -> up), and whether it is stopping.
+    listeners: Callable[[], dict[str, bool]] | None = None
+    stopping: Callable[[], bool] | None = None
 
 
 def context(request: Request) -> HttpContext:
