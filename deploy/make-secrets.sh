@@ -16,6 +16,7 @@ fi
 if [ ! -s secrets/engine_secret_key ]; then
     python3 -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())' > secrets/engine_secret_key
 fi
-# The containers run as uid 10001 (engine) and 999 (postgres): compose bind-mounts these files as they are.
+# The directory stays 0700 (umask above); the files must be readable inside the containers, which run
+# as uid 10001 (engine) and 999 (postgres): compose bind-mounts each file as it is.
 chmod 0644 secrets/postgres_password secrets/database_url secrets/engine_secret_key
 echo "secrets in $(pwd)/secrets (keep them out of version control)"
