@@ -44,10 +44,18 @@ test: $(STAMP) deb-test
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
-# ruff (style and likely bugs) over everything; mypy --strict over engine/ (config in pyproject.toml).
+# Kubernetes version the manifests in deploy/k8s are validated against (schemas bundled, offline).
+K8S_VERSION ?= 1.31.0
+K8S_MANIFESTS := $(filter-out deploy/k8s/kustomization.yaml,$(wildcard deploy/k8s/*.yaml))
+
+# ruff (style and likely bugs) over everything; mypy --strict over engine/ (config in pyproject.toml);
+# the Dockerfile (hadolint) and the Kubernetes manifests (kubernetes-validate, strict: unknown fields fail).
+# deploy/compose.yaml and deploy/systemd are checked by tests/test_deploy.py.
 lint: $(LINT_STAMP)
 	$(VENV)/bin/ruff check engine tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint deploy/Dockerfile
+	$(VENV)/bin/kubernetes-validate --strict --quiet -k $(K8S_VERSION) $(K8S_MANIFESTS)
 
 clean:
 	rm -rf $(VENV) var .pytest-pg .pytest_cache test-artifacts

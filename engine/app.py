@@ -258,6 +258,7 @@ class Engine:
                 self.settings.queue.streams, self.settings.consent.max_import_errors,
             ),
             audit=svc.audit,
+            listeners=self.listener_states, stopping=self._stopping.is_set,
         )
         app = wrap(create_app(ctx), self.settings)
         host, port = self.settings.http.listen
@@ -309,6 +310,23 @@ class Engine:
                 log.exception("housekeeping_failed")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=10)
+
+    def listener_states(self) -> dict[str, bool]:
+        """Each listener this process is configured to run -> whether it is up now (for ``/readyz``).
+
+        ``http``, ``smtp:<name>`` per ``[[smtp.listeners]]`` and ``inbound`` (the bounce/FBL
+        listener). The HTTP server starts first, so during start-up the SMTP listeners show down.
+        """
+        states: dict[str, bool] = {}
+        if self.settings.http.enabled:
+            states["http"] = self._http is not None and self._http.started and not self._http.should_exit
+        if self.settings.smtp.enabled:
+            serving = {h.name for h in self._smtp if h.server.is_serving()}
+            for listener in self.settings.smtp.listeners:
+                states[f"smtp:{listener.name}"] = listener.name in serving
+        if self.settings.feedback.inbound.enabled:
+            states["inbound"] = self.inbound is not None and self.inbound.server.is_serving()
+        return states
 
     def _wake_dispatcher(self) -> None:
         if self.dispatcher is not None:

@@ -4,8 +4,9 @@ Each command group is one module in ``engine/commands/`` with a
 ``register(subparsers)`` function; :data:`COMMAND_MODULES` lists them in the
 order ``engine --help`` shows them. This file only builds the top-level
 parser, loads the config once (``--config`` wins over ``ENGINE_CONFIG``) and
-maps errors to exit codes: 2 for a bad config, 1 for any other engine error,
-130 for Ctrl-C. A command may return its status or a coroutine (run here).
+maps errors to exit codes: 2 for a bad config or a database schema newer than
+this code (the node must not run as it is), 1 for any other engine error, 130
+for Ctrl-C. A command may return its status or a coroutine (run here).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.config import load_settings
-from engine.errors import ConfigError, EngineError
+from engine.errors import ConfigError, EngineError, SchemaTooNew
 from engine.runtime import run_async
 
 COMMAND_MODULES: tuple[str, ...] = (
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if asyncio.iscoroutine(result):
             result = run_async(result)
         return int(result or 0)
-    except ConfigError as exc:
+    except (ConfigError, SchemaTooNew) as exc:
         print(f"engine: {exc}", file=sys.stderr)
         return 2
     except EngineError as exc:

@@ -251,6 +251,24 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+SECRET_ENV = ("DATABASE_URL", "ENGINE_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+"""Variables that may instead name a file holding the value, as ``<NAME>_FILE`` (Docker and
+Kubernetes secrets are files; a secret in a file stays out of ``docker inspect`` and ``ps e``)."""
+
+
+def _read_secret_file(env: dict[str, str], name: str) -> None:
+    """``<name>_FILE``: read the value from that file (surrounding whitespace dropped) unless ``<name>`` is set."""
+    path = env.get(f"{name}_FILE")
+    if not path or env.get(name):
+        return
+    try:
+        env[name] = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
+    if not env[name]:
+        raise ConfigError(f"{name}_FILE: {path} is empty")
+
+
 def load_settings(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
     """Load and validate the config. ``path`` wins over ``ENGINE_CONFIG``; no file means defaults."""
     env = dict(os.environ if env is None else env)
@@ -280,6 +298,8 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
             data["worker_slot"] = int(slot)
         except ValueError:
             raise ConfigError(f"ENGINE_WORKER_SLOT must be a number (got {slot!r})") from None
+    for name in SECRET_ENV:
+        _read_secret_file(env, name)
     if env.get("ENGINE_SECRET_KEY"):
         data.setdefault("webhooks", {})
         if isinstance(data["webhooks"], dict):

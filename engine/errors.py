@@ -15,6 +15,13 @@ class ConfigError(EngineError):
     """The configuration file is missing, unreadable or invalid."""
 
 
+class SchemaTooNew(EngineError):
+    """The database carries migrations this code does not ship: a newer release migrated it.
+
+    The command line exits 2 for it, like a bad config: the node must not run as it is.
+    """
+
+
 class DatabaseUnavailable(EngineError):
     """Postgres cannot be reached right now; the caller should answer 'try later'."""
 

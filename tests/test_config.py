@@ -38,6 +38,26 @@ def test_env_database_url_and_home_win(tmp_path: Path) -> None:
     assert s.database.url == "postgresql://env/db" and s.home == Path("/srv/engine")
 
 
+def test_secrets_from_files(tmp_path: Path) -> None:
+    """``<NAME>_FILE`` (Docker/Kubernetes secrets): the value is read from the file; the plain variable wins."""
+    from cryptography.fernet import Fernet
+
+    key = Fernet.generate_key().decode()
+    (tmp_path / "db").write_text("postgresql://engine:s3cret@db.internal/engine\n")
+    (tmp_path / "key").write_text(key + "\n")
+    env = {"DATABASE_URL_FILE": str(tmp_path / "db"), "ENGINE_SECRET_KEY_FILE": str(tmp_path / "key")}
+    s = load_settings(None, env=env)
+    assert s.database.url == "postgresql://engine:s3cret@db.internal/engine"
+    assert s.webhooks.secret_key is not None and s.webhooks.secret_key.get_secret_value() == key
+    s = load_settings(None, env={**env, "DATABASE_URL": "postgresql://env/db"})
+    assert s.database.url == "postgresql://env/db"
+    with pytest.raises(ConfigError, match="DATABASE_URL_FILE: cannot read .*nope"):
+        load_settings(None, env={"DATABASE_URL_FILE": str(tmp_path / "nope")})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="ENGINE_SECRET_KEY_FILE: .* is empty"):
+        load_settings(None, env={"ENGINE_SECRET_KEY_FILE": str(tmp_path / "empty")})
+
+
 def test_engine_config_env_is_used(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_text('[server]\nhostname = "mx.example.org"\n')

@@ -93,6 +93,9 @@ class HttpContext:
     consent: ConsentDeps | None = None
     audit: AuditLog | None = None
     """The audit log: admin actions record through :func:`get_audit`; ``GET /v1/audit`` reads it."""
+    # For /readyz: which of this process's listeners are up (name -> up), and whether it is stopping.
+    listeners: Callable[[], dict[str, bool]] | None = None
+    stopping: Callable[[], bool] | None = None
 
 
 def context(request: Request) -> HttpContext:
