@@ -6,7 +6,7 @@ import importlib
 import subprocess
 import sys
 
-BENCHMARKS = ["benchmarks.bench_submit", "benchmarks.bench_dkim", "benchmarks.bench_compose", "benchmarks.bench_e2e", "benchmarks.bench_isolation", "benchmarks.bench_shaping", "benchmarks.bench_webhooks", "benchmarks.bench_retention"]
+BENCHMARKS = ["benchmarks.bench_submit", "benchmarks.bench_dkim", "benchmarks.bench_compose", "benchmarks.bench_e2e", "benchmarks.bench_isolation", "benchmarks.bench_shaping", "benchmarks.bench_webhooks", "benchmarks.bench_retention", "benchmarks.bench_consent"]
 
 
 def main() -> int:

@@ -33,11 +33,13 @@ import aiosmtplib
 import httpx
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from engine.compose.tracking import Keyring, TokenKind
 from engine.config import load_settings
+from engine.consent.models import ConsentIn, ConsentRecord, fast_record
 from engine.deliver.scheduler import DeliveryWorker
-from engine.errors import ConfigError
+from engine.errors import ConfigError, ValidationFailed
 from engine.events.public import INTERNAL_TYPES, PUBLIC_TYPES
 from engine.feedback.verp import Verp
 from tests.receivers import Receiver, smtp_receiver, tls_ca  # noqa: F401  (fixtures)
@@ -391,6 +393,44 @@ async def test_import_is_idempotent_ordered_by_captured_at_and_never_half_applie
     # A body that claims gzip and is not is a 400, not a half import.
     r = await crm.http.post("/v1/consent/import", content=b"\x1f\x8bnot gzip at all", headers={"Content-Encoding": "gzip"})
     assert r.status_code == 400 and r.json()["field"] == "body", r.text
+
+
+def _variants() -> list[dict[str, Any]]:
+    base = {**GRANT, "address": "Ann@Example.NET", "contact_id": "crm-1"}
+    drop = [{k: v for k, v in base.items() if k != key} for key in base]
+    future = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    changes: list[dict[str, Any]] = [
+        {"address": " ann@example.net "}, {"address": "a" * 321}, {"address": "not-an-address"}, {"address": 7},
+        {"address": "ann@exa_mple.net"}, {"address": "ann@example.net."}, {"legal_basis": None}, {"legal_basis": "whim"},
+        {"captured_at": "2026-01-05T10:00:00.123456+02:00"}, {"captured_at": "2026-01-05T10:00:00"},
+        {"captured_at": "2026-01-05"}, {"captured_at": future}, {"captured_at": 1767607200}, {"captured_at": "2026-02-30T10:00:00Z"},
+        {"captured_at": "2026-01-05 10:00:00Z"}, {"captured_at": "2026-01-05T10:00:00.1234567Z"}, {"status": "maybe"},
+        {"status": ["granted"]}, {"purpose": "fishing"}, {"purpose": "sales"}, {"colour": "blue"},
+        {"evidence": {"ip": "192.0.2.1"}}, {"legacy": True}, {"legacy": "true"}, {"legacy": 1}, {"contact_id": ""},
+        {"contact_id": "a\nb"}, {"contact_id": "x" * 201}, {"source": "x" * 201}, {"source": ""}, {"source": "a\tb"},
+        {"policy_version": "p" * 101}, {"policy_version": ""}, {"policy_version": 3},
+        {"effective_from": "2026-02-01T00:00:00Z", "effective_until": "2026-01-01T00:00:00Z"},
+        {"effective_from": "2026-01-01T00:00:00Z", "effective_until": "2026-02-01T00:00:00+05:30"},
+        {"double_opt_in_at": "2026-01-04T09:00:00Z"}, {"double_opt_in_at": "yesterday"},
+    ]
+    return [base, *drop, *({**base, **c} for c in changes)]
+
+
+def test_fast_path_agrees_with_the_model() -> None:
+    """The import's fast path accepts only what the model accepts, and builds the same record from it."""
+    purposes = ("marketing", "sales", "transactional")
+    taken = 0
+    for doc in _variants():
+        fast = fast_record(doc, purposes)
+        try:
+            model: ConsentRecord | None = ConsentIn.model_validate(doc).record()
+        except (ValidationError, ValidationFailed):
+            model = None
+        if fast is not None:
+            taken += 1
+            assert model == fast, doc
+            assert fast.captured_at.utcoffset() is not None
+    assert fast_record(_variants()[0], purposes) is not None and taken >= 12  # the plain shape takes it
 
 
 @pytest.mark.parametrize(("legacy", "sent"), [("grandfathered", True), ("require_reconfirm", False)])

@@ -22,7 +22,7 @@ import orjson
 from engine.commands import Subparsers
 from engine.consent.erasure import erase_contact, is_erased
 from engine.consent.imports import BATCH, empty_totals, parse_line
-from engine.consent.models import ConsentIn
+from engine.consent.models import ConsentIn, ConsentRecord
 from engine.consent.policy import ConsentPolicy
 from engine.consent.store import ConsentStore, check_purpose
 from engine.errors import EngineError, ValidationFailed
@@ -77,7 +77,7 @@ async def cmd_consent_import(args: argparse.Namespace) -> int:
     fh = _open(args.file)
     async with database(args.settings) as pool:
         store = ConsentStore(pool, policy)
-        batch: list[ConsentIn] = []
+        batch: list[ConsentIn | ConsentRecord] = []
 
         async def flush() -> None:
             if batch:

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from engine.consent.models import ConsentIn, field_of
+from engine.consent.models import ConsentIn, ConsentRecord, fast_record, field_of
 from engine.consent.policy import ConsentPolicy
 from engine.consent.store import OUTCOMES, check_purpose
 from engine.errors import ValidationFailed
@@ -38,8 +38,15 @@ def parse_document(line: bytes) -> dict[str, Any]:
     return doc
 
 
-def parse_record(doc: Any, policy: ConsentPolicy) -> ConsentIn:
-    """One consent record, validated; an error names its field (``purpose`` for an undeclared one)."""
+def parse_record(doc: Any, policy: ConsentPolicy) -> ConsentRecord | ConsentIn:
+    """One consent record, validated; an error names its field (``purpose`` for an undeclared one).
+
+    The plain shape of a CRM export takes the fast path (:func:`fast_record`); anything else,
+    errors included, goes through the :class:`ConsentIn` model.
+    """
+    fast = fast_record(doc, policy.all_purposes)
+    if fast is not None:
+        return fast
     try:
         change = ConsentIn.model_validate(doc)
     except ValidationError as exc:
@@ -49,7 +56,7 @@ def parse_record(doc: Any, policy: ConsentPolicy) -> ConsentIn:
     return change
 
 
-def parse_line(line: bytes, policy: ConsentPolicy) -> ConsentIn:
+def parse_line(line: bytes, policy: ConsentPolicy) -> ConsentRecord | ConsentIn:
     return parse_record(parse_document(line), policy)
 
 

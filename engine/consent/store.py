@@ -19,12 +19,12 @@ from typing import Any
 import asyncpg
 
 from engine import metrics
-from engine.consent.models import ConsentIn
+from engine.consent.models import ConsentIn, ConsentRecord
 from engine.consent.policy import ConsentPolicy
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.errors import ValidationFailed
-from engine.events.store import Event, record_events
+from engine.events.store import record_payloads
 from engine.outbox import suppress_pending
 
 OUTCOMES = ("new", "changed", "unchanged", "stale")
@@ -47,7 +47,7 @@ def check_purpose(policy: ConsentPolicy, purpose: str, field_name: str = "purpos
     return purpose
 
 
-def _latest(changes: Sequence[ConsentIn]) -> tuple[list[ConsentIn], list[int]]:
+def _latest(changes: Sequence[ConsentRecord]) -> tuple[list[ConsentRecord], list[int]]:
     """One change per (address, purpose), the latest by captured_at (the later line on a tie).
 
     One statement cannot update a row twice; returns the kept changes and, per input, the
@@ -57,7 +57,7 @@ def _latest(changes: Sequence[ConsentIn]) -> tuple[list[ConsentIn], list[int]]:
     for i, c in enumerate(changes):
         k = (c.address, c.purpose)
         j = keep.get(k)
-        if j is None or (c.captured_at or 0) >= (changes[j].captured_at or 0):  # type: ignore[operator]
+        if j is None or c.captured_at >= changes[j].captured_at:
             keep[k] = i
     kept_idx = sorted(keep.values())
     pos = {i: n for n, i in enumerate(kept_idx)}
@@ -65,61 +65,64 @@ def _latest(changes: Sequence[ConsentIn]) -> tuple[list[ConsentIn], list[int]]:
 
 
 async def apply_changes(
-    conn: asyncpg.Connection, changes: Sequence[ConsentIn], actor: str, policy: ConsentPolicy,
+    conn: asyncpg.Connection, changes: Sequence[ConsentIn | ConsentRecord], actor: str, policy: ConsentPolicy,
 ) -> Applied:
     """Record changes in the caller's transaction; stop queued mail they forbid; one event per applied change."""
     out = Applied()
     if not changes:
         return out
-    for c in changes:
+    records = [c.record() if isinstance(c, ConsentIn) else c for c in changes]
+    for c in records:
         check_purpose(policy, c.purpose)
-    kept, stands_for = _latest(changes)
-    rows = await conn.fetch(
-        *q(
-            "consent_apply", actor=actor[:200],
-            idx=list(range(len(kept))), addresses=[c.address for c in kept], purposes=[c.purpose for c in kept],
-            statuses=[c.status for c in kept], legal_bases=[c.legal_basis for c in kept],
-            sources=[c.source for c in kept], captured_ats=[c.captured_at for c in kept],
-            policy_versions=[c.policy_version for c in kept], double_opt_in_ats=[c.double_opt_in_at for c in kept],
-            evidences=[c.evidence.model_dump(exclude_none=True) if c.evidence else None for c in kept],
-            effective_froms=[c.effective_from for c in kept], effective_untils=[c.effective_until for c in kept],
-            contact_ids=[c.contact_id for c in kept], legacies=[c.legacy for c in kept],
-        )
-    )
-    by_idx = {r["idx"]: r for r in rows}
-    kept_outcome = [by_idx[i]["outcome"] for i in range(len(kept))]
+    actor = actor[:200]
+    kept, stands_for = _latest(records)
+    rows = await conn.fetch(*q("consent_apply", actor=actor, changes=[
+        {"idx": i, "address": c.address, "purpose": c.purpose, "status": c.status, "legal_basis": c.legal_basis,
+         "source": c.source, "captured_at": c.captured_at, "policy_version": c.policy_version,
+         "double_opt_in_at": c.double_opt_in_at, "evidence": c.evidence, "effective_from": c.effective_from,
+         "effective_until": c.effective_until, "contact_id": c.contact_id, "legacy": c.legacy}
+        for i, c in enumerate(kept)
+    ]))
+    outcome: list[str] = [""] * len(kept)
+    old_status: list[str | None] = [None] * len(kept)
+    for r in rows:
+        outcome[r["idx"]], old_status[r["idx"]] = r["outcome"], r["old_status"]
+    counts = out.counts
     for n, i in enumerate(stands_for):
         # A line superseded by a later line of the same batch counts as stale.
-        o = kept_outcome[i] if changes[n] is kept[i] else "stale"
+        o = outcome[i] if records[n] is kept[i] else "stale"
         out.outcomes.append(o)
-        out.counts[o] += 1
-    events: list[Event] = []
+        counts[o] += 1
+    events: list[dict[str, Any]] = []
     stop: list[tuple[str, str, str]] = []
     now = datetime.now(UTC)
+    blocks: dict[tuple[str, str, bool], list[str]] = {}
     for i, c in enumerate(kept):
-        if kept_outcome[i] not in ("new", "changed"):
+        if outcome[i] not in ("new", "changed"):
             continue
-        events.append(Event("consent_changed", data={
-            "address": c.address, "purpose": c.purpose, "old_status": by_idx[i]["old_status"], "status": c.status,
-            "legal_basis": c.legal_basis, "source": c.source,
-            "captured_at": c.captured_at.isoformat() if c.captured_at else None,
-            "policy_version": c.policy_version, "contact_id": c.contact_id, "legacy": c.legacy, "actor": actor[:200],
-        }))
+        events.append({
+            "address": c.address, "purpose": c.purpose, "old_status": old_status[i], "status": c.status,
+            "legal_basis": c.legal_basis, "source": c.source, "captured_at": c.captured_at,
+            "policy_version": c.policy_version, "contact_id": c.contact_id, "legacy": c.legacy, "actor": actor,
+        })
         if not _in_effect(c, now):
             continue  # a revocation from a later date stops nothing yet: the claim check stops its mail once it applies
-        for stream in policy.blocks(c.purpose, c.status, c.legacy):
+        key = (c.purpose, c.status, c.legacy)
+        streams = blocks.get(key)
+        if streams is None:
+            streams = blocks[key] = policy.blocks(*key)
+        for stream in streams:
             stop.append((c.address, stream, f"consent:{c.purpose}"))
     if stop:
         out.stopped = len(await suppress_pending(conn, stop))
-    await record_events(conn, events)
+    await record_payloads(conn, "consent_changed", events)
     m = metrics.get()
-    for i, c in enumerate(kept):
-        if kept_outcome[i] in ("new", "changed"):
-            metrics.inc(m.consent_changes, purpose=c.purpose, status=c.status)
+    for e in events:
+        metrics.inc(m.consent_changes, purpose=e["purpose"], status=e["status"])
     return out
 
 
-def _in_effect(c: ConsentIn, now: datetime) -> bool:
+def _in_effect(c: ConsentRecord, now: datetime) -> bool:
     """Whether a record applies now (its effective window, as the enqueue and claim checks read it)."""
     return (c.effective_from is None or c.effective_from <= now) and (c.effective_until is None or c.effective_until > now)
 
@@ -135,7 +138,7 @@ class ConsentStore:
         self.pool = pool
         self.policy = policy
 
-    async def record(self, changes: Sequence[ConsentIn], actor: str) -> Applied:
+    async def record(self, changes: Sequence[ConsentIn | ConsentRecord], actor: str) -> Applied:
         async with acquire(self.pool) as conn, conn.transaction():
             return await apply_changes(conn, changes, actor, self.policy)
 

@@ -86,6 +86,18 @@ async def record_events(conn: asyncpg.Connection, events: Sequence[Event]) -> in
     return len(events)
 
 
+async def record_payloads(conn: asyncpg.Connection, event_type: str, datas: Sequence[Mapping[str, Any]]) -> int:
+    """Events of one type tied to no recipient or message (consent changes), in one statement.
+
+    The payloads travel as one JSON array (a bulk consent import writes thousands per batch:
+    one parameter to encode rather than an array of jsonb values); each gets the payload version.
+    """
+    if not datas:
+        return 0
+    await conn.execute(*q("events_insert_payloads", type=_check(event_type), version=PAYLOAD_VERSION, datas=list(datas)))
+    return len(datas)
+
+
 async def event_exists_for_recipient(
     conn: asyncpg.Connection, event_type: str, message_id: uuid.UUID, recipient_id: int
 ) -> bool:
