@@ -61,7 +61,7 @@ def world(tmp_path: Path, dns_server) -> dict[str, Any]:
     config = tmp_path / "engine.toml"
     config.write_text(
         f'[routing]\nnameservers = ["{srv.nameserver}"]\ntimeout = "2s"\n'
-        '[feedback]\nbounce_domain = "bounces.good.test"\n'
+        '[feedback]\nbounce_domain = "bounces.good.test"\n[[feedback.keys]]\nid = 1\nsecret = "verp-test-secret-vvvvvvvvvvvvvvvvvvvvvvvvvvvvvv"\n'
         '[[pools]]\nname = "default"\n'
         f'[[pools.sources]]\nname = "mta1"\naddress = "{MTA1}"\nehlo = "mta1.good.test"\n'
         f'[[pools.sources]]\nname = "mta6"\naddress = "{MTA6}"\nehlo = "mta6.good.test"\n'

@@ -57,7 +57,7 @@ async def test_counters_add_up_across_two_worker_processes(db_dsn, tmp_path, smt
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10,
                                      headers={"Authorization": f"Bearer {key}"}) as c:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 120
             while True:
                 try:
                     if (await c.get("/healthz")).status_code == 200:
@@ -66,6 +66,10 @@ async def test_counters_add_up_across_two_worker_processes(db_dsn, tmp_path, smt
                     pass
                 assert time.monotonic() < deadline, "engine did not start"
                 await asyncio.sleep(0.1)
+            # Both workers up (registered) before any mail, so each takes a share.
+            while await pool.fetchval("SELECT count(*) FROM workers") < 2:
+                assert time.monotonic() < deadline, "the two workers did not start"
+                await asyncio.sleep(0.2)
             for i in range(N):
                 r = await c.post("/v1/messages", json={"from": "app@sender.test", "to": [f"u{i}@example.net"],
                                                        "subject": "s", "text": "t"})

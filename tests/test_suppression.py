@@ -10,7 +10,7 @@ import pytest
 
 from engine.errors import ValidationFailed
 from engine.suppression import Suppressions, normalize_address
-from tests.configs import BULK_WITHOUT_CONSENT
+from tests.configs import BULK_WITHOUT_CONSENT, TRACKING_KEYS
 
 
 def auth(key: str) -> dict[str, str]:
@@ -54,7 +54,7 @@ def test_normalize() -> None:
 
 @pytest.fixture
 async def api(engine_factory) -> Any:
-    eng = await engine_factory(BULK_WITHOUT_CONSENT)
+    eng = await engine_factory(BULK_WITHOUT_CONSENT + TRACKING_KEYS)
     key, _ = await eng.apikeys.create("sender", ["send", "read"])
     host, port = eng.http_address
     async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10) as client:

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from engine.cli import main as cli_main
-from tests.configs import BULK_WITHOUT_CONSENT
+from tests.configs import BULK_WITHOUT_CONSENT, TRACKING_KEYS
 
 
 def auth(key: str) -> dict[str, str]:
@@ -17,7 +17,7 @@ def auth(key: str) -> dict[str, str]:
 
 @pytest.fixture
 async def api(engine_factory) -> Any:
-    eng = await engine_factory(BULK_WITHOUT_CONSENT)
+    eng = await engine_factory(BULK_WITHOUT_CONSENT + TRACKING_KEYS)
     admin, _ = await eng.apikeys.create("admin", ["admin"])
     reader, _ = await eng.apikeys.create("reader", ["read"])
     sender, _ = await eng.apikeys.create("sender", ["send"])
