@@ -27,7 +27,7 @@ from engine.api import ndjson
 from engine.api.deps import ConsentDeps, get_consent, require_admin, require_read, require_scope_consent
 from engine.apikeys import ApiKey
 from engine.consent.erasure import erase_contact, is_erased
-from engine.consent.imports import BATCH, parse_document, parse_record
+from engine.consent.imports import BATCH, empty_totals, parse_document, parse_record
 from engine.consent.models import ConsentIn, ConsentRecord, field_of
 from engine.consent.store import check_purpose
 from engine.errors import ValidationFailed
@@ -84,14 +84,13 @@ async def post_consent(request: Request, key: ApiKey = Depends(require_scope_con
 
 async def _import(
     request: Request, parse: Callable[[dict[str, Any]], Any], apply: Callable[[list[Any]], Coroutine[Any, Any, dict[str, int]]],
-    max_errors: int,
+    max_errors: int, totals: dict[str, int],
 ) -> dict[str, Any]:
     """Stream NDJSON lines, validate each whole, apply in batches; per-line errors, never a half line.
 
     Batches are applied in order, one at a time, while the next one is read and validated: the
     engine's parsing and Postgres's writing overlap instead of taking turns.
     """
-    totals: dict[str, int] = {"lines": 0, "invalid": 0}
     errors: list[dict[str, Any]] = []
     batch: list[Any] = []
     running: asyncio.Task[dict[str, int]] | None = None
@@ -152,7 +151,7 @@ async def import_consent(request: Request, key: ApiKey = Depends(require_scope_c
         applied = await c.store.record(batch, actor)
         return {**applied.counts, "pending_stopped": applied.stopped}
 
-    result = await _import(request, _consent_line(c), apply, c.max_errors)
+    result = await _import(request, _consent_line(c), apply, c.max_errors, empty_totals())
     log.info("consent_imported", **{k: v for k, v in result.items() if k != "errors"})
     return result
 
@@ -180,7 +179,7 @@ async def import_suppressions(request: Request, key: ApiKey = Depends(require_ad
         new, moved = await c.suppressions.add_batch(batch)
         return {"new": new, "pending_stopped": moved}
 
-    return await _import(request, parse, apply, c.max_errors)
+    return await _import(request, parse, apply, c.max_errors, {"lines": 0, "invalid": 0, "new": 0, "pending_stopped": 0})
 
 
 @router.get("/v1/consent", summary="Current consent records, by cursor (or all as NDJSON with format=ndjson)")
