@@ -390,6 +390,11 @@ async def test_import_is_idempotent_ordered_by_captured_at_and_never_half_applie
     r = await crm.http.post("/v1/consent", content=b"{nope", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["field"] == "body", r.text
     assert not await crm.pool.fetchval("SELECT count(*) FROM consent WHERE address LIKE 'rest%'")
+    # An import of nothing valid answers the same counters (zeros), not fewer keys.
+    none = await crm.import_(b'{"address": \n\n[]\n')
+    assert {k: none[k] for k in ("lines", "invalid", "new", "changed", "unchanged", "stale", "pending_stopped")} == {
+        "lines": 2, "invalid": 2, "new": 0, "changed": 0, "unchanged": 0, "stale": 0, "pending_stopped": 0}
+    assert [(e["line"], e["field"]) for e in none["errors"]] == [(1, "line"), (3, "line")]
     # A body that claims gzip and is not is a 400, not a half import.
     r = await crm.http.post("/v1/consent/import", content=b"\x1f\x8bnot gzip at all", headers={"Content-Encoding": "gzip"})
     assert r.status_code == 400 and r.json()["field"] == "body", r.text
