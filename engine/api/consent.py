@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -129,8 +128,9 @@ async def _import(
     finally:
         if running is not None:  # the client went away or a batch failed: do not leave a write behind
             running.cancel()
-            with contextlib.suppress(BaseException):
-                await running
+            await asyncio.wait([running])
+            if not running.cancelled():
+                running.exception()  # retrieved: the error that matters is the one already raised
     return {**totals, "errors": errors, "errors_truncated": totals["invalid"] > len(errors)}
 
 
