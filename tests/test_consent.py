@@ -438,6 +438,25 @@ def test_fast_path_agrees_with_the_model() -> None:
     assert fast_record(_variants()[0], purposes) is not None and taken >= 12  # the plain shape takes it
 
 
+async def test_imports_stream_past_the_request_body_limit(crm_factory, smtp_receiver) -> None:
+    """[http] max_body_size guards bodies held in memory; an import streams line by line, so millions fit."""
+    crm = await crm_factory('[http]\nlisten = "127.0.0.1:0"\nmax_body_size = "64k"\n' + config(smtp_receiver()))
+    recs = [{**GRANT, "address": f"big{i:05d}@example.net"} for i in range(2000)]
+    body = ndjson(recs)
+    assert len(body) > 4 * 64 * 1024
+    out = await crm.import_(body)
+    assert (out["lines"], out["new"], out["invalid"]) == (2000, 2000, 0)
+    sup = ndjson([{"address": f"big{i:05d}@example.net", "scope": "*"} for i in range(3000)])
+    assert len(sup) > 64 * 1024
+    assert (await crm.import_(sup, path="/v1/suppressions/import"))["new"] == 3000
+    # Everything else still has the limit.
+    r = await crm.http.post("/v1/messages", json={"from": "a@sender.test", "to": ["x@example.net"], "subject": "s",
+                                                  "text": "x" * 70_000, "stream": "transactional"})
+    assert r.status_code == 413, r.text
+    r = await crm.http.post("/v1/consent", json=[{**GRANT, "address": f"p{i}@example.net", "source": "s" * 150} for i in range(400)])
+    assert r.status_code == 413, r.text
+
+
 @pytest.mark.parametrize(("legacy", "sent"), [("grandfathered", True), ("require_reconfirm", False)])
 async def test_legacy_opt_ins_follow_the_configured_policy(crm_factory, smtp_receiver, legacy: str, sent: bool) -> None:
     mx = smtp_receiver()
