@@ -390,6 +390,11 @@ async def test_import_is_idempotent_ordered_by_captured_at_and_never_half_applie
     r = await crm.http.post("/v1/consent", content=b"{nope", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["field"] == "body", r.text
     assert not await crm.pool.fetchval("SELECT count(*) FROM consent WHERE address LIKE 'rest%'")
+    # An import of nothing valid answers the same counters (zeros), not fewer keys.
+    none = await crm.import_(b'{"address": \n\n[]\n')
+    assert {k: none[k] for k in ("lines", "invalid", "new", "changed", "unchanged", "stale", "pending_stopped")} == {
+        "lines": 2, "invalid": 2, "new": 0, "changed": 0, "unchanged": 0, "stale": 0, "pending_stopped": 0}
+    assert [(e["line"], e["field"]) for e in none["errors"]] == [(1, "line"), (3, "line")]
     # A body that claims gzip and is not is a 400, not a half import.
     r = await crm.http.post("/v1/consent/import", content=b"\x1f\x8bnot gzip at all", headers={"Content-Encoding": "gzip"})
     assert r.status_code == 400 and r.json()["field"] == "body", r.text
@@ -431,6 +436,25 @@ def test_fast_path_agrees_with_the_model() -> None:
             assert model == fast, doc
             assert fast.captured_at.utcoffset() is not None
     assert fast_record(_variants()[0], purposes) is not None and taken >= 12  # the plain shape takes it
+
+
+async def test_imports_stream_past_the_request_body_limit(crm_factory, smtp_receiver) -> None:
+    """[http] max_body_size guards bodies held in memory; an import streams line by line, so millions fit."""
+    crm = await crm_factory('[http]\nlisten = "127.0.0.1:0"\nmax_body_size = "64k"\n' + config(smtp_receiver()))
+    recs = [{**GRANT, "address": f"big{i:05d}@example.net"} for i in range(2000)]
+    body = ndjson(recs)
+    assert len(body) > 4 * 64 * 1024
+    out = await crm.import_(body)
+    assert (out["lines"], out["new"], out["invalid"]) == (2000, 2000, 0)
+    sup = ndjson([{"address": f"big{i:05d}@example.net", "scope": "*"} for i in range(3000)])
+    assert len(sup) > 64 * 1024
+    assert (await crm.import_(sup, path="/v1/suppressions/import"))["new"] == 3000
+    # Everything else still has the limit.
+    r = await crm.http.post("/v1/messages", json={"from": "a@sender.test", "to": ["x@example.net"], "subject": "s",
+                                                  "text": "x" * 70_000, "stream": "transactional"})
+    assert r.status_code == 413, r.text
+    r = await crm.http.post("/v1/consent", json=[{**GRANT, "address": f"p{i}@example.net", "source": "s" * 150} for i in range(400)])
+    assert r.status_code == 413, r.text
 
 
 @pytest.mark.parametrize(("legacy", "sent"), [("grandfathered", True), ("require_reconfirm", False)])

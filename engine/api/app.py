@@ -35,14 +35,19 @@ from engine.submit.models import UNSTORABLE, ErrorOut
 log = structlog.get_logger(__name__)
 
 
+STREAMED_PATHS = frozenset({"/v1/consent/import", "/v1/suppressions/import"})
+"""Bulk imports read their body line by line (each line limited, never the whole body in memory):
+millions of lines are their purpose, so the body limit does not apply to them."""
+
+
 class BodyLimit:
     """Refuse request bodies over the limit with 413, whether announced or streamed."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, exempt: frozenset[str] = frozenset()) -> None:
+        self.app, self.limit, self.exempt = app, limit, exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path") in self.exempt:
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", []):
@@ -87,7 +92,7 @@ async def _empty_receive() -> Message:
 
 def wrap(app: FastAPI, settings: Settings) -> ASGIApp:
     """The ASGI stack actually served: body limit outermost."""
-    return BodyLimit(app, settings.http.max_body_size)
+    return BodyLimit(app, settings.http.max_body_size, exempt=STREAMED_PATHS)
 
 
 # ---- errors: every one becomes {"error", "field"} with its status

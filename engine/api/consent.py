@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -27,7 +26,7 @@ from engine.api import ndjson
 from engine.api.deps import Audit, ConsentDeps, get_audit, get_consent, require_admin, require_read, require_scope_consent
 from engine.apikeys import ApiKey
 from engine.consent.erasure import erase_contact, is_erased
-from engine.consent.imports import BATCH, parse_document, parse_record
+from engine.consent.imports import BATCH, empty_totals, parse_document, parse_record
 from engine.consent.models import ConsentIn, ConsentRecord, field_of
 from engine.consent.store import apply_changes, check_purpose
 from engine.errors import ValidationFailed
@@ -103,14 +102,13 @@ async def post_consent(
 
 async def _import(
     request: Request, parse: Callable[[dict[str, Any]], Any], apply: Callable[[list[Any]], Coroutine[Any, Any, dict[str, int]]],
-    max_errors: int,
+    max_errors: int, totals: dict[str, int],
 ) -> dict[str, Any]:
     """Stream NDJSON lines, validate each whole, apply in batches; per-line errors, never a half line.
 
     Batches are applied in order, one at a time, while the next one is read and validated: the
     engine's parsing and Postgres's writing overlap instead of taking turns.
     """
-    totals: dict[str, int] = {"lines": 0, "invalid": 0}
     errors: list[dict[str, Any]] = []
     batch: list[Any] = []
     running: asyncio.Task[dict[str, int]] | None = None
@@ -149,8 +147,9 @@ async def _import(
     finally:
         if running is not None:  # the client went away or a batch failed: do not leave a write behind
             running.cancel()
-            with contextlib.suppress(BaseException):
-                await running
+            await asyncio.wait([running])
+            if not running.cancelled():
+                running.exception()  # retrieved: the error that matters is the one already raised
     return {**totals, "errors": errors, "errors_truncated": totals["invalid"] > len(errors)}
 
 
@@ -174,7 +173,7 @@ async def import_consent(
         applied = await c.store.record(batch, actor)
         return {**applied.counts, "pending_stopped": applied.stopped}
 
-    result = await _import(request, _consent_line(c), apply, c.max_errors)
+    result = await _import(request, _consent_line(c), apply, c.max_errors, empty_totals())
     totals = {k: v for k, v in result.items() if k != "errors"}
     log.info("consent_imported", **totals)
     await audit("consent.import", None, after=totals)
@@ -207,7 +206,7 @@ async def import_suppressions(
         new, moved = await c.suppressions.add_batch(batch)
         return {"new": new, "pending_stopped": moved}
 
-    result = await _import(request, parse, apply, c.max_errors)
+    result = await _import(request, parse, apply, c.max_errors, {"lines": 0, "invalid": 0, "new": 0, "pending_stopped": 0})
     await audit("suppression.import", None, after={k: v for k, v in result.items() if k != "errors"})
     return result
 
