@@ -388,7 +388,7 @@ async def test_import_is_idempotent_ordered_by_captured_at_and_never_half_applie
     r = await crm.http.post("/v1/consent", json={**GRANT, "address": "rest3@example.net", "captured_at": future})
     assert r.status_code == 422 and r.json()["field"] == "captured_at", r.text
     r = await crm.http.post("/v1/consent", content=b"{nope", headers={"Content-Type": "application/json"})
-    assert r.status_code == 422 and r.json()["field"] == "body", r.text
+    assert r.status_code == 400 and r.json()["field"] == "body", r.text
     assert not await crm.pool.fetchval("SELECT count(*) FROM consent WHERE address LIKE 'rest%'")
     # An import of nothing valid answers the same counters (zeros), not fewer keys.
     none = await crm.import_(b'{"address": \n\n[]\n')

@@ -9,6 +9,7 @@ around the whole app (:func:`wrap`).
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from typing import Any
 
@@ -19,6 +20,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import __version__
@@ -159,6 +161,46 @@ async def on_not_found(_: Request, exc: NotFound) -> JSONResponse:
     return error_response(404, str(exc))
 
 
+_HTTP_MESSAGES = {400: "request body is not valid JSON", 404: "no such resource", 405: "method not allowed"}
+
+
+_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+
+def _allowed_methods(app: FastAPI, path: str) -> set[str]:
+    """Every method the OpenAPI document lists for ``path`` (empty when it documents no such path).
+
+    Starlette's 405 names only the methods of the first route whose path matched
+    (``GET /u/{token}`` hides ``POST /u/{token}``); ``Allow`` must list them all, and the
+    document is what clients read.
+    """
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(app.state, "allow_table", None)
+    if table is None:
+        table = [
+            (re.compile("^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"),
+             {m.upper() for m in item if m in _METHODS})
+            for template, item in app.openapi().get("paths", {}).items()
+        ]
+        app.state.allow_table = table
+    matched = [(regex, methods) for regex, methods in table if regex.match(path)]
+    # A literal path (/v1/messages/batch) is its own resource, not an id of /v1/messages/{message_id}.
+    exact = [methods for regex, methods in matched if "[^/]+" not in regex.pattern]
+    return set().union(*exact) if exact else {m for _, methods in matched for m in methods}
+
+
+async def on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Framework errors (unknown path, wrong method, unparsable body) in the API's one error shape."""
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request.app, request.url.path)
+        if allowed:
+            headers["Allow"] = ", ".join(sorted(allowed))
+    message = _HTTP_MESSAGES.get(exc.status_code) if isinstance(exc.detail, str) and exc.detail.startswith(
+        ("There was an error", "Not Found", "Method Not Allowed")) else None
+    body = {"error": message or str(exc.detail), "field": "body" if exc.status_code == 400 else None}
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+
 async def on_database_unavailable(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
     log.warning("database_unavailable", error=str(exc))
     return JSONResponse(
@@ -186,6 +228,7 @@ def create_app(ctx: HttpContext) -> FastAPI:
     )
     app.state.ctx = ctx
     app.exception_handler(RequestValidationError)(on_validation_error)
+    app.exception_handler(StarletteHTTPException)(on_http_exception)
     app.exception_handler(ApiError)(on_api_error)
     app.exception_handler(ValidationFailed)(on_validation_failed)
     app.exception_handler(IdempotencyConflict)(on_idempotency_conflict)
@@ -195,7 +238,7 @@ def create_app(ctx: HttpContext) -> FastAPI:
     # 401/403 only where an API key is required: the tracking routes are public (the signed token
     # is the credential) and declare their own responses; /healthz needs no key either.
     keyed: dict[int | str, dict[str, Any]] = {
-        401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 503: {"model": ErrorOut},
+        401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 429: {"model": ErrorOut}, 503: {"model": ErrorOut},
     }
     app.include_router(messages.router, responses=keyed)
     if ctx.templates is not None and ctx.renderer is not None:
@@ -242,17 +285,66 @@ async def docs() -> HTMLResponse:
 
 def openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's schema plus the request models the handlers parse themselves (see messages.parse_json)
-    and the webhook payloads (``webhooks``, one JSON Schema per event type: engine.events.catalog)."""
+    and the webhook payloads (``webhooks``, one JSON Schema per event type: engine.events.catalog).
+
+    :func:`_tell_the_truth` then adds what every operation answers but FastAPI cannot see
+    (tests/test_openapi_conformance.py checks the result against the running server)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in messages.SELF_PARSED_MODELS:
+        for model in (*messages.SELF_PARSED_MODELS, *consent.SELF_PARSED_MODELS):
             js = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(js.pop("$defs", {}))
             components[model.__name__] = js
+        components.setdefault("ErrorOut", ErrorOut.model_json_schema(ref_template="#/components/schemas/{model}"))
         # What the engine POSTs to webhook endpoints: one entry per event type (OpenAPI 3.1).
         event_components, hooks = catalog.openapi_parts()
         components.update(event_components)
         schema["webhooks"] = hooks
+        _tell_the_truth(schema, sorted(app.state.ctx.settings.queue.streams))
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+
+
+def _tell_the_truth(schema: dict[str, Any], streams: list[str]) -> None:
+    """Responses every handler of a kind gives, and the streams this engine knows.
+
+    * a JSON request body that does not parse is a 400 (FastAPI's and :func:`messages.parse_json`'s);
+    * an operation with a path parameter answers 404 for an id, name or address it does not know;
+    * an operation with parameters or a body answers 422 naming the field it refuses;
+    * ``format=ndjson`` streams ``application/x-ndjson``;
+    * ``stream`` (submission) and ``scope`` (suppressions) take only configured stream names.
+    """
+    for item in schema.get("paths", {}).values():
+        for method, op in item.items():
+            if method not in ("get", "post", "put", "patch", "delete"):
+                continue
+            if "tracking" in op.get("tags", []):
+                continue  # public routes: they declare exactly what they answer (engine.api.tracking)
+            responses = op.setdefault("responses", {})
+            params = op.get("parameters", [])
+            body = op.get("requestBody", {}).get("content", {})
+            if "application/json" in body:
+                responses.setdefault("400", {"description": "The request body is not valid JSON", "content": _ERROR})
+            if any(p.get("in") == "path" for p in params):
+                responses.setdefault("404", {"description": "Not found", "content": _ERROR})
+            if params or body:
+                responses.setdefault("422", {"description": "A field is refused (named in `field`)", "content": _ERROR})
+            fmt = next((p for p in params if p.get("name") == "format" and p.get("in") == "query"), None)
+            if fmt is not None and "ndjson" in str(fmt.get("schema", {}).get("pattern", "")):
+                responses.get("200", {}).setdefault("content", {})["application/x-ndjson"] = {
+                    "schema": {"type": "string", "description": "One JSON object per line"},
+                }
+    components = schema.get("components", {}).get("schemas", {})
+    if "MessageIn" in components:
+        components["MessageIn"]["properties"]["stream"] = {
+            "anyOf": [{"enum": streams}, {"type": "null"}],
+            "description": "A configured stream; omitted: [queue] default_stream.",
+        }
+    if "SuppressionIn" in components:
+        components["SuppressionIn"]["properties"]["scope"] = {
+            "enum": ["*", *streams], "default": "*", "description": "A configured stream, or '*' (default) for every stream.",
+        }

@@ -20,10 +20,11 @@ import orjson
 import structlog
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from engine.api import ndjson
 from engine.api.deps import Audit, ConsentDeps, get_audit, get_consent, require_admin, require_read, require_scope_consent
+from engine.api.responses import ApiError
 from engine.apikeys import ApiKey
 from engine.consent.erasure import erase_contact, is_erased
 from engine.consent.imports import BATCH, empty_totals, parse_document, parse_record
@@ -55,7 +56,17 @@ def _json(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
 
 
-@router.post("/v1/consent", summary="Record consent changes (one object or a list of up to 1000)")
+# Parsed by post_consent itself (one object or a list): its schema goes into the OpenAPI document by hand.
+SELF_PARSED_MODELS: tuple[type[BaseModel], ...] = (ConsentIn,)
+_CONSENT_REF = {"$ref": "#/components/schemas/ConsentIn"}
+
+
+@router.post(
+    "/v1/consent", summary="Record consent changes (one object or a list of up to 1000)",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "anyOf": [_CONSENT_REF, {"type": "array", "items": _CONSENT_REF, "minItems": 1, "maxItems": 1000}],
+    }}}}},
+)
 async def post_consent(
     request: Request, key: ApiKey = Depends(require_scope_consent), c: ConsentDeps = Depends(get_consent),
     audit: Audit = Depends(get_audit),
@@ -63,7 +74,7 @@ async def post_consent(
     try:
         body = orjson.loads(await request.body())
     except orjson.JSONDecodeError:
-        raise ValidationFailed("request body is not valid JSON", field="body") from None
+        raise ApiError(400, "request body is not valid JSON", field="body") from None
     items = body if isinstance(body, list) else [body]
     if not 1 <= len(items) <= 1000:
         raise ValidationFailed("send 1 to 1000 records (use /v1/consent/import for more)", field="body")

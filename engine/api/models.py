@@ -7,11 +7,12 @@ works on them too; these are spoken only over HTTP.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
-from engine.submit.models import storable
+from engine.submit.models import ADDRESS_PATTERN, storable
 from engine.suppression import GLOBAL
 
 # ---- /v1/templates
@@ -20,8 +21,18 @@ from engine.suppression import GLOBAL
 class TemplateIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(max_length=200, description="[a-z0-9_-], 1-100 characters, starting with a letter or digit.")
-    parts: dict[str, Any] = Field(description="subject (required), html and/or text: Jinja2 sources.")
+    name: str = Field(
+        max_length=200, description="[a-z0-9_-], 1-100 characters, starting with a letter or digit.",
+        json_schema_extra={"pattern": "^[a-z0-9][a-z0-9_-]{0,99}$"},
+    )
+    parts: dict[str, Any] = Field(
+        description="subject (required), html and/or text: Jinja2 sources.",
+        json_schema_extra={
+            "properties": {p: {"type": "string"} for p in ("subject", "html", "text")},
+            "required": ["subject"], "additionalProperties": False,
+            "anyOf": [{"required": ["html"]}, {"required": ["text"]}],
+        },
+    )
 
     @field_validator("parts")
     @classmethod
@@ -41,9 +52,12 @@ class TemplateCreated(BaseModel):
 class SuppressionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    address: str = Field(max_length=320, description="The address to stop mailing (matched case-insensitively).")
+    address: str = Field(
+        max_length=320, description="The address to stop mailing (matched case-insensitively).",
+        json_schema_extra={"minLength": 3, "maxLength": 254, "pattern": ADDRESS_PATTERN},
+    )
     scope: str = Field(default=GLOBAL, max_length=64, description="A stream name, or '*' (default) for every stream.")
-    reason: str = Field(default="manual", max_length=200)
+    reason: str = Field(default="manual", max_length=200, description="Why (free text, kept with the suppression).")
 
 
 class SuppressionOut(BaseModel):
@@ -73,6 +87,9 @@ class SuppressionRemoved(BaseModel):
 
 # ---- /v1/webhooks
 
+URL_PATTERN = r"^https?://[^\s/?#@:]+(:[0-9]{1,5})?([/?][^\s#]*)?$"
+"""An endpoint URL as engine.webhooks.safety.check_url accepts it (it must also resolve to a public address)."""
+
 
 class WebhookBatchIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -84,7 +101,10 @@ class WebhookBatchIn(BaseModel):
 class WebhookIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(max_length=2048, description="https:// (or http://) URL that receives POSTs.")
+    url: str = Field(
+        max_length=2048, description="https:// (or http://) URL that receives POSTs.",
+        json_schema_extra={"pattern": URL_PATTERN},
+    )
     events: list[str] | None = Field(
         default=None, max_length=50, description="Event types, e.g. ['email.delivered', 'email.bounced']; omitted: all.",
     )
@@ -97,11 +117,12 @@ class WebhookIn(BaseModel):
 class WebhookPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str | None = Field(default=None, max_length=2048)
+    # url, description and enabled may be omitted but not null (SkipJsonSchema: the schema says so).
+    url: Annotated[str, Field(max_length=2048, json_schema_extra={"pattern": URL_PATTERN})] | SkipJsonSchema[None] = None
     events: list[str] | None = Field(default=None, max_length=50, description="null: every type.")
     streams: list[str] | None = Field(default=None, max_length=50, description="null: every stream.")
-    description: str | None = Field(default=None, max_length=500)
-    enabled: bool | None = Field(default=None, description="true re-enables an endpoint a 410 disabled.")
+    description: Annotated[str, Field(max_length=500)] | SkipJsonSchema[None] = None
+    enabled: bool | SkipJsonSchema[None] = Field(default=None, description="true re-enables an endpoint a 410 disabled.")
     batch: WebhookBatchIn | None = None
 
 

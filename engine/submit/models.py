@@ -19,6 +19,14 @@ from engine.addresses import AddressError, is_address_literal, split_address
 
 MAX_HEADER_VALUE = 998
 
+ADDRESS_PATTERN = r"^[^\x00-\x20\x7f@]{1,64}@[^\x00-\x20\x7f@]{1,253}$"
+"""What an address looks like, for the OpenAPI document (the server checks more: engine.addresses.split_address)."""
+_ADDRESS_DOC: dict[str, Any] = {
+    "minLength": 3, "pattern": ADDRESS_PATTERN, "description": "local@domain: no spaces or control characters",
+}
+_NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
+_TEMPLATE_REF = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}(@[0-9]{1,9})?$"
+
 
 def _no_crlf(value: str, what: str) -> str:
     if "\r" in value or "\n" in value or "\x00" in value:
@@ -95,8 +103,8 @@ class _Model(BaseModel):
 class Mailbox(_Model):
     """An address with an optional display name (and, for recipients, per-recipient template vars)."""
 
-    email: Annotated[str, Field(max_length=254)]
-    name: Annotated[str | None, Field(max_length=200)] = None
+    email: Annotated[str, Field(max_length=254, json_schema_extra=_ADDRESS_DOC)]
+    name: Annotated[str | None, Field(max_length=200, json_schema_extra={"pattern": _NO_CONTROL})] = None
     vars: dict[str, Any] | None = None
     contact_id: Annotated[str | None, Field(min_length=1, max_length=200)] = None
     """The CRM/CDP id of this recipient: stored per recipient, on every event, never in a URL."""
@@ -133,7 +141,9 @@ class Mailbox(_Model):
         return None if v is None else _no_crlf(v, "name")
 
 
-_RawAddress = Annotated[str, Field(max_length=300)] | Mailbox
+_RawAddress = Annotated[
+    str, Field(max_length=300, json_schema_extra={"minLength": 3, "pattern": _NO_CONTROL, "description": "'a@b' or 'Name <a@b>'"})
+] | Mailbox
 
 
 _FROM_STRING = frozenset({"email", "name"})
@@ -192,9 +202,12 @@ AddressIn = Annotated[_RawAddress, AfterValidator(_checked_mailbox)]
 
 class Envelope(_Model):
     mail_from: Annotated[str, Field(max_length=254)] = Field(
-        description="Envelope sender (return path); '' is the null sender."
+        description="Envelope sender (return path); '' is the null sender.",
+        json_schema_extra={"anyOf": [{"const": ""}, {"pattern": ADDRESS_PATTERN}]},
     )
-    rcpt_to: list[Annotated[str, Field(max_length=254)]] = Field(min_length=1)
+    rcpt_to: list[Annotated[str, Field(max_length=254, json_schema_extra=_ADDRESS_DOC)]] = Field(
+        min_length=1, description="Envelope recipients (RCPT TO)."
+    )
 
     @field_validator("mail_from")
     @classmethod
@@ -259,22 +272,30 @@ class AttachmentIn(_Model):
 class MessageIn(_Model):
     """One message: structured (from/to/subject/parts or template) or raw RFC 5322 with an envelope."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra=lambda s: _message_shape(s))
 
-    from_: AddressIn | None = Field(default=None, alias="from")
-    to: list[AddressIn] = Field(default_factory=list)
+    from_: AddressIn | None = Field(default=None, alias="from", description="Sender (From:); required unless `raw`.")
+    to: list[AddressIn] = Field(default_factory=list, description="Recipients; to, cc and bcc together need at least one.")
     cc: list[AddressIn] = Field(default_factory=list)
-    bcc: list[AddressIn] = Field(default_factory=list)
+    bcc: list[AddressIn] = Field(default_factory=list, description="Recipients not shown in any header.")
     reply_to: AddressIn | None = None
-    subject: Annotated[str, Field(max_length=MAX_HEADER_VALUE)] | None = None
-    text: str | None = None
-    html: str | None = None
-    headers: dict[str, Annotated[str, Field(max_length=MAX_HEADER_VALUE)]] = Field(default_factory=dict)
-    stream: str | None = None
-    template: Annotated[str, Field(max_length=200)] | None = None
-    vars: dict[str, Any] = Field(default_factory=dict)
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    send_at: datetime | None = None
+    subject: Annotated[str, Field(max_length=MAX_HEADER_VALUE)] | None = Field(
+        default=None, description="Required unless a template provides it."
+    )
+    text: str | None = Field(default=None, description="Plain-text body.")
+    html: str | None = Field(default=None, description="HTML body (links are click-tracked when tracking is on).")
+    headers: dict[str, Annotated[str, Field(max_length=MAX_HEADER_VALUE)]] = Field(
+        default_factory=dict, description="Extra header fields, name -> value (single line)."
+    )
+    stream: str | None = Field(default=None, description="A configured stream; omitted: [queue] default_stream.")
+    template: Annotated[str, Field(max_length=200, json_schema_extra={"pattern": _TEMPLATE_REF})] | None = Field(
+        default=None, description="A template name, or name@version to pin one; renders subject/html/text from `vars`."
+    )
+    vars: dict[str, Any] = Field(default_factory=dict, description="Template variables for every recipient.")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="Your own data, stored with the message and sent on every event."
+    )
+    send_at: datetime | None = Field(default=None, description="Hold the message until then (with a timezone).")
     inline_images: list[InlineImageIn] = Field(default_factory=list, max_length=50)
     attachments: list[AttachmentIn] = Field(default_factory=list, max_length=50)
     raw: str | None = Field(default=None, description="A complete RFC 5322 message; needs `envelope`.")
@@ -345,6 +366,42 @@ class MessageIn(_Model):
         if self.inline_images and self.template is None and not self.html:
             raise ValueError("inline_images need an html part (or a template with one)")
         return self
+
+
+_STRUCTURED = ("from", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "template", "inline_images", "attachments")
+
+
+def _message_shape(schema: dict[str, Any]) -> None:
+    """The cross-field rules of :meth:`MessageIn._shape`, for the OpenAPI document.
+
+    Either ``raw`` with an ``envelope`` and no structured field, or ``from``, a recipient
+    in to/cc/bcc, and content: a template, or a subject with text or html.
+    """
+    filled = {"type": "string", "minLength": 1}
+    nonempty = {**filled, "pattern": "\\S"}
+    listed = {"type": "array", "minItems": 1}
+    raw = {
+        "required": ["raw", "envelope"],
+        "properties": {"raw": nonempty, "envelope": {"type": "object"}, **{k: False for k in _STRUCTURED}},
+    }
+    structured = {
+        "required": ["from"],
+        "properties": {"from": {"not": {"type": "null"}}, "raw": {"type": "null"}, "envelope": {"type": "null"}},
+        "allOf": [
+            {"anyOf": [{"required": [k], "properties": {k: listed}} for k in ("to", "cc", "bcc")]},
+            {"anyOf": [
+                {"required": ["template"], "properties": {"template": {"type": "string"}}},
+                {"required": ["subject"], "properties": {"subject": {"type": "string"}},
+                 "anyOf": [{"required": [k], "properties": {k: filled}} for k in ("text", "html")]},
+            ]},
+            {"anyOf": [
+                {"properties": {"inline_images": {"maxItems": 0}}},
+                {"required": ["template"], "properties": {"template": {"type": "string"}}},
+                {"required": ["html"], "properties": {"html": filled}},
+            ]},
+        ],
+    }
+    schema["oneOf"] = [raw, structured]
 
 
 class BatchIn(_Model):
