@@ -48,7 +48,8 @@ def _st() -> str:
     return str(st)
 
 
-async def test_schemathesis_finds_nothing(engine_factory) -> None:
+@pytest.mark.timeout(240)  # ~40 s on a loaded 2-core machine; the margin is for worse load, not for more examples
+async def test_schemathesis_finds_nothing(engine_factory, tmp_path) -> None:
     eng = await engine_factory(CONFIG)
     key, _ = await eng.apikeys.create("conformance", ["admin"])
     host, port = eng.http_address
@@ -62,8 +63,10 @@ async def test_schemathesis_finds_nothing(engine_factory) -> None:
         "--workers", "1", "--request-timeout", "30",
         "--no-color", "--output-truncate", "false",
     ]
-    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout=110)
+    proc = await asyncio.create_subprocess_exec(
+        *args, cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,  # its state dir in tmp
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=220)
     report = out.decode(errors="replace")
     assert proc.returncode == 0, report[-20000:]
     assert "Operations:" in report and " 0 selected" not in report
