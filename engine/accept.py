@@ -21,7 +21,8 @@ import structlog
 from engine import metrics
 from engine.addresses import normalize_domain, split_address
 from engine.apikeys import ApiKey
-from engine.compose.mime import Mailbox
+from engine.compose.mime import Attachment, InlineImage, Mailbox, MessageContent, check_submission
+from engine.compose.mime_policy import MimeError
 from engine.compose.render import Renderer, TemplateError
 from engine.compose.stored import StoredAttachment, StoredContent, StoredImage, pin_template
 from engine.config import Settings
@@ -206,6 +207,35 @@ class Acceptor:
             raise ValidationFailed(f"unknown stream {name!r}; configured streams: {known}", field)
         return name, self.settings.stream_priority(name)
 
+    def _check_composable(self, item: MessageIn, stream: str, prefix: str) -> None:
+        """Run compose's own field checks now (one validator), so what is accepted never bounces 5.6.0 for them.
+
+        Bodies stay empty: only names, types and header-bound values are checked
+        here. A template's subject is rendered (and made one line) later.
+        """
+        assert item.from_ is not None
+        try:
+            check_submission(
+                MessageContent(
+                    sender=_stored_mailbox(item.from_),
+                    to=[_stored_mailbox(a) for a in item.to],
+                    cc=[_stored_mailbox(a) for a in item.cc],
+                    reply_to=[_stored_mailbox(item.reply_to)] if item.reply_to is not None else (),
+                    subject=item.subject or "",
+                    text=item.text,
+                    html=item.html if item.template is None else (item.html or ""),
+                    headers=item.headers,
+                    stream=stream,
+                    inline_images=[InlineImage(i.content_id, i.content_type, b"", i.filename) for i in item.inline_images],
+                    attachments=[Attachment(a.filename, a.content_type, b"") for a in item.attachments],
+                ),
+                self.settings.mime,
+                bcc=[_stored_mailbox(a) for a in item.bcc],
+            )
+        except MimeError as exc:
+            field = (exc.field or "").replace(".mime_type", ".content_type").replace("reply_to[0]", "reply_to")
+            raise ValidationFailed(exc.message.replace(exc.field or "\0", field), f"{prefix}{field}") from None
+
     def build_http_message(self, item: MessageIn, key: ApiKey, prefix: str = "") -> NewMessage:
         """Turn one validated REST message into outbox rows (no I/O)."""
         stream, priority = self._stream(item.stream, self.settings.queue.default_stream, f"{prefix}stream")
@@ -245,6 +275,7 @@ class Acceptor:
                 if item.attachments else [],
                 reply_to=_stored_mailbox(item.reply_to) if item.reply_to is not None else None,
             ).to_json()
+            self._check_composable(item, stream, prefix)
         if content is not None and stream in self.settings.mime.bulk_streams and not self.settings.tracking.keys:
             # Compose would bounce it later (bulk mail needs a one-click List-Unsubscribe, which needs a signing key).
             raise ValidationFailed(

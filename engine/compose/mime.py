@@ -53,6 +53,7 @@ _CID_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]{1,200}$")
 _MIME_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}$")
 _ID_LEFT_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,128}$")
 _FEEDBACK_KEYS = frozenset({"campaign", "customer", "stream", "sender_id", "domain"})
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 # Headers we set ourselves or that describe structure/transport: a submission may not set them.
 _RESERVED_HEADERS = frozenset(
@@ -170,6 +171,8 @@ def check_header_value(value: Any, field_name: str, max_length: int = 2000) -> s
         raise MimeError(f"{field_name} contains a line break or NUL character (header injection)", field=field_name)
     if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
         raise MimeError(f"{field_name} contains control characters", field=field_name)
+    if _SURROGATE_RE.search(value):
+        raise MimeError(f"{field_name} contains a lone surrogate (not encodable text)", field=field_name)
     if len(value) > max_length:
         raise MimeError(f"{field_name} is longer than {max_length} characters", field=field_name)
     return value
@@ -287,21 +290,117 @@ def _multipart(policy: Any, subtype: str, parts: Sequence[MIMEPart]) -> MIMEPart
     return mp
 
 
-def _binary(policy: Any, data: bytes, mime_type: str, field_name: str, *, disposition: str,
-            filename: str | None, cid: str | None = None) -> MIMEPart:
-    if not isinstance(data, (bytes, bytearray)):
-        raise MimeError(f"{field_name}.data must be bytes", field=f"{field_name}.data")
+def _check_part_meta(mime_type: Any, filename: str | None, field_name: str) -> None:
+    """The MIME type and file name of an attachment or inline image (they end up in headers)."""
     if not isinstance(mime_type, str) or not _MIME_TYPE_RE.match(mime_type.lower()):
         raise MimeError(f"{field_name}.mime_type {mime_type!r} is not a MIME type like 'image/png'", field=f"{field_name}.mime_type")
     if filename is not None:
         check_header_value(filename, f"{field_name}.filename", 255)
         if "/" in filename or "\\" in filename:
             raise MimeError(f"{field_name}.filename must not contain a path", field=f"{field_name}.filename")
+
+
+def _check_inline_images(content: MessageContent) -> None:
+    if content.inline_images and content.html is None:
+        raise MimeError("inline images need an html body", field="inline_images")
+    cids: set[str] = set()
+    for i, img in enumerate(content.inline_images):
+        fname = f"inline_images[{i}]"
+        if not isinstance(img.content_id, str) or not _CID_RE.match(img.content_id):
+            raise MimeError(f"{fname}.content_id must be a token like 'logo@example'", field=f"{fname}.content_id")
+        if img.content_id in cids:
+            raise MimeError(f"{fname}.content_id is used twice", field=f"{fname}.content_id")
+        cids.add(img.content_id)
+        if not str(img.mime_type).lower().startswith("image/"):
+            raise MimeError(f"{fname}.mime_type must be image/*", field=f"{fname}.mime_type")
+        _check_part_meta(img.mime_type, img.filename, fname)
+
+
+def _check_attachments(content: MessageContent) -> None:
+    for i, a in enumerate(content.attachments):
+        if not a.filename:
+            raise MimeError(f"attachments[{i}].filename is required", field=f"attachments[{i}].filename")
+        _check_part_meta(a.mime_type, a.filename, f"attachments[{i}]")
+
+
+def _binary(policy: Any, data: bytes, mime_type: str, field_name: str, *, disposition: str,
+            filename: str | None, cid: str | None = None) -> MIMEPart:
+    if not isinstance(data, (bytes, bytearray)):
+        raise MimeError(f"{field_name}.data must be bytes", field=f"{field_name}.data")
+    _check_part_meta(mime_type, filename, field_name)
     maintype, subtype = mime_type.lower().split("/")
     part = MIMEPart(policy=policy)
     part.set_content(bytes(data), maintype=maintype, subtype=subtype, cte="base64",
                      disposition=disposition, filename=filename, cid=f"<{cid}>" if cid else None)
     return part
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedHead:
+    """The caller-given header fields, checked and parsed."""
+
+    sender: Address
+    to: list[Address]
+    cc: list[Address]
+    reply_to: list[Address]
+    subject: str
+    custom: list[tuple[str, str]]
+    smtputf8: bool
+
+
+def _mailboxes(values: Sequence[Mailbox | str], field_name: str) -> tuple[list[Address], bool]:
+    out: list[Address] = []
+    smtputf8 = False
+    for i, m in enumerate(values):
+        a, u = _mailbox(m, f"{field_name}[{i}]")
+        out.append(a)
+        smtputf8 |= u
+    return out, smtputf8
+
+
+def check_head(content: MessageContent, cfg: MimeConfig) -> CheckedHead:
+    """Addresses, display names, subject and custom headers: every header check :func:`build_message` makes."""
+    sender, u_from = _mailbox(content.sender, "from")
+    if not content.to:
+        raise MimeError("at least one 'to' address is required", field="to")
+    to, u_to = _mailboxes(content.to, "to")
+    cc, u_cc = _mailboxes(content.cc, "cc")
+    reply_to, u_reply = _mailboxes(content.reply_to, "reply_to")
+    subject = check_header_value(content.subject, "subject", 998)
+
+    items = list(content.headers.items()) if isinstance(content.headers, Mapping) else list(content.headers)
+    if len(items) > cfg.max_custom_headers:
+        raise MimeError(f"at most {cfg.max_custom_headers} custom headers", field="headers")
+    custom: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise MimeError("headers must be name/value pairs", field="headers")
+        name, value = check_custom_header(item[0], item[1], cfg.max_header_value_length)
+        if name.lower() in seen:
+            raise MimeError(f"header {name!r} is given twice", field=f"headers.{name}")
+        seen.add(name.lower())
+        custom.append((name, value))
+    return CheckedHead(sender, to, cc, reply_to, subject, custom, u_from or u_to or u_cc or u_reply)
+
+
+def check_submission(
+    content: MessageContent, config: MimeConfig | None = None, *, bcc: Sequence[Mailbox | str] = ()
+) -> None:
+    """Everything :func:`build_message` would refuse in what a caller submits, checked without building.
+
+    Submission runs this so that an accepted message never bounces ``5.6.0`` at
+    compose time for its own fields (the same functions run again there). A
+    template message passes ``subject=""``: its subject is rendered later and
+    normalised to one line. Bcc addresses never reach a header but go on the
+    envelope, so they get the address checks too.
+    """
+    cfg = config or MimeConfig()
+    check_head(content, cfg)
+    _mailboxes(bcc, "bcc")
+    _check_text_values(content)
+    _check_inline_images(content)
+    _check_attachments(content)
 
 
 def build_message(
@@ -322,42 +421,9 @@ def build_message(
     """
     cfg = config or MimeConfig()
     domain = _check_domain(sending_domain)
-    smtputf8 = False
-
-    sender, u = _mailbox(content.sender, "from")
-    smtputf8 |= u
-    if not content.to:
-        raise MimeError("at least one 'to' address is required", field="to")
-    to: list[Address] = []
-    for i, m in enumerate(content.to):
-        a, u = _mailbox(m, f"to[{i}]")
-        to.append(a)
-        smtputf8 |= u
-    cc: list[Address] = []
-    for i, m in enumerate(content.cc):
-        a, u = _mailbox(m, f"cc[{i}]")
-        cc.append(a)
-        smtputf8 |= u
-    reply_to: list[Address] = []
-    for i, m in enumerate(content.reply_to):
-        a, u = _mailbox(m, f"reply_to[{i}]")
-        reply_to.append(a)
-        smtputf8 |= u
-    subject = check_header_value(content.subject, "subject", 998)
-
-    items = list(content.headers.items()) if isinstance(content.headers, Mapping) else list(content.headers)
-    if len(items) > cfg.max_custom_headers:
-        raise MimeError(f"at most {cfg.max_custom_headers} custom headers", field="headers")
-    custom: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for item in items:
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise MimeError("headers must be name/value pairs", field="headers")
-        name, value = check_custom_header(item[0], item[1], cfg.max_header_value_length)
-        if name.lower() in seen:
-            raise MimeError(f"header {name!r} is given twice", field=f"headers.{name}")
-        seen.add(name.lower())
-        custom.append((name, value))
+    checked = check_head(content, cfg)
+    sender, to, cc, reply_to, subject = checked.sender, checked.to, checked.cc, checked.reply_to, checked.subject
+    custom, smtputf8 = checked.custom, checked.smtputf8
 
     unsub_values: list[str] = []
     one_click = False
@@ -437,34 +503,32 @@ def build_message(
 def _check_text_parts(content: MessageContent) -> None:
     if content.text is None and content.html is None:
         raise MimeError("a text or an html body is required", field="text")
+    _check_text_values(content)
+
+
+def _check_text_values(content: MessageContent) -> None:
     for name in ("text", "html"):
         value = getattr(content, name)
         if value is not None and not isinstance(value, str):
             raise MimeError(f"{name} must be a string", field=name)
+        if value is not None and _SURROGATE_RE.search(value):
+            raise MimeError(f"{name} contains a lone surrogate (not encodable text)", field=name)
 
 
 def _body(policy: Any, content: MessageContent) -> MIMEPart:
     _check_text_parts(content)
+    _check_inline_images(content)
+    _check_attachments(content)
     html_part: MIMEPart | None = None
     if content.html is not None:
         html_part = _leaf(policy, content.html, "html")
         if content.inline_images:
-            images = []
-            cids: set[str] = set()
-            for i, img in enumerate(content.inline_images):
-                fname = f"inline_images[{i}]"
-                if not isinstance(img.content_id, str) or not _CID_RE.match(img.content_id):
-                    raise MimeError(f"{fname}.content_id must be a token like 'logo@example'", field=f"{fname}.content_id")
-                if img.content_id in cids:
-                    raise MimeError(f"{fname}.content_id is used twice", field=f"{fname}.content_id")
-                cids.add(img.content_id)
-                if not str(img.mime_type).lower().startswith("image/"):
-                    raise MimeError(f"{fname}.mime_type must be image/*", field=f"{fname}.mime_type")
-                images.append(_binary(policy, img.data, img.mime_type, fname, disposition="inline",
-                                      filename=img.filename, cid=img.content_id))
+            images = [
+                _binary(policy, img.data, img.mime_type, f"inline_images[{i}]", disposition="inline",
+                        filename=img.filename, cid=img.content_id)
+                for i, img in enumerate(content.inline_images)
+            ]
             html_part = _multipart(policy, "related", [html_part, *images])
-    elif content.inline_images:
-        raise MimeError("inline images need an html body", field="inline_images")
     text_part = _leaf(policy, content.text, "plain") if content.text is not None else None
     if text_part is not None and html_part is not None:
         body = _multipart(policy, "alternative", [text_part, html_part])
@@ -475,9 +539,6 @@ def _body(policy: Any, content: MessageContent) -> MIMEPart:
             _binary(policy, a.data, a.mime_type, f"attachments[{i}]", disposition="attachment", filename=a.filename)
             for i, a in enumerate(content.attachments)
         ]
-        for i, a in enumerate(content.attachments):
-            if not a.filename:
-                raise MimeError(f"attachments[{i}].filename is required", field=f"attachments[{i}].filename")
         body = _multipart(policy, "mixed", [body, *atts])
     return body
 
