@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
+import socket
 import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -277,8 +278,11 @@ async def start_listener(
     auth_require_tls: bool = True,
     protocol: type[ListenerSMTP] = ListenerSMTP,
     max_sessions: int = 0,
+    sock: socket.socket | None = None,
 ) -> SmtpListenerHandle:
-    """Serve ``handler`` on ``listen`` from the running loop; ``label`` names it in errors.
+    """Serve ``handler`` on ``listen`` (or on ``sock``, already listening) from the running loop.
+
+    ``label`` names the listener in errors.
 
     AUTH is never required by aiosmtpd itself (a listener that wants it says so in
     ``handle_MAIL``, where it knows more than aiosmtpd does). Raises
@@ -305,7 +309,10 @@ async def start_listener(
 
     host, port = listen
     try:
-        server = await loop.create_server(factory, host, port, reuse_address=True)
+        if sock is not None:
+            server = await loop.create_server(factory, sock=sock)
+        else:
+            server = await loop.create_server(factory, host, port, reuse_address=True)
     except OSError as exc:
         raise ListenerError(f"{label} cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return SmtpListenerHandle(name, server, handler, shutdown_timeout)
