@@ -147,12 +147,17 @@ class Engine:
     def keyring(self) -> Keyring | None:
         return self.svc.keyring
 
+    async def resolve(self) -> str:
+        """The database URL: configured, or that of the embedded Postgres, started here if need be."""
+        if self.dsn is None:
+            dsn, self._embedded = await asyncio.to_thread(resolve_dsn, self.settings)
+            self.dsn = dsn
+            return dsn
+        return self.dsn
+
     async def connect(self, retry_for: float = 60.0) -> None:
         """Resolve the DSN (starting embedded Postgres if needed), open the pool, migrate."""
-        dsn = self.dsn
-        if dsn is None:
-            resolved, self._embedded = await asyncio.to_thread(resolve_dsn, self.settings)
-            dsn = self.dsn = resolved
+        dsn = await self.resolve()
         deadline = asyncio.get_running_loop().time() + retry_for
         delay = 0.2
         while True:
@@ -449,27 +454,30 @@ async def serve(settings: Settings, workers: int | None = None) -> None:
         n = os.cpu_count() or 1
     intake_n = intake_count(settings)
     sockets = await asyncio.to_thread(bind_listeners, settings) if intake_n > 1 else None
-    if sockets is not None:
-        await asyncio.to_thread(prepare_shared, settings)
     engine = Engine(settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # from the start: a stop during start-up is a clean stop
+        loop.add_signal_handler(sig, engine.request_stop)
     children: list[ChildSupervisor] = []
     try:
-        await engine.connect()
+        dsn = await engine.resolve()
         if sockets is not None:
+            # The intake children start now: their imports and connections overlap ours.
+            await asyncio.to_thread(prepare_shared, settings)
             if "http" in sockets.sockets:
                 engine.http_address = sockets.address("http")
             engine.smtp_addresses = {k.removeprefix("smtp:"): sockets.address(k) for k in sockets.sockets if k != "http"}
-            children.append(ChildSupervisor(
-                settings, engine.svc.dsn, intake_n, role="intake",
+            intake = ChildSupervisor(
+                settings, dsn, intake_n, role="intake",
                 env={"ENGINE_INTAKE_FDS": sockets.environment()}, pass_fds=sockets.fds(),
-            ))
+            )
+            children.append(intake)
+            await intake.start()
+        await engine.connect()
         await engine.start(intake=sockets is None)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, engine.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: _spawn_reload(engine))
-        children.append(ChildSupervisor(settings, engine.svc.dsn, n, role="worker"))
-        for supervisor in children:
-            await supervisor.start()
+        delivery = ChildSupervisor(settings, dsn, n, role="worker")
+        children.append(delivery)
+        await delivery.start()
         await engine.wait_stopped()
         log.info("shutdown_requested")
     finally:
