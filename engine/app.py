@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 RETENTION = 8 * 86400.0  # rolling counters and ended shaping decisions
+INTAKE_READY_TIMEOUT = 120.0  # engine run waits this long for its intake children before it reports started
 
 
 class _QuietServer(uvicorn.Server):
@@ -471,8 +472,10 @@ async def serve(settings: Settings, workers: int | None = None) -> None:
                 env={"ENGINE_INTAKE_FDS": sockets.environment()}, pass_fds=sockets.fds(),
             )
             children.append(intake)
-            await intake.start()
+            await intake.start(report_ready=True)
         await engine.connect()
+        if sockets is not None:  # "engine_started" means served: wait until the children accept
+            await children[0].wait_ready(INTAKE_READY_TIMEOUT)
         await engine.start(intake=sockets is None)
         loop.add_signal_handler(signal.SIGHUP, lambda: _spawn_reload(engine))
         delivery = ChildSupervisor(settings, dsn, n, role="worker")

@@ -214,6 +214,8 @@ class Settings(_Section):
     parent_pid: int | None = None
     """The supervising ``engine run`` (``ENGINE_PARENT_PID``): a child stops when it is gone."""
     intake_fds: dict[str, int] = Field(default_factory=dict)
+    ready_fd: int | None = None
+    """A pipe to write one byte to once serving (``ENGINE_READY_FD``), set for an ``engine intake`` child."""
     """Listening sockets an ``engine intake`` child inherited (``ENGINE_INTAKE_FDS``: ``http=5,smtp:sub=6``)."""
 
     @model_validator(mode="after")
@@ -245,7 +247,7 @@ class Settings(_Section):
         return self.queue.streams.get(stream, 5)
 
 
-FROM_ENVIRONMENT = ("home", "config_path", "worker_slot", "parent_pid", "intake_fds")
+FROM_ENVIRONMENT = ("home", "config_path", "worker_slot", "parent_pid", "intake_fds", "ready_fd")
 """Fields of :class:`Settings` resolved from the environment, never from the file."""
 
 
@@ -331,6 +333,7 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
     data["config_path"] = str(path) if path else None
     data["worker_slot"] = _env_int(env, "ENGINE_WORKER_SLOT")
     data["parent_pid"] = _env_int(env, "ENGINE_PARENT_PID")
+    data["ready_fd"] = _env_int(env, "ENGINE_READY_FD")
     data["intake_fds"] = _intake_fds(env.get("ENGINE_INTAKE_FDS", ""))
     for name in SECRET_ENV:
         _read_secret_file(env, name)

@@ -140,7 +140,7 @@ async def run_intake(settings: Settings) -> None:
 
     from engine import metrics
     from engine.app import Engine
-    from engine.supervise import die_with_parent, stop_when_orphaned
+    from engine.supervise import die_with_parent, report_ready, stop_when_orphaned
 
     die_with_parent()
     if not settings.intake_fds:
@@ -151,6 +151,7 @@ async def run_intake(settings: Settings) -> None:
     sockets = inherited(settings)
     await engine.connect()
     await engine.start(sockets=sockets, background=False)
+    report_ready(settings.ready_fd)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, engine.request_stop)
     watch = asyncio.create_task(stop_when_orphaned(engine.request_stop, settings.parent_pid), name="orphan-watch")

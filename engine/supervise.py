@@ -52,6 +52,7 @@ class ChildSupervisor:
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self._stopping = False
         self._watch: asyncio.Task[None] | None = None
+        self._ready_pipes: list[int] = []
 
     def _command(self) -> list[str]:
         cmd = [sys.executable, "-m", "engine"]
@@ -59,18 +60,54 @@ class ChildSupervisor:
             cmd += ["--config", str(self.settings.config_path)]
         return [*cmd, self.role]
 
-    async def _spawn(self, slot: int) -> None:
+    async def _spawn(self, slot: int, ready_fd: int | None = None) -> None:
+        extra = {"ENGINE_READY_FD": str(ready_fd)} if ready_fd is not None else {}
         env = child_environment(
-            DATABASE_URL=self.dsn, ENGINE_WORKER_SLOT=str(slot), ENGINE_PARENT_PID=str(os.getpid()), **self.env
+            DATABASE_URL=self.dsn, ENGINE_WORKER_SLOT=str(slot), ENGINE_PARENT_PID=str(os.getpid()),
+            **self.env, **extra,
         )
-        self.procs[slot] = await asyncio.create_subprocess_exec(*self._command(), env=env, pass_fds=self.pass_fds)
+        fds = (*self.pass_fds, ready_fd) if ready_fd is not None else self.pass_fds
+        self.procs[slot] = await asyncio.create_subprocess_exec(*self._command(), env=env, pass_fds=fds)
         log.info(f"{self.role}_started", slot=slot, pid=self.procs[slot].pid)
 
-    async def start(self) -> None:
+    async def start(self, *, report_ready: bool = False) -> None:
+        """Start every child (and watch them). With ``report_ready``, each gets a pipe to say it serves.
+
+        Readiness travels over one pipe per child (``ENGINE_READY_FD``, see :func:`report_ready`):
+        one byte once it serves, end of file if it dies first. :meth:`wait_ready` reads them.
+        """
         for slot in range(self.count):
-            await self._spawn(slot)
+            if not report_ready:
+                await self._spawn(slot)
+                continue
+            r, w = os.pipe()
+            self._ready_pipes.append(r)
+            try:
+                await self._spawn(slot, w)
+            finally:
+                os.close(w)  # the child holds the only write end: its death is our end of file
         if self.count:
             self._watch = asyncio.create_task(self._supervise(), name=f"{self.role}-supervisor")
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Until every child started with ``report_ready`` serves, died, or ``timeout`` passed."""
+        pipes, self._ready_pipes = self._ready_pipes, []
+        loop = asyncio.get_running_loop()
+        answers: list[asyncio.Future[bytes]] = []
+        for r in pipes:
+            answer: asyncio.Future[bytes] = loop.create_future()
+            loop.add_reader(r, _read_once, r, answer)
+            answers.append(answer)
+        try:
+            said = await asyncio.wait_for(asyncio.gather(*answers), timeout)
+            return all(said)
+        except TimeoutError:
+            log.warning(f"{self.role}_not_ready", waited=timeout)
+            return False
+        finally:
+            for r in pipes:
+                loop.remove_reader(r)
+                os.close(r)
 
     async def _supervise(self) -> None:
         while not self._stopping:
@@ -101,6 +138,25 @@ class ChildSupervisor:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+
+
+def _read_once(fd: int, answer: asyncio.Future[bytes]) -> None:
+    """The pipe is readable: one byte (ready) or end of file (the child died first)."""
+    if not answer.done():
+        try:
+            answer.set_result(os.read(fd, 1))
+        except OSError:
+            answer.set_result(b"")
+
+
+def report_ready(fd: int | None) -> None:
+    """Tell the supervisor this child serves (see :meth:`ChildSupervisor.start`); no-op without a pipe."""
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):  # the supervisor stopped waiting: nothing to tell
+        os.write(fd, b"1")
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def die_with_parent() -> None:

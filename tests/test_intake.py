@@ -19,6 +19,7 @@ from pathlib import Path
 
 import aiosmtplib
 import httpx
+import pytest
 
 from engine.apikeys import ApiKeys
 from engine.config import load_settings
@@ -118,6 +119,7 @@ async def _submit_smtp(port: int, n: int) -> list[str]:
     return ids
 
 
+@pytest.mark.timeout(400)
 async def test_intake_children_serve_the_listeners_and_one_killed_is_replaced(db_dsn, tmp_path) -> None:
     port, smtp_port = _free_port(), _free_port()
     cfg = _config(tmp_path, port, smtp_port)
@@ -158,6 +160,7 @@ async def test_intake_children_serve_the_listeners_and_one_killed_is_replaced(db
     assert {str(r["id"]) for r in rows} == set(accepted)
 
 
+@pytest.mark.timeout(400)
 async def test_kill_9_of_the_supervisor_frees_the_ports_for_the_next_engine(db_dsn, tmp_path) -> None:
     port, smtp_port = _free_port(), _free_port()
     cfg = _config(tmp_path, port, smtp_port)
