@@ -14,8 +14,7 @@ import contextlib
 import os
 import signal
 import socket
-import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,17 +29,19 @@ from engine.audit import Actor, AuditLog
 from engine.compose.pipeline import engine_variables
 from engine.compose.render import Renderer
 from engine.compose.tracking import Keyring
-from engine.config import Settings, child_environment
+from engine.config import Settings
 from engine.consent.policy import ConsentPolicy
 from engine.db.migrate import migrate
 from engine.db.pool import acquire, create_pool, resolve_dsn
 from engine.errors import DatabaseUnavailable, EngineError
 from engine.events.store import EventStore
+from engine.intake import ListenerSockets, bind_listeners, intake_count, listen_socket, prepare_shared
 from engine.outbox import Outbox
 from engine.outcome.reputation import Reputation
 from engine.retention.purge import Retention
 from engine.shaping import automation
 from engine.submit.server import SmtpListenerHandle
+from engine.supervise import ChildSupervisor, die_with_parent, stop_when_orphaned
 from engine.suppression import Suppressions
 from engine.templates_db import DbTemplateStore
 from engine.webhooks.deliveries import Deliveries
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 RETENTION = 8 * 86400.0  # rolling counters and ended shaping decisions
+INTAKE_READY_TIMEOUT = 120.0  # engine run waits this long for its intake children before it reports started
 
 
 class _QuietServer(uvicorn.Server):
@@ -100,6 +102,7 @@ class Engine:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     dispatcher: Dispatcher | None = None  # the webhook dispatcher when [webhooks] enabled
+    _roles: tuple[bool, bool] = (True, True)  # (intake, background) this process runs; see start()
 
     @property
     def svc(self) -> Services:
@@ -145,12 +148,17 @@ class Engine:
     def keyring(self) -> Keyring | None:
         return self.svc.keyring
 
+    async def resolve(self) -> str:
+        """The database URL: configured, or that of the embedded Postgres, started here if need be."""
+        if self.dsn is None:
+            dsn, self._embedded = await asyncio.to_thread(resolve_dsn, self.settings)
+            self.dsn = dsn
+            return dsn
+        return self.dsn
+
     async def connect(self, retry_for: float = 60.0) -> None:
         """Resolve the DSN (starting embedded Postgres if needed), open the pool, migrate."""
-        dsn = self.dsn
-        if dsn is None:
-            resolved, self._embedded = await asyncio.to_thread(resolve_dsn, self.settings)
-            dsn = self.dsn = resolved
+        dsn = await self.resolve()
         deadline = asyncio.get_running_loop().time() + retry_for
         delay = 0.2
         while True:
@@ -199,21 +207,43 @@ class Engine:
             services, self.services = self.services, None
             await services.pool.close()
 
-    async def start(self) -> None:
-        """Start listeners and housekeeping. Call after :meth:`connect`."""
+    async def start(
+        self, *, sockets: ListenerSockets | None = None, intake: bool = True, background: bool = True
+    ) -> None:
+        """Start listeners and housekeeping. Call after :meth:`connect`.
+
+        ``intake``: serve the HTTP API and the SMTP listeners, on ``sockets`` when given
+        (an ``engine intake`` child serving what its supervisor bound), else on sockets bound
+        here. ``background``: housekeeping, retention, the webhook dispatcher, the exporter
+        and the bounce/FBL listener (the supervisor's share when intake runs in children).
+        """
         svc = self.svc
+        self._roles = (intake, background)
+        if intake:
+            await self._start_intake(svc, sockets)
+        if background:
+            await self.start_inbound()
+            self._start_background(svc)
+        elif intake:  # an intake child renders templates: keep its mirror of uploaded ones fresh
+            self._tasks.append(asyncio.create_task(svc.templates.run_refresh(self._stopping), name="templates-refresh"))
+        log.info(
+            "engine_started" if background else "intake_serving",
+            http=self.http_address,
+            smtp=self.smtp_addresses,
+            database="embedded" if self._embedded else "external",
+        )
+
+    async def _start_intake(self, svc: Services, sockets: ListenerSockets | None) -> None:
+        given = sockets.sockets if sockets is not None else {}
         if self.settings.http.enabled:
-            await self._start_http(svc)
+            await self._start_http(svc, given.get("http"))
         if self.settings.smtp.enabled and self.settings.smtp.listeners:
             from engine.submit.smtp import start_smtp_listeners
 
-            self._smtp = await start_smtp_listeners(self.settings, svc.acceptor, svc.apikeys)
+            self._smtp = await start_smtp_listeners(self.settings, svc.acceptor, svc.apikeys, sockets=given)
             self.smtp_addresses = {h.name: h.address for h in self._smtp}
-        if self.settings.feedback.inbound.enabled:
-            from engine.outcome.inbound import start_inbound
 
-            self.inbound = await start_inbound(self.settings, svc.pool)
-            self.inbound_address = self.inbound.address
+    def _start_background(self, svc: Services) -> None:
         self._tasks.append(asyncio.create_task(self._housekeeping(svc), name="housekeeping"))
         self._tasks.append(asyncio.create_task(svc.templates.run_refresh(self._stopping), name="templates-refresh"))
         if self.settings.retention.enabled:  # [retention]: old data purged in small batches by each table's owner
@@ -225,14 +255,16 @@ class Engine:
             self._tasks.append(asyncio.create_task(self._dispatch(svc), name="webhooks"))
         if self.settings.export.enabled:
             self._tasks.append(asyncio.create_task(self._export(svc), name="export"))
-        log.info(
-            "engine_started",
-            http=self.http_address,
-            smtp=self.smtp_addresses,
-            database="embedded" if self._embedded else "external",
-        )
 
-    async def _start_http(self, svc: Services) -> None:
+    async def start_inbound(self) -> None:
+        """The bounce/FBL listener (``[feedback.inbound]``): low volume, part of the background share."""
+        if self.settings.feedback.inbound.enabled:
+            from engine.outcome.inbound import start_inbound
+
+            self.inbound = await start_inbound(self.settings, self.svc.pool)
+            self.inbound_address = self.inbound.address
+
+    async def _start_http(self, svc: Services, sock: socket.socket | None = None) -> None:
         # Imported here: one-shot commands build an Engine too, and never need FastAPI.
         from engine.api.app import create_app, wrap
         from engine.api.deps import ConsentDeps, HttpContext, TrackingDeps, WebhookDeps
@@ -261,11 +293,9 @@ class Engine:
             listeners=self.listener_states, stopping=self._stopping.is_set,
         )
         app = wrap(create_app(ctx), self.settings)
-        host, port = self.settings.http.listen
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        if sock is None:
+            host, port = self.settings.http.listen
+            sock = listen_socket(host, port, "the HTTP API")
         self.http_address = sock.getsockname()[:2]
         config = uvicorn.Config(
             app,
@@ -316,15 +346,17 @@ class Engine:
 
         ``http``, ``smtp:<name>`` per ``[[smtp.listeners]]`` and ``inbound`` (the bounce/FBL
         listener). The HTTP server starts first, so during start-up the SMTP listeners show down.
+        An intake child answers for its own listeners only (the bounce listener is its supervisor's).
         """
+        intake, background = self._roles
         states: dict[str, bool] = {}
-        if self.settings.http.enabled:
+        if intake and self.settings.http.enabled:
             states["http"] = self._http is not None and self._http.started and not self._http.should_exit
-        if self.settings.smtp.enabled:
+        if intake and self.settings.smtp.enabled:
             serving = {h.name for h in self._smtp if h.server.is_serving()}
             for listener in self.settings.smtp.listeners:
                 states[f"smtp:{listener.name}"] = listener.name in serving
-        if self.settings.feedback.inbound.enabled:
+        if background and self.settings.feedback.inbound.enabled:
             states["inbound"] = self.inbound is not None and self.inbound.server.is_serving()
         return states
 
@@ -405,28 +437,58 @@ async def running(settings: Settings, dsn: str | None = None) -> AsyncIterator[E
 
 
 async def serve(settings: Settings, workers: int | None = None) -> None:
-    """``engine run``: listeners in this process, delivery in ``workers`` child processes.
+    """``engine run``: intake, background work and ``workers`` delivery child processes.
 
-    Children share the outbox through SKIP LOCKED leases; a child that dies is
-    restarted (its leases run out and its recipients are retried). SIGTERM is
-    passed on and each child drains within ``[server] shutdown_timeout``.
+    With ``[server] intake_processes`` above one (the default on a multi-core host) the
+    HTTP API and SMTP listeners are served by that many ``engine intake`` children on
+    sockets bound here (:mod:`engine.intake`); this process keeps the background share
+    (housekeeping, webhooks, export, retention, the bounce listener) and supervises.
+    With one, it serves the listeners itself. Delivery children share the outbox through
+    SKIP LOCKED leases; a child that dies is restarted (a worker's leases run out and its
+    recipients are retried). SIGTERM is passed on and each child drains within
+    ``[server] shutdown_timeout``.
     """
     loop = asyncio.get_running_loop()
-    metrics.init(settings.home, fresh=True)  # before any worker starts: they share its directory
+    metrics.init(settings.home, fresh=True)  # before any child starts: they share its directory
     n = workers if workers is not None else settings.delivery.workers
     if n is None:
         n = os.cpu_count() or 1
-    async with running(settings) as engine:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, engine.request_stop)
+    intake_n = intake_count(settings)
+    sockets = await asyncio.to_thread(bind_listeners, settings) if intake_n > 1 else None
+    engine = Engine(settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # from the start: a stop during start-up is a clean stop
+        loop.add_signal_handler(sig, engine.request_stop)
+    children: list[ChildSupervisor] = []
+    try:
+        dsn = await engine.resolve()
+        if sockets is not None:
+            # The intake children start now: their imports and connections overlap ours.
+            await asyncio.to_thread(prepare_shared, settings)
+            if "http" in sockets.sockets:
+                engine.http_address = sockets.address("http")
+            engine.smtp_addresses = {k.removeprefix("smtp:"): sockets.address(k) for k in sockets.sockets if k != "http"}
+            intake = ChildSupervisor(
+                settings, dsn, intake_n, role="intake",
+                env={"ENGINE_INTAKE_FDS": sockets.environment()}, pass_fds=sockets.fds(),
+            )
+            children.append(intake)
+            await intake.start(report_ready=True)
+        await engine.connect()
+        if sockets is not None:  # "engine_started" means served: wait until the children accept
+            await children[0].wait_ready(INTAKE_READY_TIMEOUT)
+        await engine.start(intake=sockets is None)
         loop.add_signal_handler(signal.SIGHUP, lambda: _spawn_reload(engine))
-        supervisor = WorkerSupervisor(settings, engine.svc.dsn, n)
-        await supervisor.start()
-        try:
-            await engine.wait_stopped()
-            log.info("shutdown_requested")
-        finally:
-            await supervisor.stop(settings.server.shutdown_timeout + 5)
+        delivery = ChildSupervisor(settings, dsn, n, role="worker")
+        children.append(delivery)
+        await delivery.start()
+        await engine.wait_stopped()
+        log.info("shutdown_requested")
+    finally:
+        timeout = settings.server.shutdown_timeout + 5
+        await asyncio.gather(*(c.stop(timeout) for c in children))
+        await engine.stop()
+        if sockets is not None:
+            sockets.close()
 
 
 _reload_tasks: set[asyncio.Task[None]] = set()
@@ -458,63 +520,12 @@ async def _reload(engine: Engine) -> None:
             log.error("shaping_reload_not_sent", error=str(exc))
 
 
-class WorkerSupervisor:
-    """Starts, watches and restarts ``engine worker`` child processes."""
-
-    def __init__(self, settings: Settings, dsn: str, count: int) -> None:
-        self.settings, self.dsn, self.count = settings, dsn, count
-        self.procs: dict[int, asyncio.subprocess.Process] = {}
-        self._stopping = False
-        self._watch: asyncio.Task[None] | None = None
-
-    def _command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "engine"]
-        if self.settings.config_path:
-            cmd += ["--config", str(self.settings.config_path)]
-        return [*cmd, "worker"]
-
-    async def _spawn(self, slot: int) -> None:
-        env = child_environment(DATABASE_URL=self.dsn, ENGINE_WORKER_SLOT=str(slot))
-        self.procs[slot] = await asyncio.create_subprocess_exec(*self._command(), env=env)
-        log.info("worker_started", slot=slot, pid=self.procs[slot].pid)
-
-    async def start(self) -> None:
-        for slot in range(self.count):
-            await self._spawn(slot)
-        if self.count:
-            self._watch = asyncio.create_task(self._supervise(), name="worker-supervisor")
-
-    async def _supervise(self) -> None:
-        while not self._stopping:
-            await asyncio.sleep(1)
-            for slot, proc in list(self.procs.items()):
-                if proc.returncode is not None and not self._stopping:
-                    log.warning("worker_died", slot=slot, pid=proc.pid, returncode=proc.returncode)
-                    metrics.mark_dead(proc.pid)
-                    await self._spawn(slot)
-
-    async def stop(self, timeout: float) -> None:
-        self._stopping = True
-        if self._watch is not None:
-            self._watch.cancel()
-        for proc in self.procs.values():
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=timeout)
-            except TimeoutError:
-                log.error("worker_killed_after_timeout", pid=proc.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-
-
 async def run_worker(settings: Settings) -> None:
     """``engine worker``: one delivery process (started by ``engine run``, or by hand on more hosts)."""
     from engine.deliver.scheduler import DeliveryWorker
 
+    if settings.worker_slot is not None:
+        die_with_parent()  # an orphaned worker drains and exits at once (see engine.supervise)
     loop = asyncio.get_running_loop()
     metrics.init(settings.home)
     engine = Engine(settings)
@@ -530,7 +541,9 @@ async def run_worker(settings: Settings) -> None:
     loop.add_signal_handler(signal.SIGHUP, worker.request_reload)
     orphan_watch = None
     if settings.worker_slot is not None:
-        orphan_watch = asyncio.create_task(_stop_when_orphaned(worker.request_stop), name="orphan-watch")
+        orphan_watch = asyncio.create_task(
+            stop_when_orphaned(worker.request_stop, settings.parent_pid), name="orphan-watch"
+        )
     try:
         await worker.run()
     finally:
@@ -556,14 +569,3 @@ async def run_dispatcher(settings: Settings) -> None:
     finally:
         await engine.close_pool()
         log.info("webhook_dispatcher_stopped", owner=dispatcher.owner)
-
-
-async def _stop_when_orphaned(stop: Callable[[], None]) -> None:
-    """A supervised worker drains and exits when its supervisor is gone (even after a kill -9)."""
-    parent = os.getppid()
-    while True:
-        await asyncio.sleep(1)
-        if os.getppid() != parent:
-            log.warning("supervisor_gone_stopping")
-            stop()
-            return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +49,13 @@ from engine.webhooks.config import WebhooksConfig
 class ServerConfig(_Section):
     hostname: str = Field(default="localhost", description="Our name in SMTP greetings and Message-IDs.")
     shutdown_timeout: Duration = Field(default=15.0, description="Grace period on SIGTERM.")
+    intake_processes: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Processes serving the HTTP API and SMTP listeners under `engine run`: unset = one per core; "
+        "1 = the main process serves them itself.",
+    )
 
 
 class DatabaseConfig(_Section):
@@ -203,6 +211,12 @@ class Settings(_Section):
     config_path: Path | None = None
     worker_slot: int | None = None
     """Set (``ENGINE_WORKER_SLOT``) in a worker process that ``engine run`` started and supervises."""
+    parent_pid: int | None = None
+    """The supervising ``engine run`` (``ENGINE_PARENT_PID``): a child stops when it is gone."""
+    intake_fds: dict[str, int] = Field(default_factory=dict)
+    ready_fd: int | None = None
+    """A pipe to write one byte to once serving (``ENGINE_READY_FD``), set for an ``engine intake`` child."""
+    """Listening sockets an ``engine intake`` child inherited (``ENGINE_INTAKE_FDS``: ``http=5,smtp:sub=6``)."""
 
     @model_validator(mode="after")
     def _streams_known(self) -> Settings:
@@ -231,6 +245,31 @@ class Settings(_Section):
 
     def stream_priority(self, stream: str) -> int:
         return self.queue.streams.get(stream, 5)
+
+
+FROM_ENVIRONMENT = ("home", "config_path", "worker_slot", "parent_pid", "intake_fds", "ready_fd")
+"""Fields of :class:`Settings` resolved from the environment, never from the file."""
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number (got {value!r})") from None
+
+
+def _intake_fds(value: str) -> dict[str, int]:
+    """``http=5,smtp:submission=6`` -> ``{"http": 5, "smtp:submission": 6}`` (set by ``engine run``)."""
+    fds: dict[str, int] = {}
+    for item in filter(None, value.split(",")):
+        name, _, fd = item.partition("=")
+        if not name or not fd.isdigit():
+            raise ConfigError(f"ENGINE_INTAKE_FDS: {item!r} is not name=fd")
+        fds[name] = int(fd)
+    return fds
 
 
 def child_environment(**overrides: str) -> dict[str, str]:
@@ -287,17 +326,15 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
-    for reserved in ("home", "config_path", "worker_slot"):
+    for reserved in FROM_ENVIRONMENT:
         if reserved in data:
             raise ConfigError(f"invalid configuration in {source}:\n  {reserved}: unknown key")
     data["home"] = env.get("ENGINE_HOME") or "var"
     data["config_path"] = str(path) if path else None
-    slot = env.get("ENGINE_WORKER_SLOT")
-    if slot:
-        try:
-            data["worker_slot"] = int(slot)
-        except ValueError:
-            raise ConfigError(f"ENGINE_WORKER_SLOT must be a number (got {slot!r})") from None
+    data["worker_slot"] = _env_int(env, "ENGINE_WORKER_SLOT")
+    data["parent_pid"] = _env_int(env, "ENGINE_PARENT_PID")
+    data["ready_fd"] = _env_int(env, "ENGINE_READY_FD")
+    data["intake_fds"] = _intake_fds(env.get("ENGINE_INTAKE_FDS", ""))
     for name in SECRET_ENV:
         _read_secret_file(env, name)
     if env.get("ENGINE_SECRET_KEY"):

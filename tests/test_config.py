@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import load_settings
+from engine.config import FROM_ENVIRONMENT, load_settings
 from engine.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,7 +112,7 @@ def _leaf_keys(model: type, prefix: str = "") -> list[str]:
 
     keys = []
     for name, field in model.model_fields.items():
-        if name in ("home", "config_path", "worker_slot"):
+        if name in FROM_ENVIRONMENT:
             continue
         sub = None
         for t in (field.annotation, *typing.get_args(field.annotation)):

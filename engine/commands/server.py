@@ -1,4 +1,4 @@
-"""``engine run``, ``engine worker`` and ``engine migrate``: start the engine, bring its schema up to date.
+"""``engine run``, ``engine worker``, ``engine intake`` and ``engine migrate``: start the engine, bring its schema up to date.
 
 The heavy imports (the app, logging setup) happen inside the commands, so
 ``engine --help`` and the one-shot commands do not pay for the server.
@@ -21,6 +21,9 @@ def register(sub: Subparsers) -> None:
     p = sub.add_parser("worker", help="run one delivery worker process (engine run starts these itself)")
     p.set_defaults(func=cmd_worker)
 
+    p = sub.add_parser("intake", help="serve the listeners engine run passes down (engine run starts these itself)")
+    p.set_defaults(func=cmd_intake)
+
     p = sub.add_parser("migrate", help="apply database migrations")
     p.set_defaults(func=cmd_migrate)
 
@@ -40,6 +43,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     configure(args.settings.logging)
     run_async(run_worker(args.settings))
+    return 0
+
+
+def cmd_intake(args: argparse.Namespace) -> int:
+    from engine.intake import run_intake
+    from engine.logging import configure
+
+    configure(args.settings.logging)
+    run_async(run_intake(args.settings))
     return 0
 
 

@@ -25,13 +25,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
+import socket
 import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import CALL_LIMIT_DEFAULT, SMTP, Envelope, Session, _AuthMechAttr, login_always_fail
 
 from engine.errors import EngineError
 
@@ -117,6 +118,30 @@ class ListenerSession(Session):
         self._legacy_login = value
 
 
+@dataclass(frozen=True, slots=True)
+class ProtocolNames:
+    """The attribute names behind aiosmtpd's hook tables, found once per listener and protocol class.
+
+    ``auth``: mechanism -> (attribute, whether it is the protocol's own or the handler's);
+    ``hooks``: ``handle_*`` of the handler by command; ``commands``: ``smtp_*`` of the protocol.
+    """
+
+    auth: dict[str, tuple[str, bool]]
+    hooks: dict[str, str]
+    commands: dict[str, str]
+    ehlo_hook_ver: str | None
+
+    @classmethod
+    def of(cls, proto: SMTP) -> ProtocolNames:
+        """Read them off a protocol aiosmtpd's own constructor built."""
+        return cls(
+            auth={mech: (a.method.__name__, a.is_builtin) for mech, a in proto._auth_methods.items()},
+            hooks={name: hook.__name__ for name, hook in proto._handle_hooks.items()},
+            commands={name: method.__name__ for name, method in proto._smtp_methods.items()},
+            ehlo_hook_ver=proto._ehlo_hook_ver,
+        )
+
+
 @dataclass(kw_only=True)
 class ListenerHandler:
     """What every listener's handler shares: the state :meth:`SmtpListenerHandle.close`
@@ -132,6 +157,8 @@ class ListenerHandler:
     max_sessions: int = 0
     """Connections beyond this many get ``421`` and are closed at once (0: no cap)."""
     refused_sessions: int = 0
+    protocol_names: dict[type, ProtocolNames] = field(default_factory=dict)
+    """What aiosmtpd looks up by introspection, per protocol class: see :class:`ProtocolNames`."""
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
@@ -174,8 +201,80 @@ class ListenerSMTP(SMTP):
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self._closed_future: asyncio.Future[None] | None = None
         self._refused = False
-        super().__init__(handler, **kwargs)
+        names = handler.protocol_names.get(type(self))
+        if names is None:  # the first connection of this listener: aiosmtpd's own constructor
+            super().__init__(handler, **kwargs)
+            handler.protocol_names[type(self)] = ProtocolNames.of(self)
+        else:
+            self._construct(handler, names, **kwargs)
         self._listener_handler = handler
+
+    def _construct(
+        self,
+        handler: ListenerHandler,
+        names: ProtocolNames,
+        *,
+        data_size_limit: int | None,
+        enable_SMTPUTF8: bool,
+        decode_data: bool,
+        hostname: str,
+        ident: str,
+        tls_context: ssl.SSLContext | None,
+        timeout: float,
+        auth_required: bool,
+        auth_require_tls: bool,
+        command_call_limit: dict[str, int],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """aiosmtpd's constructor for the arguments :func:`start_listener` passes, minus its introspection.
+
+        ``SMTP.__init__`` scans the protocol and the handler with ``inspect.getmembers``,
+        ``dir`` and ``inspect.signature`` on every connection to find its hooks: about
+        1 ms of CPU per connection, a third of a core at 600 connections/s. The names
+        are the same for every connection of a listener, so they are found once
+        (:class:`ProtocolNames`) and only bound here. The attribute set is that of
+        aiosmtpd 1.4 (pinned below 1.5); ``tests/test_smtp_server.py`` compares both
+        constructors attribute by attribute.
+        """
+        self.__ident__ = ident
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
+        self.event_handler = handler
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = enable_SMTPUTF8
+        self._decode_data = decode_data
+        self.hostname = hostname
+        self.tls_context = tls_context
+        self.require_starttls = tls_context and False  # as aiosmtpd: falsy either way (None without TLS)
+        self._timeout_duration = timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = auth_require_tls
+        self._proxy_timeout = None
+        self._auth_callback = login_always_fail
+        self._authenticator = None
+        self._auth_required = auth_required
+        self._auth_methods = {
+            mech: _AuthMechAttr(getattr(self if builtin else handler, attr), builtin)
+            for mech, (attr, builtin) in names.auth.items()
+        }
+        self._handle_hooks = {name: getattr(handler, attr) for name, attr in names.hooks.items()}
+        self._ehlo_hook_ver = names.ehlo_hook_ver
+        self._smtp_methods = {name: getattr(self, attr) for name, attr in names.commands.items()}
+        self._enforce_call_limit = True
+        self._call_limit_base = command_call_limit
+        self._call_limit_default = command_call_limit.get("*", CALL_LIMIT_DEFAULT)
 
     def _create_session(self) -> Session:
         return self.session_class(self.loop)
@@ -277,8 +376,11 @@ async def start_listener(
     auth_require_tls: bool = True,
     protocol: type[ListenerSMTP] = ListenerSMTP,
     max_sessions: int = 0,
+    sock: socket.socket | None = None,
 ) -> SmtpListenerHandle:
-    """Serve ``handler`` on ``listen`` from the running loop; ``label`` names it in errors.
+    """Serve ``handler`` on ``listen`` (or on ``sock``, already listening) from the running loop.
+
+    ``label`` names the listener in errors.
 
     AUTH is never required by aiosmtpd itself (a listener that wants it says so in
     ``handle_MAIL``, where it knows more than aiosmtpd does). Raises
@@ -305,7 +407,10 @@ async def start_listener(
 
     host, port = listen
     try:
-        server = await loop.create_server(factory, host, port, reuse_address=True)
+        if sock is not None:
+            server = await loop.create_server(factory, sock=sock)
+        else:
+            server = await loop.create_server(factory, host, port, reuse_address=True)
     except OSError as exc:
         raise ListenerError(f"{label} cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return SmtpListenerHandle(name, server, handler, shutdown_timeout)

@@ -28,8 +28,9 @@ import base64
 import binascii
 import ipaddress
 import math
+import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -378,7 +379,7 @@ async def _tls_context(settings: Settings, listener: SmtpListener) -> ssl.SSLCon
 
 
 async def _start_one(
-    settings: Settings, listener: SmtpListener, acceptor: Acceptor, apikeys: ApiKeys
+    settings: Settings, listener: SmtpListener, acceptor: Acceptor, apikeys: ApiKeys, sock: socket.socket | None
 ) -> SmtpListenerHandle:
     smtp = settings.smtp
     tls_context = await _tls_context(settings, listener)
@@ -396,6 +397,7 @@ async def _start_one(
         auth_require_tls=not listener.trusted,  # AUTH itself is required in handle_MAIL, unless trusted
         protocol=RelaySMTP,
         max_sessions=smtp.max_sessions,
+        sock=sock,
     )
     log.info(
         "smtp_listener_started",
@@ -407,8 +409,13 @@ async def _start_one(
     return handle
 
 
-async def start_smtp_listeners(settings: Settings, acceptor: Acceptor, apikeys: ApiKeys) -> list[SmtpListenerHandle]:
+async def start_smtp_listeners(
+    settings: Settings, acceptor: Acceptor, apikeys: ApiKeys, sockets: Mapping[str, socket.socket] | None = None
+) -> list[SmtpListenerHandle]:
     """Start one server per ``[[smtp.listeners]]`` entry on the running loop.
+
+    ``sockets``: listening sockets bound by the supervisor, by ``smtp:<listener name>``
+    (an intake child, see :mod:`engine.intake`); a listener without one binds its own.
 
     All or nothing: if one listener cannot start, those already started are closed
     and the error is raised, so the engine never runs with half its listeners.
@@ -418,7 +425,8 @@ async def start_smtp_listeners(settings: Settings, acceptor: Acceptor, apikeys: 
     handles: list[SmtpListenerHandle] = []
     try:
         for listener in settings.smtp.listeners:
-            handles.append(await _start_one(settings, listener, acceptor, apikeys))
+            sock = (sockets or {}).get(f"smtp:{listener.name}")
+            handles.append(await _start_one(settings, listener, acceptor, apikeys, sock))
     except BaseException:
         await close_smtp_listeners(handles)
         raise
