@@ -58,6 +58,7 @@ from engine.feedback.classify import Classifier, load_rules
 from engine.feedback.report import Report, parse_report
 from engine.feedback.verp import Verp
 from engine.outcome.feedback import MappedResult, ProviderOf, apply_report_results, record_unverified_report
+from engine.outcome.inbound_smtp import InboundSMTP
 from engine.submit.server import NULL_SENDER, ListenerHandler, SmtpListenerHandle, format_peer, format_reply, start_listener
 
 log = structlog.get_logger(__name__)
@@ -87,6 +88,7 @@ class InboundHandler(ListenerHandler):
         fb = self.settings.feedback
         self.domains = frozenset(([fb.bounce_domain] if fb.bounce_domain else []) + list(fb.inbound.accept_domains))
         self._parse_slots = asyncio.Semaphore(fb.inbound.parse_concurrency)
+        self.max_lines = fb.inbound.max_lines  # read by InboundSMTP
 
     # -- aiosmtpd hooks ------------------------------------------------------------------
 
@@ -308,6 +310,7 @@ async def start_inbound(
         shutdown_timeout=settings.server.shutdown_timeout,
         auth_require_tls=True,  # no TLS here: AUTH is never offered
         max_sessions=cfg.max_sessions,
+        protocol=InboundSMTP,
     )
     log.info("inbound_listener_started", address="%s:%d" % listener.address, domains=sorted(handler.domains))
     return listener
