@@ -204,3 +204,50 @@ async def test_error_budget_line_count_and_pipelined_commands(flood_env: Env) ->
     assert applied[0] == 250 and "applied" in applied[1], applied
     assert noop[0] == 250 and quit_[0] == 221
     assert (await env.row(rid))["state"] == "bounced"
+
+
+async def test_costly_reports_are_parsed_off_the_loop(flood_env: Env) -> None:
+    """Messages within every limit that are slow to parse (20,000 MIME parts: seconds of CPU each):
+    parsing them must not take the event loop's time, nor its GIL."""
+    env = flood_env
+    out = await env.submit(["tia@example.net"])
+    rid = out["recipients"][0]["id"]
+    await env.deliver(rid)
+    rcpt = VERP.return_path(rid)
+    address = env.eng.inbound_address
+    parts = b"Content-Type: multipart/mixed; boundary=x\r\n\r\n" + b"--x\r\nContent-Type: text/plain\r\n\r\nhi\r\n" * 20_000
+
+    def costly() -> list[tuple[int, str]]:
+        client = RawClient(address)
+        try:
+            first = client.message(rcpt, parts)
+            assert client.command(b"MAIL FROM:<>")[0] == 250
+            assert client.command(f"RCPT TO:<{rcpt}>".encode())[0] == 250
+            assert client.command(b"DATA")[0] == 354
+            client.sock.sendall(parts)
+            return [first, client.command(b".")]
+        finally:
+            client.close()
+
+    for _ in range(3):
+        assert (await env.client.get("/healthz")).status_code == 200
+    results: dict[str, Any] = {}
+    threads = [_in_thread(results, f"c{i}", costly) for i in range(4)]
+    latencies: list[float] = []
+    deadline = time.monotonic() + 300
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        t0 = time.monotonic()
+        r = await env.client.get("/healthz")
+        latencies.append(time.monotonic() - t0)
+        assert r.status_code == 200, r.text
+        await asyncio.sleep(0.02)
+    for t in threads:
+        await asyncio.to_thread(t.join, 60)
+    for name, res in results.items():
+        assert not isinstance(res, Exception), (name, res)
+        assert [code for code, _ in res] == [250, 250] and "not a report" in res[0][1], res
+    assert env.eng.inbound.handler.stats["not_a_report"] == 8
+    assert len(latencies) >= 3
+    assert max(latencies) < LIVENESS_BOUND, f"/healthz took up to {max(latencies):.2f} s while reports were parsed"
+    await env.send(dsn("tia@example.net"), [rcpt])
+    assert (await env.row(rid))["state"] == "bounced"
