@@ -42,6 +42,7 @@ from engine.deliver.scheduler import DeliveryWorker
 from engine.errors import ConfigError, ValidationFailed
 from engine.events.public import INTERNAL_TYPES, PUBLIC_TYPES
 from engine.feedback.verp import Verp
+from tests.configs import BOUNCE_DOMAIN, MARKETING_GRANT, tracked_feedback
 from tests.receivers import Receiver, smtp_receiver, tls_ca  # noqa: F401  (fixtures)
 from tests.test_consent_smoke import _all_text
 from tests.test_event_schemas import errors as schema_errors
@@ -50,12 +51,10 @@ from tests.webhook_receiver import webhook_receiver  # noqa: F401  (fixture)
 
 TRACKING_SECRET = "consent-tracking-secret-" + "t" * 32
 VERP_SECRET = "consent-verp-secret-" + "v" * 32
-BOUNCE_DOMAIN = "bounces.example.test"
 VERP = Verp(BOUNCE_DOMAIN, {1: VERP_SECRET})
 RING = Keyring({1: TRACKING_SECRET})
 CAPTURED = "2026-01-05T10:00:00Z"
-GRANT = {"purpose": "marketing", "status": "granted", "legal_basis": "consent", "source": "crm:hubspot",
-         "captured_at": CAPTURED, "policy_version": "2026-01"}
+GRANT = MARKETING_GRANT
 HTML = '<p>Spring sale: <a href="https://shop.example.com/spring?x=1">shop</a></p>'
 IMPORT_N = int(os.environ.get("ENGINE_TEST_CONSENT_IMPORT_N", "5000"))
 """Contacts the CRM bulk-loads in the campaign test (the 100,000 figure is the benchmark's)."""
@@ -74,31 +73,8 @@ poll_interval = "100ms"
 retry_schedule = ["0.5s"]
 retry_jitter = 0
 
-[webhooks]
-allow_private_targets = true
-poll_interval = "50ms"
-
-[tracking]
-base_url = "https://t.example.test"
-track_opens = false
-
-[[tracking.keys]]
-id = 1
-secret = "{TRACKING_SECRET}"
-
-[feedback]
-bounce_domain = "{BOUNCE_DOMAIN}"
-suppress_scope = "global"
-
-[[feedback.keys]]
-id = 1
-secret = "{VERP_SECRET}"
-
-[feedback.inbound]
-enabled = true
-listen = "127.0.0.1:0"
-accept_domains = ["fbl.example.test"]
 """
+    text += tracked_feedback(TRACKING_SECRET, VERP_SECRET, track_opens=False)
     if smtp:
         text += '\n[[smtp.listeners]]\nname = "sub"\nlisten = "127.0.0.1:0"\ntrusted_networks = ["127.0.0.0/8"]\n'
     return text + "\n" + extra

@@ -35,6 +35,7 @@ from engine.deliver.scheduler import DeliveryWorker
 from engine.events import catalog
 from engine.events.public import PUBLIC_TYPES
 from engine.feedback.verp import Verp
+from tests.configs import BOUNCE_DOMAIN, MARKETING_GRANT, tracked_feedback
 from tests.receivers import Behaviour, smtp_receiver, tls_ca  # noqa: F401  (fixtures)
 from tests.test_inbound import arf, dsn
 from tests.webhook_receiver import webhook_receiver  # noqa: F401  (fixture)
@@ -42,14 +43,12 @@ from tests.webhook_receiver import webhook_receiver  # noqa: F401  (fixture)
 SCHEMAS = Path(__file__).resolve().parent.parent / "engine" / "events" / "schemas"
 TRACKING_SECRET = "schema-tracking-secret-" + "t" * 32
 VERP_SECRET = "schema-verp-secret-" + "v" * 32
-BOUNCE_DOMAIN = "bounces.example.test"
 VERP = Verp(BOUNCE_DOMAIN, {1: VERP_SECRET})
 RING = Keyring({3: TRACKING_SECRET})
 HTML = '<p>Hello <a href="https://shop.example.com/spring?x=1&amp;y=2">shop</a></p>'
 METADATA = {"customer": "c-42", "tags": ["spring", "vip"], "n": 7}
 EXTERNAL = {"segment": "spring-vip", "membership": {"id": "m-9", "reason": "opened twice"}, "owner": "kim"}
-GRANT = {"purpose": "marketing", "status": "granted", "legal_basis": "consent", "source": "crm:hubspot",
-         "captured_at": "2026-01-05T10:00:00Z", "policy_version": "2026-01"}
+GRANT = MARKETING_GRANT
 
 
 def _config(mx: Any, plain: Any, slow: Any) -> str:
@@ -68,30 +67,7 @@ poll_interval = "100ms"
 "example.org" = "{plain.address}:{plain.port}"
 "slow.test" = "{slow.address}:{slow.port}"
 
-[webhooks]
-allow_private_targets = true
-poll_interval = "50ms"
-
-[tracking]
-base_url = "https://t.example.test"
-
-[[tracking.keys]]
-id = 3
-secret = "{TRACKING_SECRET}"
-
-[feedback]
-bounce_domain = "{BOUNCE_DOMAIN}"
-suppress_scope = "global"
-
-[[feedback.keys]]
-id = 1
-secret = "{VERP_SECRET}"
-
-[feedback.inbound]
-enabled = true
-listen = "127.0.0.1:0"
-accept_domains = ["fbl.example.test"]
-"""
+""" + tracked_feedback(TRACKING_SECRET, VERP_SECRET, tracking_key=3)
 
 
 # ---- validation

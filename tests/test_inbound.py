@@ -24,27 +24,12 @@ from engine.config import load_settings
 from engine.deliver.scheduler import DeliveryWorker
 from engine.feedback.verp import Verp
 from engine.outbox import Outcome
-from tests.configs import BULK_WITHOUT_CONSENT
+from tests.configs import BOUNCE_DOMAIN, BULK_WITHOUT_CONSENT, inbound_feedback
 from tests.conftest import shared_corpus
 from tests.receivers import smtp_receiver, tls_ca  # noqa: F401  (fixtures)
 
 SECRET = "verp-test-secret-" + "v" * 32
-BOUNCE_DOMAIN = "bounces.example.test"
-CONFIG = f"""
-[feedback]
-bounce_domain = "{BOUNCE_DOMAIN}"
-suppress_scope = "global"
-
-[[feedback.keys]]
-id = 1
-secret = "{SECRET}"
-
-[feedback.inbound]
-enabled = true
-listen = "127.0.0.1:0"
-accept_domains = ["fbl.example.test"]
-max_message_size = "6MB"
-""" + BULK_WITHOUT_CONSENT
+CONFIG = inbound_feedback(SECRET) + 'max_message_size = "6MB"\n' + BULK_WITHOUT_CONSENT
 VERP = Verp(BOUNCE_DOMAIN, {1: SECRET})
 
 

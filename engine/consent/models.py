@@ -9,7 +9,6 @@ real record overrides them.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Annotated, Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.errors import ValidationFailed
+from engine.netaddr import IpAddress
 from engine.suppression import normalize_address
 
 LEGAL_BASES = ("consent", "contract", "legal_obligation", "vital_interests", "public_task", "legitimate_interest")
@@ -45,18 +45,8 @@ def _printable(v: str | None, what: str) -> str | None:
 class Evidence(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ip: str | None = Field(default=None, max_length=64)
+    ip: IpAddress | None = Field(default=None, max_length=64)
     user_agent: str | None = Field(default=None, max_length=500)
-
-    @field_validator("ip")
-    @classmethod
-    def _ip(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                ipaddress.ip_address(v)
-            except ValueError:
-                raise ValueError(f"{v!r} is not an IP address") from None
-        return v
 
     @field_validator("user_agent")
     @classmethod

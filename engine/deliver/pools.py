@@ -10,7 +10,6 @@ pick the address and uses ``[server] hostname`` as EHLO name.
 
 from __future__ import annotations
 
-import ipaddress
 import random
 import re
 from collections.abc import Sequence
@@ -19,25 +18,16 @@ from dataclasses import dataclass
 from pydantic import Field, field_validator, model_validator
 
 from engine.configtypes import _Section
+from engine.netaddr import IpAddress
 
 _NAME_RE = r"^[a-z0-9_-]{1,64}$"
 
 
 class SourceConfig(_Section):
     name: str = Field(pattern=_NAME_RE, description="Identifies the source in logs, metrics and shaping.")
-    address: str | None = Field(default=None, description="Local IP to bind; unset lets the OS choose.")
+    address: IpAddress | None = Field(default=None, description="Local IP to bind; unset lets the OS choose.")
     ehlo: str | None = Field(default=None, description="EHLO name (should match the address's PTR); default [server] hostname.")
     weight: int = Field(default=1, ge=0, description="Share of this pool's traffic (0 = drained).")
-
-    @field_validator("address")
-    @classmethod
-    def _ip(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                ipaddress.ip_address(v)
-            except ValueError:
-                raise ValueError(f"{v!r} is not an IP address") from None
-        return v
 
     @field_validator("ehlo")
     @classmethod

@@ -31,13 +31,16 @@ class FeedbackInboundConfig(_Section):
     enabled: bool = False
     listen: HostPort = ("127.0.0.1", 2526)
     max_message_size: Size = Field(default=10 * 1024 * 1024, ge=1024)
+    max_lines: int = Field(
+        default=200_000, ge=100, description="Lines in one message; beyond: 552 (a 10 MB report in base64 has ~135,000)."
+    )
     accept_domains: list[str] = Field(
         default_factory=list,
         description="Domains besides bounce_domain whose mail is taken as reports (e.g. the FBL address's domain).",
     )
     max_recipients: int = Field(default=20, ge=1, le=1000)
     data_timeout: Duration = 60.0
-    parse_concurrency: int = Field(default=2, ge=1, le=64, description="Reports parsed at once (in threads).")
+    parse_concurrency: int = Field(default=2, ge=1, le=64, description="Reports parsed at once (each in a process of its own, off the event loop).")
     max_sessions: int = Field(default=100, ge=0, description="Connections at once; beyond: 421 at once (0 = no cap).")
 
     @field_validator("accept_domains")

@@ -9,8 +9,10 @@ is stored, and a message only changes state through the results it parses to.
 
 ``handle_DATA``:
 
-1. parse with :func:`engine.feedback.parse_report` in a worker thread (bounded
-   by ``parse_concurrency``: a hostile 10 MB message must not stall the loop);
+1. parse with :func:`engine.feedback.parse_report` in a worker process
+   (:class:`~engine.outcome.report_parser.ReportParser`, bounded by ``parse_concurrency``:
+   a message slow to parse must take neither the loop's time nor its GIL); reading the
+   message and its limits are :mod:`engine.outcome.inbound_smtp`'s;
 2. find the recipient row each result is about: the VERP token of the
    envelope recipient, else a VERP address inside the report (its To, the
    original message's Return-Path, an ARF's Original-Mail-From...), else the
@@ -55,9 +57,11 @@ from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.errors import DatabaseUnavailable
 from engine.feedback.classify import Classifier, load_rules
-from engine.feedback.report import Report, parse_report
+from engine.feedback.report import Report
 from engine.feedback.verp import Verp
 from engine.outcome.feedback import MappedResult, ProviderOf, apply_report_results, record_unverified_report
+from engine.outcome.inbound_smtp import InboundSMTP
+from engine.outcome.report_parser import ReportParser
 from engine.submit.server import NULL_SENDER, ListenerHandler, SmtpListenerHandle, format_peer, format_reply, start_listener
 
 log = structlog.get_logger(__name__)
@@ -86,7 +90,8 @@ class InboundHandler(ListenerHandler):
     def __post_init__(self) -> None:
         fb = self.settings.feedback
         self.domains = frozenset(([fb.bounce_domain] if fb.bounce_domain else []) + list(fb.inbound.accept_domains))
-        self._parse_slots = asyncio.Semaphore(fb.inbound.parse_concurrency)
+        self.parser = ReportParser(fb.inbound.parse_concurrency, fb.classifier_rules)
+        self.max_lines = fb.inbound.max_lines  # read by InboundSMTP
 
     # -- aiosmtpd hooks ------------------------------------------------------------------
 
@@ -122,8 +127,7 @@ class InboundHandler(ListenerHandler):
         data = envelope.original_content
         if not isinstance(data, bytes):
             data = bytes(data or b"")
-        async with self._parse_slots:
-            report = await asyncio.to_thread(parse_report, data, self.classifier)
+        report = await self.parser.parse(data)
         # Own task: a client hanging up must not cancel a transaction half-way; shutdown waits for it.
         work = self.process(list(envelope.rcpt_tos), report, data, format_peer(session))
         try:
@@ -136,6 +140,9 @@ class InboundHandler(ListenerHandler):
             self.stats["failed"] += 1
             return "250 2.0.0 Report received (not processed)"
         return format_reply("250 2.0.0", f"Report received: {outcome}")
+
+    def on_closed(self) -> None:
+        self.parser.close()
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("inbound_session_error", error=f"{type(error).__name__}: {error}")
@@ -308,6 +315,7 @@ async def start_inbound(
         shutdown_timeout=settings.server.shutdown_timeout,
         auth_require_tls=True,  # no TLS here: AUTH is never offered
         max_sessions=cfg.max_sessions,
+        protocol=InboundSMTP,
     )
     log.info("inbound_listener_started", address="%s:%d" % listener.address, domains=sorted(handler.domains))
     return listener

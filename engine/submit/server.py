@@ -168,6 +168,9 @@ class ListenerHandler:
         session.host_name = hostname
         return [*responses[:1], "250-PIPELINING", *responses[1:]]
 
+    def on_closed(self) -> None:
+        """Called by :meth:`SmtpListenerHandle.close` last: release what the handler owns (worker processes...)."""
+
     def shielded(self, work: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         """Run ``work`` as its own task and return a shield to await.
 
@@ -358,6 +361,7 @@ class SmtpListenerHandle:
         if conns:
             await asyncio.wait(list(conns.values()), timeout=min(5.0, self.shutdown_timeout))
         await self.server.wait_closed()
+        self.handler.on_closed()
         log.info("smtp_listener_stopped", listener=self.name)
 
 
