@@ -54,6 +54,10 @@ _MANAGE_EVENTS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "purge": ("bounced", {"origin": "operator", "category": "purged", "permanent": True, "hard": False,
                           "status": "5.0.0", "reply": "5.0.0 purged by operator"}),
 }
+EXACT_STATS_ROWS = 200_000
+"""Up to this many recipient rows, :meth:`Outbox.stats` counts exactly (a scan is cheap)."""
+STATS_SAMPLE_ROWS = 50_000
+"""Rows an estimated :meth:`Outbox.stats` samples (a share of the table's pages)."""
 STATES = ("queued", "leased", "deferred", "delivered", "bounced", "expired", "suppressed", "held")
 FINAL_STATES = frozenset({"delivered", "bounced", "expired", "suppressed"})
 
@@ -496,9 +500,21 @@ class Outbox:
                 )
         return len(rows)
 
-    async def stats(self) -> list[asyncpg.Record]:
+    async def stats(
+        self, exact: bool = False, *, exact_rows: int = EXACT_STATS_ROWS, sample_rows: int = STATS_SAMPLE_ROWS
+    ) -> list[asyncpg.Record]:
+        """Recipient counts by (state, stream, domain) and the earliest next attempt of waiting groups.
+
+        An exact count reads every row of the table: seconds at a million rows, for an operator's
+        glance or each dashboard refresh. Above ``exact_rows`` rows (the planner's count, kept by
+        autovacuum) the counts are scaled up from a sample of about ``sample_rows`` rows (whole
+        pages) and each row says ``estimate``: small groups may be missing. ``exact=True`` always scans.
+        """
         async with acquire(self.pool) as conn:
-            return await conn.fetch(*q("queue_stats"))
+            rows = int(await conn.fetchval(*q("queue_stats_rows")) or -1)
+            if exact or rows < exact_rows:
+                return await conn.fetch(*q("queue_stats"))
+            return await conn.fetch(*q("queue_stats_sampled", percent=min(100.0, 100.0 * sample_rows / rows)))
 
     async def list(
         self, *, state: str | None = None, domain: str | None = None, message_id: uuid.UUID | None = None, limit: int = 100

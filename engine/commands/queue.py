@@ -29,6 +29,7 @@ def register(sub: Subparsers) -> None:
     queue = sub.add_parser("queue", help="inspect and manage the outbox").add_subparsers(dest="queue_cmd", required=True)
     p = queue.add_parser("stats", help="recipient counts by state, stream and domain")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--exact", action="store_true", help="count every row (a large queue is otherwise sampled)")
     p.set_defaults(func=cmd_queue_stats)
     p = queue.add_parser("list", help="list recipients (JSON lines)")
     p.add_argument("--state")
@@ -51,7 +52,7 @@ def cmd_queue_stats(args: argparse.Namespace) -> int:
 
     async def go() -> list[asyncpg.Record]:
         async with database(args.settings) as pool:
-            return await Outbox(pool, args.settings.queue.max_age).stats()
+            return await Outbox(pool, args.settings.queue.max_age).stats(exact=args.exact)
 
     rows = run_async(go())
     if args.json:
@@ -61,7 +62,8 @@ def cmd_queue_stats(args: argparse.Namespace) -> int:
     totals: dict[str, int] = {}
     for r in rows:
         totals[r["state"]] = totals.get(r["state"], 0) + r["n"]
-    print("by state: " + (", ".join(f"{k}={v}" for k, v in sorted(totals.items())) or "queue is empty"))
+    estimate = " (estimate from a sample; --exact to count every row)" if any(r["estimate"] for r in rows) else ""
+    print(f"by state{estimate}: " + (", ".join(f"{k}={v}" for k, v in sorted(totals.items())) or "queue is empty"))
     if rows:
         print(f"{'STATE':<11} {'STREAM':<14} {'DOMAIN':<32} {'COUNT':>8}  NEXT ATTEMPT")
         for r in rows:

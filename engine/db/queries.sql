@@ -63,10 +63,27 @@ FROM ins;
 -- Consent is judged again here (:rule_streams/:rule_purposes/:rule_kinds, the stream rules):
 -- a row whose consent was revoked after accept becomes 'suppressed' instead of leased, and is
 -- returned with its reason ('blocked') so the caller records the event in the same transaction.
-WITH picked AS (
+-- With :skip_domains (destinations the worker cannot take more of), 'open' first walks the
+-- distinct waiting domains on recipients_ready_domain_idx, one index probe per domain, jumping
+-- over skipped ones and ones with nothing due: when no other domain has a due row, the claim
+-- returns nothing without reading the ready set (before, it read every waiting row of the
+-- skipped domains: a full scan of a 1M queue each time a worker's destination queue was full).
+WITH RECURSIVE walk(domain) AS (
+    SELECT min(domain) FROM recipients
+    WHERE state IN ('queued', 'deferred') AND cardinality(:skip_domains::text[]) > 0
+  UNION ALL
+    SELECT (SELECT min(r.domain) FROM recipients r WHERE r.state IN ('queued', 'deferred') AND r.domain > w.domain)
+    FROM walk w
+    WHERE w.domain IS NOT NULL AND (w.domain = ANY(:skip_domains::text[]) OR NOT EXISTS (
+        SELECT 1 FROM recipients x
+        WHERE x.state IN ('queued', 'deferred') AND x.domain = w.domain AND x.next_attempt_at <= now()))
+), open AS (
+    SELECT 1 FROM walk WHERE domain IS NOT NULL AND domain <> ALL(:skip_domains::text[]) LIMIT 1
+), picked AS (
     SELECT id FROM recipients
     WHERE state IN ('queued', 'deferred') AND next_attempt_at <= now()
       AND domain <> ALL(:skip_domains::text[])
+      AND (cardinality(:skip_domains::text[]) = 0 OR EXISTS (SELECT 1 FROM open))
     ORDER BY priority, next_attempt_at
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -174,8 +191,10 @@ WHERE r.message_id = :id ORDER BY a.id;
 SELECT raw FROM messages WHERE id = :id;
 
 -- name: queue_stats
+-- Exact: reads every row (Outbox.stats uses it on small tables, or when asked).
 SELECT state, stream, domain, count(*)::bigint AS n,
-       min(next_attempt_at) FILTER (WHERE state IN ('queued', 'deferred')) AS next_attempt_at
+       min(next_attempt_at) FILTER (WHERE state IN ('queued', 'deferred')) AS next_attempt_at,
+       false AS estimate
 FROM recipients GROUP BY state, stream, domain ORDER BY state, stream, domain;
 
 -- name: queue_list
@@ -1448,3 +1467,18 @@ WHERE e.created_at >= now() - make_interval(secs => :seconds)
   AND e.type IN ('delivered', 'deferred', 'bounced')
 ORDER BY e.created_at DESC, e.id DESC
 LIMIT :limit;
+
+-- ==== queue at depth (issue 14) ====
+
+-- name: queue_stats_rows
+-- The planner's row count of recipients (kept by autovacuum/ANALYZE; -1 before the first one).
+SELECT reltuples::bigint FROM pg_class WHERE oid = 'recipients'::regclass;
+
+-- name: queue_stats_sampled
+-- Estimated queue_stats: a SYSTEM sample of :percent % of the table's pages, counts scaled up.
+-- Small groups may be missing or off; next_attempt_at is the earliest within the sample.
+SELECT state, stream, domain, greatest(1, round(count(*) * 100.0 / :percent::real))::bigint AS n,
+       min(next_attempt_at) FILTER (WHERE state IN ('queued', 'deferred')) AS next_attempt_at,
+       true AS estimate
+FROM recipients TABLESAMPLE SYSTEM (:percent::real)
+GROUP BY state, stream, domain ORDER BY state, stream, domain;

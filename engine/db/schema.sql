@@ -461,3 +461,13 @@ CREATE INDEX messages_body_idx ON messages (created_at)
 -- Events a webhook delivery still waits to send are kept by the events purge.
 CREATE INDEX webhook_deliveries_open_event_idx ON webhook_deliveries (event_id)
     WHERE state IN ('pending', 'sending');
+
+-- from 0016_queue_depth
+-- The hot table: vacuum and analyze after a small share of changes (dead versions of claimed and
+-- acked rows, a burst of new ones), and leave room on each page for a row's next version.
+ALTER TABLE recipients SET (
+    autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_insert_scale_factor = 0.02, autovacuum_vacuum_insert_threshold = 1000,
+    autovacuum_analyze_scale_factor = 0.01, autovacuum_analyze_threshold = 1000,
+    fillfactor = 85
+);
