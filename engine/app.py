@@ -35,13 +35,13 @@ from engine.db.migrate import migrate
 from engine.db.pool import acquire, create_pool, resolve_dsn
 from engine.errors import DatabaseUnavailable, EngineError
 from engine.events.store import EventStore
-from engine.intake import ListenerSockets, bind_listeners, intake_count, listen_socket, prepare_shared
+from engine.intake import ListenerSockets, bind_listeners, inherited, intake_count, listen_socket, prepare_shared
 from engine.outbox import Outbox
 from engine.outcome.reputation import Reputation
 from engine.retention.purge import Retention
 from engine.shaping import automation
 from engine.submit.server import SmtpListenerHandle
-from engine.supervise import ChildSupervisor, die_with_parent, stop_when_orphaned
+from engine.supervise import ChildSupervisor, die_with_parent, report_ready, stop_when_orphaned
 from engine.suppression import Suppressions
 from engine.templates_db import DbTemplateStore
 from engine.webhooks.deliveries import Deliveries
@@ -550,6 +550,29 @@ async def run_worker(settings: Settings) -> None:
         if orphan_watch is not None:
             orphan_watch.cancel()
         await engine.close_pool()
+
+
+async def run_intake(settings: Settings) -> None:
+    """``engine intake``: serve the listeners ``engine run`` passed down, until SIGTERM or it is gone."""
+    die_with_parent()
+    if not settings.intake_fds:
+        raise EngineError("engine intake serves sockets that engine run passes down; start the engine with `engine run`")
+    loop = asyncio.get_running_loop()
+    metrics.init(settings.home)
+    engine = Engine(settings)
+    sockets = inherited(settings)
+    await engine.connect()
+    await engine.start(sockets=sockets, background=False)
+    report_ready(settings.ready_fd)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, engine.request_stop)
+    watch = asyncio.create_task(stop_when_orphaned(engine.request_stop, settings.parent_pid), name="orphan-watch")
+    try:
+        await engine.wait_stopped()
+    finally:
+        watch.cancel()
+        await engine.stop()
+        sockets.close()
 
 
 async def run_dispatcher(settings: Settings) -> None:

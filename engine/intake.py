@@ -19,7 +19,6 @@ The sockets reach the children as inherited descriptors named in
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import socket
@@ -132,32 +131,3 @@ def intake_count(settings: Settings) -> int:
     """Processes that serve intake: ``[server] intake_processes``, else one per core."""
     n = settings.server.intake_processes
     return n if n is not None else (os.cpu_count() or 1)
-
-
-async def run_intake(settings: Settings) -> None:
-    """``engine intake``: serve the inherited listeners until SIGTERM or the supervisor is gone."""
-    import signal
-
-    from engine import metrics
-    from engine.app import Engine
-    from engine.supervise import die_with_parent, report_ready, stop_when_orphaned
-
-    die_with_parent()
-    if not settings.intake_fds:
-        raise EngineError("engine intake serves sockets that engine run passes down; start the engine with `engine run`")
-    loop = asyncio.get_running_loop()
-    metrics.init(settings.home)
-    engine = Engine(settings)
-    sockets = inherited(settings)
-    await engine.connect()
-    await engine.start(sockets=sockets, background=False)
-    report_ready(settings.ready_fd)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, engine.request_stop)
-    watch = asyncio.create_task(stop_when_orphaned(engine.request_stop, settings.parent_pid), name="orphan-watch")
-    try:
-        await engine.wait_stopped()
-    finally:
-        watch.cancel()
-        await engine.stop()
-        sockets.close()

@@ -47,7 +47,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_intake(args: argparse.Namespace) -> int:
-    from engine.intake import run_intake
+    from engine.app import run_intake
     from engine.logging import configure
 
     configure(args.settings.logging)
