@@ -64,7 +64,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     rows: list[dict[str, Any]] = run_async(go())
     if args.json:
-        print_json(rows)
+        for r in rows:
+            print_json(r)
         return 0
     if not rows:
         print("nothing exported yet")
