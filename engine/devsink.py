@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import time
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
@@ -63,7 +62,7 @@ _seq = itertools.count()
 def store(directory: Path, mail_from: str, rcpt_to: list[str], data: bytes, peer: str | None) -> str:
     """Keep one message (bytes as received) and its envelope; return its id (sortable by arrival)."""
     directory.mkdir(parents=True, exist_ok=True)
-    msg_id = f"{time.time_ns():020d}-{os.getpid()}-{next(_seq)}"
+    msg_id = f"{time.time_ns() // 1000:013x}{next(_seq) % 4096:03x}"  # microseconds, then a counter: sorts by arrival
     envelope = {"mail_from": mail_from, "rcpt_to": rcpt_to, "peer": peer,
                 "received_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for suffix, payload in ((".eml", data), (".json", json.dumps(envelope).encode())):

@@ -17,7 +17,7 @@ import asyncpg
 
 from engine.audit import Actor, AuditLog, replay_view, webhook_view
 from engine.commands import Subparsers
-from engine.commands.output import rows_out
+from engine.commands.output import add_json_flag, rows_out
 from engine.errors import ValidationFailed
 from engine.events.public import PUBLIC_TYPES, event_id, parse_event_id
 from engine.runtime import database, print_json, run_async
@@ -42,7 +42,7 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_add)
     p = grp.add_parser("list", help="every endpoint")
-    p.add_argument("--json", action="store_true")
+    add_json_flag(p)
     p.set_defaults(func=cmd_list)
     p = grp.add_parser("rm", help="delete an endpoint and its deliveries")
     p.add_argument("id", type=uuid.UUID)
@@ -55,13 +55,13 @@ def register(sub: Subparsers) -> None:
     p.set_defaults(func=cmd_disable)
     p = grp.add_parser("status", help="backlog, dead letters and lag per endpoint")
     p.add_argument("id", type=uuid.UUID, nargs="?")
-    p.add_argument("--json", action="store_true")
+    add_json_flag(p)
     p.set_defaults(func=cmd_status)
     p = grp.add_parser("deliveries", help="recent deliveries of an endpoint (--state failed: dead letters)")
     p.add_argument("id", type=uuid.UUID)
     p.add_argument("--state", choices=("pending", "sending", "delivered", "failed"))
     p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--json", action="store_true")
+    add_json_flag(p)
     p.set_defaults(func=cmd_deliveries)
     p = grp.add_parser("replay", help="send again: dead letters, event ids, or a time range (same webhook-id)")
     p.add_argument("id", type=uuid.UUID)
