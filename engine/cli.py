@@ -7,7 +7,8 @@ parser, loads the config once (``--config`` wins over ``ENGINE_CONFIG``) and
 maps errors to exit codes: 2 for a bad config, an address already in use or a
 database schema newer than this code (the node must not run as it is), 1 for
 any other engine error, 130 for Ctrl-C, 141 when the reader of stdout went away
-(``| head``), each with one line on stderr and never a traceback. A command may return its status or a coroutine (run here).
+(``| head``), each with one line on stderr and never a traceback. A command
+may return its status or a coroutine (run here).
 """
 
 from __future__ import annotations
