@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
+RUN_STAMP := $(VENV)/.installed-run
 STAMP  := $(VENV)/.installed
 CONFIG ?= deploy/engine.dev.toml
 PYTEST_ARGS ?=
@@ -12,12 +13,21 @@ DEB_TEST_PKGS := libmail-dkim-perl opendkim opendkim-tools chromium
 .PHONY: install run test bench deb-test lint clean
 
 $(PY):
+	@echo "creating $(VENV) (first run only)"
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install --upgrade pip
+
+# Two stamps: `make run` installs what running needs; `make test` adds the test extras (and stamps
+# both: .[test] includes the runtime). pip speaks for itself (no -q): a first install takes a while.
+$(RUN_STAMP): pyproject.toml | $(PY)
+	@echo "installing the engine into $(VENV) (what running needs)"
+	$(PIP) install -e .
+	touch $(RUN_STAMP)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install -q -e '.[test]'
-	touch $(STAMP)
+	@echo "installing the engine and the test tools into $(VENV)"
+	$(PIP) install -e '.[test]'
+	touch $(STAMP) $(RUN_STAMP)
 
 LINT_STAMP := $(VENV)/.lint-installed
 $(LINT_STAMP): pyproject.toml | $(STAMP)
@@ -26,7 +36,7 @@ $(LINT_STAMP): pyproject.toml | $(STAMP)
 
 install: $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/engine --config $(CONFIG) run
 
 deb-test:

@@ -4,9 +4,11 @@ Each command group is one module in ``engine/commands/`` with a
 ``register(subparsers)`` function; :data:`COMMAND_MODULES` lists them in the
 order ``engine --help`` shows them. This file only builds the top-level
 parser, loads the config once (``--config`` wins over ``ENGINE_CONFIG``) and
-maps errors to exit codes: 2 for a bad config or a database schema newer than
-this code (the node must not run as it is), 1 for any other engine error, 130
-for Ctrl-C. A command may return its status or a coroutine (run here).
+maps errors to exit codes: 2 for a bad config, an address already in use or a
+database schema newer than this code (the node must not run as it is), 1 for
+any other engine error, 130 for Ctrl-C, 141 when the reader of stdout went away
+(``| head``), each with one line on stderr and never a traceback. A command
+may return its status or a coroutine (run here).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +42,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.export",
     "engine.commands.audit",
     "engine.commands.retention",
+    "engine.commands.sink",
 )
 
 
@@ -54,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        status = _dispatch(args)
+        sys.stdout.flush()  # inside the try: a reader gone by now is the same broken pipe
+        return status
+    except BrokenPipeError:
+        # The reader went away (`engine queue list | head`): not an error of ours, and no traceback.
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # what a shell reports for a process ended by SIGPIPE (128 + 13)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         args.settings = load_settings(args.config)
         func: Callable[[argparse.Namespace], Any] = args.func

@@ -36,6 +36,7 @@ from engine.dashboard.config import DashboardConfig
 from engine.deliver.config import DeliveryConfig
 from engine.deliver.pools import PoolConfig
 from engine.deliver.routing import RoutingConfig
+from engine.devsink import DevConfig
 from engine.errors import ConfigError
 from engine.export.config import ExportConfig
 from engine.feedback.config import FeedbackConfig
@@ -55,6 +56,13 @@ class ServerConfig(_Section):
         le=256,
         description="Processes serving the HTTP API and SMTP listeners under `engine run`: unset = one per core; "
         "1 = the main process serves them itself.",
+    )
+    home: str | None = Field(
+        default=None,
+        description=(
+            "State directory (embedded Postgres, certificates, keys), relative to this config file; "
+            "ENGINE_HOME wins; unset: $XDG_STATE_HOME/engine (~/.local/state/engine)."
+        ),
     )
 
 
@@ -205,9 +213,11 @@ class Settings(_Section):
     retention: RetentionConfig = RetentionConfig()
     logging: LoggingConfig = LoggingConfig()
     dashboard: DashboardConfig = DashboardConfig()
+    dev: DevConfig = DevConfig()
 
     # Resolved from the environment, not from the file.
     home: Path = Path("var")
+    """Absolute after :func:`load_settings` (see :func:`resolve_home`): every process and cwd agree on it."""
     config_path: Path | None = None
     worker_slot: int | None = None
     """Set (``ENGINE_WORKER_SLOT``) in a worker process that ``engine run`` started and supervises."""
@@ -308,6 +318,24 @@ def _read_secret_file(env: dict[str, str], name: str) -> None:
         raise ConfigError(f"{name}_FILE: {path} is empty")
 
 
+def resolve_home(env: dict[str, str], config_path: Path | None, configured: object) -> Path:
+    """The state directory, absolute, so that a command run from another directory finds the same one.
+
+    ``ENGINE_HOME`` wins (relative to the current directory, as a shell user means it); then
+    ``[server] home``, relative to the config file that names it; else a fixed per-user default
+    (``$XDG_STATE_HOME/engine``). Never the bare current directory: a CLI command run elsewhere would
+    silently start a second embedded Postgres and report an empty queue.
+    """
+    if env.get("ENGINE_HOME"):
+        return Path(env["ENGINE_HOME"]).expanduser().absolute()
+    if isinstance(configured, str) and configured:
+        home = Path(configured).expanduser()
+        base = config_path.parent if config_path is not None else Path.cwd()
+        return (home if home.is_absolute() else base.absolute() / home).resolve()
+    state = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".local" / "state")
+    return (Path(state) / "engine").absolute()
+
+
 def load_settings(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
     """Load and validate the config. ``path`` wins over ``ENGINE_CONFIG``; no file means defaults."""
     env = dict(os.environ if env is None else env)
@@ -329,7 +357,8 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
     for reserved in FROM_ENVIRONMENT:
         if reserved in data:
             raise ConfigError(f"invalid configuration in {source}:\n  {reserved}: unknown key")
-    data["home"] = env.get("ENGINE_HOME") or "var"
+    server = data.get("server")
+    data["home"] = str(resolve_home(env, Path(path) if path else None, server.get("home") if isinstance(server, dict) else None))
     data["config_path"] = str(path) if path else None
     data["worker_slot"] = _env_int(env, "ENGINE_WORKER_SLOT")
     data["parent_pid"] = _env_int(env, "ENGINE_PARENT_PID")

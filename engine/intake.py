@@ -74,9 +74,11 @@ def listen_socket(host: str, port: int, label: str, *, retry_for: float = 0.0) -
             return sock
         except OSError as exc:
             sock.close()
-            if exc.errno == errno.EADDRINUSE and time.monotonic() < deadline:
-                time.sleep(0.2)
-                continue
+            if exc.errno == errno.EADDRINUSE:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                raise  # `engine run` names the taken address in one line (engine/commands/server.py)
             raise BindError(f"{label} cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 

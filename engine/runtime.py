@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -32,6 +33,7 @@ async def database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     """A small migrated pool for one-shot commands."""
     from engine.app import Engine
 
+    announce_home(settings)
     small = settings.model_copy(update={"database": settings.database.model_copy(update={"pool_min": 1, "pool_max": 2})})
     engine = Engine(small)
     await engine.connect(retry_for=3)
@@ -39,6 +41,12 @@ async def database(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
         yield engine.pool
     finally:
         await engine.close_pool()
+
+
+def announce_home(settings: Settings) -> None:
+    """One stderr line naming the state directory in use, so a command run elsewhere cannot fool anyone."""
+    db = "external database" if settings.database.url else f"embedded database in {settings.home / 'pg'}"
+    print(f"engine: home {settings.home} ({db})", file=sys.stderr)
 
 
 def print_json(obj: Any) -> None:

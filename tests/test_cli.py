@@ -69,7 +69,7 @@ async def test_queue_management(db_dsn, tmp_path, pool) -> None:
     assert "deferred=3" in stats and "a.test" in stats and "b.test" in stats
     assert "hold: 2" in run("hold", "--domain", "A.test").stdout
     assert engine(db_dsn, tmp_path, "queue", "hold").returncode == 1  # refuses without a filter
-    listed = [json.loads(line) for line in run("list", "--state", "held").stdout.splitlines()]
+    listed = [json.loads(line) for line in run("list", "--state", "held", "--json").stdout.splitlines()]
     assert {r["address"] for r in listed} == {"u0@a.test", "u1@a.test"}
     assert "release: 2" in run("release", "--domain", "a.test").stdout
     assert "retry: 3" in run("retry").stdout

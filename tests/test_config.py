@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,21 @@ def test_shipped_configs_are_valid() -> None:
 
 
 def test_defaults_without_a_file() -> None:
-    s = load_settings(None, env={})
-    assert s.queue.max_age == 3 * 86400 and s.database.url is None and s.home == Path("var")
+    s = load_settings(None, env={"HOME": "/home/ann"})
+    assert s.queue.max_age == 3 * 86400 and s.database.url is None and s.home == Path("/home/ann/.local/state/engine")
+    assert load_settings(None, env={"XDG_STATE_HOME": "/st"}).home == Path("/st/engine")
+
+
+def test_home_is_relative_to_the_config_file_and_absolute(tmp_path: Path, monkeypatch) -> None:
+    """A command run from another directory must find the same state (issue 16, first run 4)."""
+    (tmp_path / "conf").mkdir()
+    p = tmp_path / "conf" / "engine.toml"
+    p.write_text('[server]\nhome = "../state"\n')
+    for cwd in (tmp_path, tmp_path / "conf"):
+        monkeypatch.chdir(cwd)
+        assert load_settings(os.path.relpath(p, cwd), env={}).home == tmp_path / "state"
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(p, env={"ENGINE_HOME": "rel"}).home == tmp_path / "rel"  # relative to where you are
 
 
 def test_env_database_url_and_home_win(tmp_path: Path) -> None:

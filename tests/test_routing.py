@@ -403,7 +403,7 @@ async def test_dns_route_cli(dns_server, capsys):
     srv = dns_server({"example.test": {"MX": "10 mx1.provider.test."}, "nomail.test": {"MX": "0 ."}, **PROVIDER})
     parser = argparse.ArgumentParser(prog="engine")
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["dns", "route", "example.test", "nomail.test", "--nameserver", srv.nameserver])
+    args = parser.parse_args(["dns", "route", "example.test", "nomail.test", "--nameserver", srv.nameserver, "--json"])
     status = await args.func(args)
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert status == 1

@@ -280,7 +280,7 @@ async def test_exhausted_retries_are_dead_letters_and_replay_sends_them_under_th
         timeout=60, env={**os.environ, "DATABASE_URL": db_dsn, "ENGINE_HOME": str(tmp_path / "home")},
     )
     assert cli.returncode == 0, cli.stderr
-    (shown,) = json.loads(cli.stdout)
+    (shown,) = [json.loads(line) for line in cli.stdout.splitlines()]
     assert shown["id"] == ep["id"] and shown["failed"] == 3 and shown["url"] == rx.url
 
     # The receiver is fixed; every dead letter goes again under its original webhook-id.

@@ -188,9 +188,10 @@ class Cli:
         return rc, out.out, out.err
 
     async def json(self, *args: str) -> Any:
+        """``--json`` output: JSON Lines, one object per line (every command the same way)."""
         rc, out, err = await self(*args, "--json")
         assert rc == 0, err
-        return json.loads(out)
+        return [json.loads(line) for line in out.splitlines()]
 
 
 @pytest.fixture
@@ -207,7 +208,7 @@ def cli(capsys, monkeypatch, db_dsn, tmp_path) -> Cli:
 async def test_cli_add_list_status_replay_rotate_rm(webhook_stack, webhook_receiver, cli, tmp_path) -> None:
     rx = await webhook_receiver()
     st = await webhook_stack()
-    made = await cli.json("webhooks", "add", rx.url, "--events", "email.accepted", "email.opened",
+    (made,) = await cli.json("webhooks", "add", rx.url, "--events", "email.accepted", "email.opened",
                           "--streams", "default", "--description", "crm")
     rx.secrets.append(made["secret"])
     assert made["secret"].startswith("whsec_") and made["events"] == ["email.accepted", "email.opened"]

@@ -14,6 +14,7 @@ import asyncpg
 
 from engine.audit import Actor
 from engine.commands import Subparsers
+from engine.commands.output import add_json_flag
 from engine.configtypes import parse_duration
 from engine.runtime import database, print_json, run_async
 
@@ -41,7 +42,7 @@ def register(sub: Subparsers) -> None:
     _expiry_options(p)
     p.set_defaults(func=cmd_apikey_create)
     p = apikey.add_parser("list", help="list keys (never the secret)")
-    p.add_argument("--json", action="store_true")
+    add_json_flag(p)
     p.set_defaults(func=cmd_apikey_list)
     p = apikey.add_parser("revoke", help="revoke a key by name (with any of its keys still in rotation grace)")
     p.add_argument("--name", required=True)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from engine.commands import Subparsers
+from engine.commands.output import add_json_flag
 from engine.configtypes import parse_duration
 from engine.runtime import database, print_json, run_async
 
@@ -39,7 +40,7 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--target", help="what was acted on: a name, an id, or an email address (matched by its hash)")
     p.add_argument("--after", metavar="CURSOR", help="resume after this cursor (the 'cursor' of the last row printed)")
     p.add_argument("--limit", type=int, default=None, help="at most this many rows (default: all)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    add_json_flag(p)
     p.set_defaults(func=cmd_audit)
 
 

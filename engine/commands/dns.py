@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from engine.commands import Subparsers
+from engine.commands.output import add_json_flag, rows_out
 from engine.deliver.routing import RouteError, Router, RoutingConfig
 from engine.dnsauth.check import AuthChecker, AuthReport, Finding, SendingSetup
 from engine.dnsauth.lookup import DnsLookup
@@ -47,8 +48,9 @@ def register(sub: Subparsers) -> None:
     check.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     _resolver_options(check)
     check.set_defaults(func=dns_check)
-    route = dns_sub.add_parser("route", help="show where mail for each DOMAIN would go (JSON lines)")
+    route = dns_sub.add_parser("route", help="show where mail for each DOMAIN would go")
     route.add_argument("domains", nargs="+", metavar="DOMAIN")
+    add_json_flag(route)
     _resolver_options(route)
     route.set_defaults(func=dns_route)
 
@@ -116,6 +118,9 @@ async def dns_route(args: argparse.Namespace) -> int:
         return {"ok": True, **route.to_dict()}
 
     results = await asyncio.gather(*(one(d) for d in args.domains))
-    for result in results:
-        print(json.dumps(result, ensure_ascii=False), flush=True)
+    rows_out(args, results, [
+        ("DOMAIN", "domain"), ("OK", lambda r: "yes" if r["ok"] else "NO"),
+        ("HOPS", lambda r: " ".join(f"{h['mx_host']}={h['address']}:{h['port']}" for h in r.get("hops", [])) or "-"),
+        ("REASON", lambda r: r.get("reason")),
+    ])
     return 0 if all(r["ok"] for r in results) else 1

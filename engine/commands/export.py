@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
 from engine.commands import Subparsers
+from engine.commands.output import add_json_flag
 from engine.export.exporter import Exporter, status
 from engine.runtime import database, print_json, run_async
 
@@ -19,7 +21,7 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--once", action="store_true")
     p.set_defaults(func=cmd_run)
     p = grp.add_parser("status", help="cursor position, lag and last file per destination")
-    p.add_argument("--json", action="store_true")
+    add_json_flag(p)
     p.set_defaults(func=cmd_status)
     p = grp.add_parser("backfill", help="rewrite the batches since DATE under the same names")
     p.add_argument("--since", required=True, type=_date, metavar="DATE", help="YYYY-MM-DD (UTC) or an ISO 8601 time")
@@ -64,10 +66,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     rows: list[dict[str, Any]] = run_async(go())
     if args.json:
-        print_json(rows)
+        for r in rows:
+            print_json(r)
         return 0
     if not rows:
-        print("nothing exported yet")
+        print("nothing exported yet", file=sys.stderr)
     for r in rows:
         lag = "-" if r["lag_seconds"] is None else f"{r['lag_seconds']:.0f}s"
         print(f"{r['destination']}: exported {r['exported']} events; cursor at event {r['event_id']}; "

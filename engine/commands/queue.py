@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from engine.commands import Subparsers
+from engine.commands.output import add_json_flag, rows_out
 from engine.errors import EngineError
 from engine.runtime import database, print_json, run_async
 
@@ -28,10 +29,11 @@ ACTIONS: tuple[tuple[str, str], ...] = (
 def register(sub: Subparsers) -> None:
     queue = sub.add_parser("queue", help="inspect and manage the outbox").add_subparsers(dest="queue_cmd", required=True)
     p = queue.add_parser("stats", help="recipient counts by state, stream and domain")
-    p.add_argument("--json", action="store_true")
+    add_json_flag(p)
     p.add_argument("--exact", action="store_true", help="count every row (a large queue is otherwise sampled)")
     p.set_defaults(func=cmd_queue_stats)
-    p = queue.add_parser("list", help="list recipients (JSON lines)")
+    p = queue.add_parser("list", help="list recipients")
+    add_json_flag(p)
     p.add_argument("--state")
     p.add_argument("--domain")
     p.add_argument("--message", help="a message id")
@@ -95,8 +97,10 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
         async with database(args.settings) as pool:
             return await Outbox(pool, 0).list(state=args.state, limit=args.limit, **_selector(args))
 
-    for r in run_async(go()):
-        print_json(dict(r))
+    rows_out(args, [dict(r) for r in run_async(go())], [
+        ("ID", "id"), ("MESSAGE", "message_id"), ("ADDRESS", "address"), ("STATE", "state"), ("STREAM", "stream"),
+        ("ATTEMPTS", "attempts"), ("NEXT ATTEMPT", "next_attempt_at"), ("LAST", "last_reply"),
+    ], empty="no recipients match")
     return 0
 
 

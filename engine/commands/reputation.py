@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Mapping
 
 from engine.commands import Subparsers
+from engine.commands.output import add_json_flag
 from engine.configtypes import parse_duration
 from engine.outcome.reputation import Counts, Reputation
 from engine.runtime import database, run_async
@@ -23,7 +25,7 @@ def register(sub: Subparsers) -> None:
     p = grp.add_parser("show", help="delivered / deferred / bounced / complaints over a rolling window")
     p.add_argument("--provider", default=None, help="only this provider (shaping name, or recipient domain)")
     p.add_argument("--window", default="24h", type=_duration_arg, help="window length like 1h, 24h, 7d (default 24h)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    add_json_flag(p)
     p.set_defaults(func=cmd_reputation_show)
 
 
@@ -66,9 +68,9 @@ def cmd_reputation_show(args: argparse.Namespace) -> int:
     if args.json:
         for (provider, source, domain), c in sorted(summary.items()):
             print(json.dumps({"provider": provider, "source": source, "sending_domain": domain, "window": seconds, **c.as_dict()}))
+    elif not summary:
+        print(f"(nothing recorded in the last {args.window})", file=sys.stderr)
     else:
         for line in format_table(summary):
             print(line)
-        if not summary:
-            print(f"(nothing recorded in the last {args.window})")
     return 0

@@ -27,6 +27,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from engine.audit import Actor, AuditLog
+from engine.commands.output import add_json_flag
 from engine.deliver.routing import RouteError, Router
 from engine.errors import ConfigError
 from engine.runtime import database, print_json, run_async
@@ -56,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="seconds to wait for every live worker to confirm (default 10; 0 = check once)")
     p.set_defaults(func=cmd_reload)
     p = sub.add_parser("workers", help="live and stale delivery workers and the shaping file each applied")
-    p.add_argument("--json", action="store_true", help="one JSON object per worker and line")
+    add_json_flag(p)
     p.set_defaults(func=cmd_workers)
 
 
@@ -167,7 +168,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
             print_json(r)
         return 0
     if not rows:
-        print("no workers")
+        print("no workers", file=sys.stderr)
         return 0
     print(f"{'OWNER':<32} {'STATE':<6} {'SEEN':>7} {'STARTED':<19} {'DELIVERED':>9}  {'SHAPING':<12} {'APPLIED':<19} FILE")
     for r in rows:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import TypeVar
 
 from engine.audit import Actor, AuditLog
 from engine.commands import Subparsers
+from engine.commands.output import add_json_flag, rows_out
 from engine.runtime import database, run_async
 from engine.suppression import GLOBAL, Suppression, Suppressions, configured_scope, normalize_address
 
@@ -32,6 +34,7 @@ def register(sub: Subparsers) -> None:
     p = grp.add_parser("list", help="recent suppressions")
     p.add_argument("--address", default=None)
     p.add_argument("--limit", type=int, default=100)
+    add_json_flag(p)
     p.set_defaults(func=cmd_suppress_list)
 
 
@@ -84,6 +87,7 @@ def cmd_suppress_remove(args: argparse.Namespace) -> int:
 
 def cmd_suppress_list(args: argparse.Namespace) -> int:
     rows: list[Suppression] = _run(args, lambda s, _: s.list(args.address, args.limit))
-    for r in rows:
-        print(f"{r.created_at:%Y-%m-%d %H:%M:%S}  {r.scope:<16} {r.address:<40} {r.reason} ({r.source})")
+    rows_out(args, [asdict(r) for r in rows], [
+        ("CREATED", "created_at"), ("SCOPE", "scope"), ("ADDRESS", "address"), ("REASON", "reason"), ("SOURCE", "source"),
+    ], empty="no suppressions")
     return 0

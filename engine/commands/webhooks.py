@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -17,6 +17,7 @@ import asyncpg
 
 from engine.audit import Actor, AuditLog, replay_view, webhook_view
 from engine.commands import Subparsers
+from engine.commands.output import add_json_flag, rows_out
 from engine.errors import ValidationFailed
 from engine.events.public import PUBLIC_TYPES, event_id, parse_event_id
 from engine.runtime import database, print_json, run_async
@@ -41,7 +42,7 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_add)
     p = grp.add_parser("list", help="every endpoint")
-    p.add_argument("--json", action="store_true")
+    add_json_flag(p)
     p.set_defaults(func=cmd_list)
     p = grp.add_parser("rm", help="delete an endpoint and its deliveries")
     p.add_argument("id", type=uuid.UUID)
@@ -54,13 +55,13 @@ def register(sub: Subparsers) -> None:
     p.set_defaults(func=cmd_disable)
     p = grp.add_parser("status", help="backlog, dead letters and lag per endpoint")
     p.add_argument("id", type=uuid.UUID, nargs="?")
-    p.add_argument("--json", action="store_true")
+    add_json_flag(p)
     p.set_defaults(func=cmd_status)
     p = grp.add_parser("deliveries", help="recent deliveries of an endpoint (--state failed: dead letters)")
     p.add_argument("id", type=uuid.UUID)
     p.add_argument("--state", choices=("pending", "sending", "delivered", "failed"))
     p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--json", action="store_true")
+    add_json_flag(p)
     p.set_defaults(func=cmd_deliveries)
     p = grp.add_parser("replay", help="send again: dead letters, event ids, or a time range (same webhook-id)")
     p.add_argument("id", type=uuid.UUID)
@@ -126,15 +127,12 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     eps = _run(args, lambda e, d: e.list())
-    if args.json:
-        print_json([ep.as_json() for ep in eps])
-        return 0
-    for ep in eps:
-        state = "enabled" if ep.enabled else f"disabled ({ep.disabled_reason or 'by an operator'})"
-        types = ",".join(ep.event_types) if ep.event_types else "all events"
-        streams = ",".join(ep.streams) if ep.streams else "all streams"
-        batch = f"batch {ep.batch_max}" if ep.batch_max > 1 else "unbatched"
-        print(f"{ep.id}  {ep.url}  [{types}; {streams}; {batch}] {state}")
+    rows_out(args, [ep.as_json() for ep in eps], [
+        ("ID", "id"), ("URL", "url"),
+        ("EVENTS", lambda r: r["events"] or "all"), ("STREAMS", lambda r: r["streams"] or "all"),
+        ("BATCH", lambda r: r["batch"]["max_events"]),
+        ("STATE", lambda r: "enabled" if r["enabled"] else f"disabled ({r.get('disabled_reason') or 'by an operator'})"),
+    ], empty="no webhook endpoints")
     return 0
 
 
@@ -179,29 +177,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     urls = {ep.id: ep for ep in eps}
     if args.id is not None and args.id not in urls:
         raise ValidationFailed(f"no webhook endpoint {args.id}", field="id")
-    if args.json:
-        print_json([{**r, "id": str(r["id"]), "url": urls[r["id"]].url} for r in rows])
-        return 0
-    print(f"{'endpoint':<36}  {'pending':>8} {'retrying':>8} {'dead':>6} {'oldest':>9} {'p50':>8} {'p95':>8}  url")
-    for r in rows:
-        ep = urls[r["id"]]
-        flag = "" if ep.enabled else f"  (disabled: {ep.disabled_reason or 'by an operator'})"
-        print(
-            f"{r['id']!s:<36}  {r['pending']:>8} {r['retrying']:>8} {r['failed']:>6} "
-            f"{_secs(r['oldest_pending_seconds']):>9} {_secs(r['lag_p50_seconds']):>8} {_secs(r['lag_p95_seconds']):>8}"
-            f"  {ep.url}{flag}"
-        )
+
+    def shown_url(r: Mapping[str, Any]) -> str:
+        ep: Endpoint = urls[uuid.UUID(r["id"])]
+        return ep.url + ("" if ep.enabled else f"  (disabled: {ep.disabled_reason or 'by an operator'})")
+
+    rows_out(args, [{**r, "id": str(r["id"]), "url": urls[r["id"]].url} for r in rows], [
+        ("ENDPOINT", "id"), ("PENDING", "pending"), ("RETRYING", "retrying"), ("DEAD", "failed"),
+        ("OLDEST", lambda r: _secs(r["oldest_pending_seconds"])), ("P50", lambda r: _secs(r["lag_p50_seconds"])),
+        ("P95", lambda r: _secs(r["lag_p95_seconds"])), ("URL", shown_url),
+    ], empty="no webhook endpoints")
     return 0
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
     rows: list[asyncpg.Record] = _run(args, lambda e, d: d.list(args.id, state=args.state, limit=args.limit))
-    if args.json:
-        print_json([{**dict(r), "event_id": event_id(r["event_id"])} for r in rows])
-        return 0
-    for r in rows:
-        last = f"{r['last_status'] or ''} {r['last_error'] or ''}".strip()
-        print(f"{r['id']:>10} {event_id(r['event_id']):<16} {r['state']:<10} attempts={r['attempts']:<3} {r['lane']:<13} {last}")
+    rows_out(args, [{**dict(r), "event_id": event_id(r["event_id"])} for r in rows], [
+        ("ID", "id"), ("EVENT", "event_id"), ("STATE", "state"), ("ATTEMPTS", "attempts"), ("LANE", "lane"),
+        ("LAST", lambda r: f"{r['last_status'] or ''} {r['last_error'] or ''}".strip() or "-"),
+    ], empty="no deliveries")
     return 0
 
 
