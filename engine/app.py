@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -41,7 +40,7 @@ from engine.outcome.reputation import Reputation
 from engine.retention.purge import Retention
 from engine.shaping import automation
 from engine.submit.server import SmtpListenerHandle
-from engine.supervise import ChildSupervisor, die_with_parent, report_ready, stop_when_orphaned
+from engine.supervise import ChildSupervisor, cpu_budget, die_with_parent, report_ready, stop_when_orphaned
 from engine.suppression import Suppressions
 from engine.templates_db import DbTemplateStore
 from engine.webhooks.deliveries import Deliveries
@@ -452,7 +451,7 @@ async def serve(settings: Settings, workers: int | None = None) -> None:
     metrics.init(settings.home, fresh=True)  # before any child starts: they share its directory
     n = workers if workers is not None else settings.delivery.workers
     if n is None:
-        n = os.cpu_count() or 1
+        n = cpu_budget()
     intake_n = intake_count(settings)
     sockets = await asyncio.to_thread(bind_listeners, settings) if intake_n > 1 else None
     engine = Engine(settings)

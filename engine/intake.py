@@ -20,7 +20,6 @@ The sockets reach the children as inherited descriptors named in
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -130,6 +129,8 @@ def inherited(settings: Settings) -> ListenerSockets:
 
 
 def intake_count(settings: Settings) -> int:
-    """Processes that serve intake: ``[server] intake_processes``, else one per core."""
+    """Processes that serve intake: ``[server] intake_processes``, else one per core we may use."""
+    from engine.supervise import cpu_budget
+
     n = settings.server.intake_processes
-    return n if n is not None else (os.cpu_count() or 1)
+    return n if n is not None else cpu_budget()

@@ -18,10 +18,12 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import math
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import structlog
 
@@ -31,6 +33,29 @@ from engine.config import Settings, child_environment
 log = structlog.get_logger(__name__)
 
 PR_SET_PDEATHSIG = 1
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cpu_budget(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The cores this process may use: the default count of intake and delivery children.
+
+    ``os.cpu_count()`` is the host's: a container limited to one CPU on a 64-core node
+    would start 64 of each. The affinity mask (cpusets) and the cgroup v2 quota
+    (``cpu.max``: ``quota period``, as Kubernetes and ``docker --cpus`` set it) both bound it.
+    """
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
 
 
 class ChildSupervisor:

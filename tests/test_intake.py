@@ -198,3 +198,17 @@ async def test_kill_9_of_the_supervisor_frees_the_ports_for_the_next_engine(db_d
     await pool.close()
     # Every accepted message is there (the worker may have added DSNs of its own for the unroutable test domain).
     assert set(accepted) <= {str(r["id"]) for r in rows}
+
+
+def test_cpu_budget_follows_the_cgroup_quota(tmp_path) -> None:
+    from engine.supervise import cpu_budget
+
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert cpu_budget(cpu_max) == affinity
+    cpu_max.write_text("50000 100000\n")  # docker --cpus 0.5
+    assert cpu_budget(cpu_max) == 1
+    cpu_max.write_text(f"{(affinity + 5) * 100000} 100000\n")  # a quota above the cores we have
+    assert cpu_budget(cpu_max) == affinity
+    assert cpu_budget(tmp_path / "absent") == affinity
