@@ -30,6 +30,7 @@ from engine.compose.render import Renderer
 from engine.compose.tracking import Keyring
 from engine.config import Settings
 from engine.consent.policy import ConsentPolicy
+from engine.db.embedded import EmbeddedPostgres
 from engine.db.migrate import migrate
 from engine.db.pool import acquire, create_pool, resolve_dsn
 from engine.errors import DatabaseUnavailable, EngineError
@@ -94,7 +95,7 @@ class Engine:
     smtp_addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
     inbound_address: tuple[str, int] | None = None
     inbound: SmtpListenerHandle | None = None  # the bounce/FBL listener when [feedback.inbound] is enabled
-    _embedded: object | None = None  # the embedded Postgres this process started (pgserver), if any
+    _embedded: EmbeddedPostgres | None = None  # the embedded Postgres (pgserver) this process uses, if any
     _http: _QuietServer | None = None
     _http_task: asyncio.Task[None] | None = None
     _smtp: list[SmtpListenerHandle] = field(default_factory=list)
@@ -245,6 +246,8 @@ class Engine:
     def _start_background(self, svc: Services) -> None:
         self._tasks.append(asyncio.create_task(self._housekeeping(svc), name="housekeeping"))
         self._tasks.append(asyncio.create_task(svc.templates.run_refresh(self._stopping), name="templates-refresh"))
+        if self._embedded is not None:  # restarted if its postmaster dies
+            self._tasks.append(asyncio.create_task(self._embedded.supervise(self._stopping), name="embedded-postgres"))
         if self.settings.retention.enabled:  # [retention]: old data purged in small batches by each table's owner
             purge = Retention(svc.pool, self.settings.retention, self._stopping)
             for note in self.settings.retention.caveats(self.settings.tracking):
@@ -414,6 +417,8 @@ class Engine:
             pool, self.services = self.services.pool, None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(pool.close(), timeout=timeout)
+        if self._embedded is not None:  # stops the server unless another live process uses it
+            await asyncio.to_thread(self._embedded.stop)
         log.info("engine_stopped")
 
     async def wait_stopped(self) -> None:

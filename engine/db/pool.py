@@ -2,7 +2,8 @@
 
 When no URL is configured the engine starts Postgres itself with ``pgserver``
 under ``$ENGINE_HOME/pg`` and reuses it across runs, so a newcomer needs nothing
-installed. Driver errors that mean "the database is not there right now" are
+installed (:mod:`engine.db.embedded`: supervised, restarted, stopped with the
+engine). Driver errors that mean "the database is not there right now" are
 translated to :class:`DatabaseUnavailable` at this boundary, so callers answer
 "try again later" instead of crashing.
 """
@@ -13,7 +14,6 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
@@ -21,11 +21,10 @@ import orjson
 import structlog
 
 from engine.config import Settings
+from engine.db.embedded import EmbeddedPostgres
 from engine.errors import DatabaseUnavailable
 
 log = structlog.get_logger(__name__)
-
-EMBEDDED_DB_NAME = "engine"
 
 # Errors that mean the server is down, restarting or unreachable.
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -53,29 +52,12 @@ def translate_errors() -> Iterator[None]:
         raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}: {exc}") from exc
 
 
-def embedded_server(home: Path) -> Any:
-    """Start (or attach to) the embedded Postgres under ``home/pg``; returns the pgserver handle."""
-    import warnings
-
-    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset (servers, CI)
-        warnings.simplefilter("ignore")
-        import pgserver  # imported lazily: only needed without DATABASE_URL
-
-    pgdata = (home / "pg").resolve()
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]  # not in its __all__
-    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DB_NAME}';")
-    if "(1 row)" not in exists:
-        server.psql(f"CREATE DATABASE {EMBEDDED_DB_NAME};")
-    return server
-
-
-def resolve_dsn(settings: Settings) -> tuple[str, Any]:
-    """The DSN to use and, for the embedded server, the handle that keeps it alive."""
+def resolve_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
+    """The DSN to use and, for the embedded server, the handle that keeps it alive (and supervises it)."""
     if settings.database.url:
         return settings.database.url, None
-    server = embedded_server(settings.home)
-    return server.get_uri(EMBEDDED_DB_NAME), server
+    embedded = EmbeddedPostgres(settings.home)
+    return embedded.start(), embedded
 
 
 def _json_dumps(value: Any) -> str:
