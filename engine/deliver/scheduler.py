@@ -314,14 +314,19 @@ class DeliveryWorker:
                 rows = await self.outbox.claim(
                     self.owner, min(free, cfg.claim_batch), self.settings.queue.lease_duration, skip
                 )
-                if rows:
-                    await self._load_messages({r["message_id"] for r in rows})
                 delay = 0.2
             except DatabaseUnavailable as exc:
                 log.warning("claim_failed", error=str(exc), retry_in=delay)
                 await self._sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            # The rows are ours now (and our heartbeat renews their leases): never drop them on the
+            # floor because their messages could not be read; retry until read, or until asked to stop.
+            while rows and not await self._loaded({r["message_id"] for r in rows}, delay):
+                if self._stop.is_set():
+                    self._unstarted.extend(r["id"] for r in rows)  # handed back at shutdown
+                    rows = []
+                delay = min(delay * 2, 5.0)
             if not rows:
                 await self._sleep(cfg.poll_interval)
                 continue
@@ -356,6 +361,16 @@ class DeliveryWorker:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
         self._wake.clear()
+
+    async def _loaded(self, ids: set[Any], retry_in: float) -> bool:
+        """:meth:`_load_messages`, or False after a pause when the database is unavailable."""
+        try:
+            await self._load_messages(ids)
+            return True
+        except DatabaseUnavailable as exc:
+            log.warning("claimed_messages_unreadable", error=str(exc), retry_in=retry_in)
+            await self._sleep(retry_in)
+            return False
 
     async def _load_messages(self, ids: set[Any]) -> None:
         missing = [i for i in ids if i not in self._messages]
