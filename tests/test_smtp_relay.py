@@ -506,6 +506,92 @@ async def test_syntax_errors_get_501_and_overlong_lines_500(relay: StartRelay) -
         await raw.close()
 
 
+# -- the DATA payload (read in chunks: engine.submit.data) ------------------------------------
+
+# Everything that looks like an end of data but is not (bare LF/CR around the dot), lines with dots.
+TRICKY = (
+    b"From: zoe@example.test\r\nTo: bob@example.net\r\nSubject: chunks\r\nDate: Mon, 30 Nov 2026 03:00:00 +0000\r\n"
+    b"Message-ID: <chunks@example.test>\r\n\r\n"
+    + b"".join(b"line %d " % i + b"x" * (i % 90) + b"\r\n" for i in range(4000))
+    + b"bare lf\n.\nstill body\r\n.\nstill body\n.\r\nstill body\r.\r\nstill body\r\n"
+    + b"\r\n.\r.\r\n. \r\n"
+)
+
+
+def _stuffed(body: bytes) -> bytes:
+    return (b"." + body[1:] if body.startswith(b".") else body).replace(b"\r\n.", b"\r\n..")
+
+
+async def _stored_raw(pool: asyncpg.Pool, text: str) -> bytes:
+    m = QUEUED_RE.search(text)
+    assert m, text
+    return bytes(await pool.fetchval("SELECT raw FROM messages WHERE id = $1", uuid.UUID(m.group(1))))
+
+
+async def test_data_split_anywhere_is_stored_exactly(relay: StartRelay, pool: asyncpg.Pool) -> None:
+    """A 260 KB payload written in odd pieces (the end of data split across writes) arrives byte-exact."""
+    handle = await relay(PLAIN)
+    raw = await Raw.connect(handle)
+    try:
+        assert (await raw.cmd("EHLO client.test"))[0] == 250
+        for cut in (1, 2, 3, 4, 5):  # where the last write starts inside CRLF.CRLF
+            assert (await raw.cmd("MAIL FROM:<zoe@example.test>"))[0] == 250
+            assert (await raw.cmd("RCPT TO:<bob@example.net>"))[0] == 250
+            assert (await raw.cmd("DATA"))[0] == 354
+            wire = _stuffed(TRICKY) + b".\r\n"
+            tail = len(wire) - cut
+            for i in range(0, tail, 7919):
+                raw.writer.write(wire[i : min(i + 7919, tail)])
+                await raw.writer.drain()
+            raw.writer.write(wire[tail:])
+            code, text = await raw.reply()
+            assert code == 250, text
+            assert _untraced(await _stored_raw(pool, text)) == TRICKY
+    finally:
+        await raw.close()
+
+
+async def test_commands_after_the_dot_in_the_same_packet_are_commands(relay: StartRelay, pool: asyncpg.Pool) -> None:
+    """Pipelined commands behind the end of data are read as commands; a bare-LF 'end' inside is body."""
+    handle = await relay(PLAIN)
+    raw = await Raw.connect(handle)
+    first = b"Subject: one\r\n\r\nsmuggled?\n.\r\nMAIL FROM:<eve@example.test>\r\n"
+    second = b"Subject: two\r\n\r\n.dot\r\n"
+    try:
+        assert (await raw.cmd("EHLO client.test"))[0] == 250
+        raw.writer.write(
+            b"MAIL FROM:<zoe@example.test>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
+            + first + b".\r\n"
+            + b"MAIL FROM:<zoe@example.test>\r\nRCPT TO:<carl@example.net>\r\nDATA\r\n"
+            + _stuffed(second) + b".\r\nNOOP\r\n"
+        )
+        codes = [await raw.reply() for _ in range(8)]
+        assert [c for c, _ in codes] == [250, 250, 354, 250, 250, 250, 354, 250], codes
+        assert (await raw.reply())[0] == 250  # the NOOP
+        one, two = await _stored_raw(pool, codes[3][1]), await _stored_raw(pool, codes[7][1])
+        assert _untraced(one, added=True) == first
+        assert _untraced(two, added=True) == second
+    finally:
+        await raw.close()
+    assert await _message_count(pool) == 2
+
+
+async def test_overlong_data_line_gets_500_after_the_payload(relay: StartRelay, pool: asyncpg.Pool) -> None:
+    handle = await relay(PLAIN)
+    raw = await Raw.connect(handle)
+    try:
+        assert (await raw.cmd("EHLO client.test"))[0] == 250
+        assert (await raw.cmd("MAIL FROM:<zoe@example.test>"))[0] == 250
+        assert (await raw.cmd("RCPT TO:<bob@example.net>"))[0] == 250
+        assert (await raw.cmd("DATA"))[0] == 354
+        code, text = await raw.cmd(b"Subject: long\r\n\r\n" + b"y" * 5000 + b"\r\nok\r\n.")
+        assert code == 500 and "too long" in text
+        assert (await raw.cmd("NOOP"))[0] == 250  # the session goes on
+    finally:
+        await raw.close()
+    assert await _message_count(pool) == 0
+
+
 # -- failure and shutdown --------------------------------------------------------------------
 
 
