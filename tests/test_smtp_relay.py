@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import random
 import re
 import stat
 import uuid
@@ -26,6 +27,7 @@ from engine.apikeys import ApiKeys
 from engine.config import Settings, SmtpListener
 from engine.db.pool import create_pool
 from engine.outbox import Outbox
+from engine.submit.data import has_long_line
 from engine.submit.server import SmtpListenerHandle
 from engine.submit.smtp import close_smtp_listeners, start_smtp_listeners
 
@@ -587,9 +589,26 @@ async def test_overlong_data_line_gets_500_after_the_payload(relay: StartRelay, 
         code, text = await raw.cmd(b"Subject: long\r\n\r\n" + b"y" * 5000 + b"\r\nok\r\n.")
         assert code == 500 and "too long" in text
         assert (await raw.cmd("NOOP"))[0] == 250  # the session goes on
+        # aiosmtpd's limit, kept: 1001 octets with the CRLF pass, 1002 do not (bare LF/CR count as octets).
+        for content, expected in ((b"y" * 999, 250), (b"y" * 1000, 500), (b"y\n" * 500, 500), (b"y\r" * 499 + b"y", 250)):
+            assert (await raw.cmd("MAIL FROM:<zoe@example.test>"))[0] == 250
+            assert (await raw.cmd("RCPT TO:<bob@example.net>"))[0] == 250
+            assert (await raw.cmd("DATA"))[0] == 354
+            code, text = await raw.cmd(b"Subject: edge\r\n\r\nok\r\n" + content + b"\r\n.")
+            assert code == expected, (len(content), text)
     finally:
         await raw.close()
-    assert await _message_count(pool) == 0
+    assert await _message_count(pool) == 2
+
+
+def test_long_line_check_agrees_with_splitting_at_crlf() -> None:
+    """The rfind walk of :func:`has_long_line` against the obvious split, on random mixes of line breaks."""
+    rng = random.Random(14)
+    pieces = [b"a" * 7, b"a" * 400, b"a" * 998, b"a" * 1001, b"\r\n", b"\n", b"\r", b"\r\n\r\n"]
+    for _ in range(2000):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        for limit in (0, 3, 999):
+            assert has_long_line(data, limit) == (max(map(len, data.split(b"\r\n"))) > limit), (data, limit)
 
 
 # -- failure and shutdown --------------------------------------------------------------------
