@@ -26,8 +26,8 @@ from engine.accept import Acceptor
 from engine.apikeys import ApiKeys
 from engine.config import Settings, SmtpListener
 from engine.db.pool import create_pool
+from engine.linebreaks import has_long_line
 from engine.outbox import Outbox
-from engine.submit.data import has_long_line
 from engine.submit.server import SmtpListenerHandle
 from engine.submit.smtp import close_smtp_listeners, start_smtp_listeners
 

@@ -26,6 +26,8 @@ import asyncio
 import enum
 from dataclasses import dataclass
 
+from engine.linebreaks import has_long_line
+
 END = b"\r\n.\r\n"
 """The end of data, counting the CRLF that ends the last line (which belongs to the payload)."""
 
@@ -45,23 +47,6 @@ class Payload:
 
     outcome: Outcome
     content: bytes = b""
-
-
-def has_long_line(data: bytes | bytearray, max_line: int) -> bool:
-    """Does ``data`` have a CRLF-delimited line longer than ``max_line`` octets (CRLF not counted)?
-
-    Lines split at CRLF only (a bare LF or CR is part of a line), as aiosmtpd reads them.
-    One :meth:`bytes.rfind` per ``max_line`` octets, not one step per line: the last CRLF
-    within ``max_line + 2`` octets of a line start ends only lines short enough, and the
-    octet after it starts a line again.
-    """
-    pos, size = 0, len(data)
-    while size - pos > max_line:
-        crlf = data.rfind(b"\r\n", pos, pos + max_line + 2)
-        if crlf < 0:
-            return True
-        pos = crlf + 2
-    return False
 
 
 def unstuff(stuffed: bytes) -> bytes:
@@ -119,4 +104,4 @@ def _over_limit(buf: bytearray, size_limit: int, max_line: int) -> Outcome:
     return Outcome.TOO_LONG if has_long_line(head, max_line) else Outcome.TOO_MUCH
 
 
-__all__ = ["END", "Outcome", "Payload", "has_long_line", "read_payload", "unstuff"]
+__all__ = ["END", "Outcome", "Payload", "read_payload", "unstuff"]
