@@ -75,7 +75,9 @@ def body_for(message: OutboundMessage, extensions: Mapping[str, str]) -> tuple[b
     is sent (RFC 6152 section 3: convert or bounce); None when there is none (bounce, 5.6.3).
     """
     data = message.data
-    kind = body_class(crlf(data))
+    kind = body_class(data)  # bare CR/LF only make lines shorter once sent as CRLF: 7bit stays 7bit
+    if kind != "7bit":
+        kind = body_class(crlf(data))
     if kind == "7bit":
         return data, False
     if kind == "8bit" and "8bitmime" in extensions:
