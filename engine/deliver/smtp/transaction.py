@@ -31,7 +31,6 @@ from engine.linebreaks import crlf
 
 log = structlog.get_logger(__name__)
 
-_DOT_LINE = re.compile(rb"(?m)^\.")
 _BAD_ADDRESS = re.compile(r"[\x00-\x20\x7f<>]")
 
 _PHASE_WORDS: dict[str, str] = {
@@ -126,9 +125,11 @@ def dot_stuffed(data: bytes) -> bytes:
     data = crlf(data)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
-    if data.startswith(b".") or b"\n." in data:
-        data = _DOT_LINE.sub(b"..", data)
-    return data + b".\r\n"
+    if data.startswith(b"."):
+        data = b"." + data
+    # Every LF ends a line here (CRLF only), so "a dot after LF" is "a line starting with a dot";
+    # replace() returns the same object when there is none.
+    return data.replace(b"\n.", b"\n..") + b".\r\n"
 
 
 # -- the exchange ----------------------------------------------------------------
