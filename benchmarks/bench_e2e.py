@@ -1,4 +1,4 @@
-"""End-to-end delivery: submit N messages of 2 KB and time them until the last reaches a sink.
+"""End-to-end delivery: submit N messages and time them until the last reaches a sink.
 
 Variants, each on a fresh engine (own database on one embedded Postgres) and timed from
 the first submit to the last message counted by the sink on 127.0.0.1:
@@ -10,11 +10,21 @@ the first submit to the last message counted by the sink on 127.0.0.1:
 * Postfix SMTP           -- the same ``smtp-source`` load into a private Postfix
                             relaying to the same sink (the reference; see benchmarks/postfix.py)
 
-The target (issue 3) is engine SMTP >= 1.5x Postfix on this machine. Every recipient is
-``@example.net`` with a static route to the sink; nothing leaves 127.0.0.1 and no DNS is asked.
+The SMTP variants (``smtp-source`` load) run over two more axes, each combination in turn with
+the variants alternating, so every engine figure has a Postfix figure from the same minutes:
+
+* ``--modes``: ``reuse`` (``smtp-source -d``: message after message on each connection) and
+  ``new`` (a new connection per message, how most applications and libraries submit);
+* ``--sizes``: message sizes (``2k``, ``20k``, ``100k``, ``1m``); the message count is
+  ``--messages`` scaled down for bigger sizes (:data:`SIZE_SCALE`) so each run stays bounded.
+
+The REST variants run once (2 KB bodies), outside the axes. The targets (issue 14) are engine
+SMTP + DKIM >= 1.5x Postfix (no DKIM) in every mode and size. Every recipient is ``@example.net``
+with a static route to the sink; nothing leaves 127.0.0.1 and no DNS is asked.
 
 Run: ``.venv/bin/python -m benchmarks.bench_e2e [--messages 20000] [--workers 2]
-[--destination-concurrency 20] [--phase-limit 150] [--only engine-smtp,postfix]``
+[--sizes 2k,100k] [--modes reuse,new] [--destination-concurrency 20] [--phase-limit 150]
+[--only engine-smtp-dkim,postfix]``
 """
 
 from __future__ import annotations
@@ -55,6 +65,30 @@ COMMAND = ".venv/bin/python -m benchmarks.bench_e2e"
 VARIANTS = ["postfix", "engine-rest", "engine-smtp", "engine-smtp-dkim", "engine-rest-tpl-dkim"]
 SENDER, RCPT_DOMAIN = "app@example.com", "example.net"
 BODY_2K = ("Thanks for your order. Your parcel ships tomorrow; track it in your account.\n" * 26)[:2048]
+SMTP_VARIANTS = ("postfix", "engine-smtp", "engine-smtp-dkim")
+SIZES = {"2k": 2048, "20k": 20 * 1024, "100k": 100 * 1024, "1m": 1024 * 1024}
+SIZE_SCALE = {"2k": 1.0, "20k": 0.4, "100k": 0.25, "1m": 0.05}
+"""Share of ``--messages`` sent at each size (20,000 at 2 KB: 8,000 x 20 KB, 5,000 x 100 KB, 1,000 x 1 MB)."""
+MODES = ("reuse", "new")
+
+
+@dataclass(frozen=True)
+class Load:
+    """One point on the SMTP axes: message size and connection mode."""
+
+    size: str = "2k"
+    mode: str = "reuse"
+
+    @property
+    def octets(self) -> int:
+        return SIZES[self.size]
+
+    def messages(self, base: int) -> int:
+        return max(1, round(base * SIZE_SCALE[self.size]))
+
+    @property
+    def label(self) -> str:
+        return f"{self.size} {self.mode}"
 
 
 @dataclass
@@ -70,6 +104,7 @@ class Result:
     profile: list[str] = field(default_factory=list)
     cpu_split: str = ""
     submit_seconds: float | None = None  # first submit to last submit accepted
+    load: Load | None = None             # the SMTP axes point (None: REST variants)
 
     @property
     def rate(self) -> float:
@@ -108,10 +143,12 @@ async def rest_load(url: str, key: str, n: int, batch: int, concurrency: int, de
     return done
 
 
-async def smtp_source_load(port: int, n: int, sessions: int, deadline: float, log: Path) -> str:
-    """``smtp-source`` into 127.0.0.1:``port``; falls back to 20 aiosmtplib clients without Postfix tools."""
+async def smtp_source_load(port: int, n: int, sessions: int, deadline: float, log: Path, load: Load = Load()) -> str:
+    """``smtp-source`` into 127.0.0.1:``port``; falls back to 20 aiosmtplib clients (2 KB, reused
+    connections) without Postfix tools."""
     if shutil.which("smtp-source"):
-        cmd = pfx.smtp_source("127.0.0.1", port, n, sessions, 2048, SENDER, f"user@{RCPT_DOMAIN}")
+        cmd = pfx.smtp_source("127.0.0.1", port, n, sessions, load.octets, SENDER, f"user@{RCPT_DOMAIN}",
+                              reuse=load.mode == "reuse")
         with open(log, "ab") as fh:
             proc = await asyncio.create_subprocess_exec(*cmd, stdout=fh, stderr=fh)
             try:
@@ -261,9 +298,11 @@ class PhaseHooks:
 
 async def engine_phase(
     variant: str, pg_dsn: str, pg_name: str, sink: CountingSink, args: argparse.Namespace, hooks: PhaseHooks | None = None,
+    load: Load | None = None,
 ) -> Result:
     hooks = hooks or PhaseHooks()
-    home = OUT / f"e2e-{variant}"
+    tag = variant if load is None else f"{variant}-{load.size}-{load.mode}"
+    home = OUT / f"e2e-{tag}"
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
     dkim_key = None
@@ -271,13 +310,13 @@ async def engine_phase(
         from engine.compose.dkim import keygen
 
         dkim_key, _ = keygen("example.com", "s1", "rsa", out_dir=home / "dkim", bits=2048)
-    dsn = await create_database(pg_dsn, variant.replace("-", "_"))
+    dsn = await create_database(pg_dsn, tag.replace("-", "_"))
     http_port, smtp_port = free_port(), free_port()
     config = engine_config(http_port, smtp_port, sink.port, args, dkim_key) + hooks.config
     rest = variant.startswith("engine-rest")
     key = await asyncio.to_thread(create_key, dsn, home) if rest else ""
     pg = postgres_pid(pg_name)
-    n = args.messages
+    n = args.messages if load is None else load.messages(args.messages)
     with engine_process(dsn, config, home) as proc:
         url = f"http://127.0.0.1:{http_port}"
         await wait_http(url)
@@ -285,7 +324,7 @@ async def engine_phase(
         run = PhaseRun(url, dsn, home, proc.pid, home / "bench.toml")
         if hooks.ready is not None:
             await hooks.ready(run)
-        profiler = Profiler(OUT / "e2e-profile" / variant) if args.profile else None
+        profiler = Profiler(OUT / "e2e-profile" / tag) if args.profile else None
         if profiler:
             profiler.start(proc.pid)
         base = sink.count
@@ -303,7 +342,7 @@ async def engine_phase(
             if accepted < n and not note:
                 note = f"only {accepted} accepted before the phase limit"
         else:
-            note = await smtp_source_load(smtp_port, n, args.sessions, deadline, home / "smtp-source.log")
+            note = await smtp_source_load(smtp_port, n, args.sessions, deadline, home / "smtp-source.log", load or Load())
         submitted = time.perf_counter() - t0
         count, last_at = await asyncio.to_thread(sink.wait_for, base + n, deadline)
         delivered = count - base
@@ -326,12 +365,12 @@ async def engine_phase(
     workers = sorted(v for p, v in rss.items() if p != proc.pid)
     rss_txt = f"{sum(rss.values()):.0f} MB (listener {parent:.0f} + workers {' + '.join(f'{w:.0f}' for w in workers) or '-'})"
     split = f"listener {listener_cpu:.1f} + workers {cpu - listener_cpu:.1f}"
-    return Result(variant, n, delivered, seconds, cpu, pg_cpu, rss_txt, note, profile, split, submitted)
+    return Result(variant, n, delivered, seconds, cpu, pg_cpu, rss_txt, note, profile, split, submitted, load)
 
 
-async def postfix_phase(sink: CountingSink, args: argparse.Namespace) -> Result:
+async def postfix_phase(sink: CountingSink, args: argparse.Namespace, load: Load = Load()) -> Result:
     root = OUT / "postfix"
-    n = args.messages
+    n = load.messages(args.messages)
     try:
         await asyncio.to_thread(pfx.ensure_installed, OUT / "postfix-install.log")
     except pfx.PostfixUnavailable as exc:
@@ -343,7 +382,7 @@ async def postfix_phase(sink: CountingSink, args: argparse.Namespace) -> Result:
         cpu0 = tree_cpu_seconds(master)
         t0 = time.perf_counter()
         deadline = t0 + args.phase_limit
-        note = await smtp_source_load(port, n, args.sessions, deadline, OUT / "postfix-smtp-source.log")
+        note = await smtp_source_load(port, n, args.sessions, deadline, OUT / "postfix-smtp-source.log", load)
         submitted = time.perf_counter() - t0
         count, last_at = await asyncio.to_thread(sink.wait_for, base + n, deadline)
         cpu = tree_cpu_seconds(master) - cpu0
@@ -353,15 +392,16 @@ async def postfix_phase(sink: CountingSink, args: argparse.Namespace) -> Result:
         note = (note + "; " if note else "") + f"partial: {delivered}/{n} delivered within {args.phase_limit:.0f} s"
     seconds = last_at - t0 if delivered else time.perf_counter() - t0
     rss_txt = f"{sum(rss.values()):.0f} MB (sum over {len(rss)} processes, shared pages counted in each)"
-    return Result("postfix", n, delivered, seconds, cpu, None, rss_txt, note, submit_seconds=submitted)
+    return Result("postfix", n, delivered, seconds, cpu, None, rss_txt, note, submit_seconds=submitted, load=load)
 
 
-async def guarded(variant: str, args: argparse.Namespace, phase: Awaitable[Result]) -> Result:
+async def guarded(variant: str, args: argparse.Namespace, phase: Awaitable[Result], load: Load | None = None) -> Result:
     """One failing variant (engine did not start, Postfix would not start) is reported, not fatal."""
     try:
         return await phase
     except Exception as exc:  # noqa: BLE001 - the benchmark reports every failure and goes on
-        return Result(variant, args.messages, 0, 0.0, None, None, "-", f"failed: {type(exc).__name__}: {exc}")
+        n = args.messages if load is None else load.messages(args.messages)
+        return Result(variant, n, 0, 0.0, None, None, "-", f"failed: {type(exc).__name__}: {exc}", load=load)
 
 
 # --------------------------------------------------------------------------- report
@@ -376,11 +416,7 @@ LABELS = {
 }
 
 
-def report(results: list[Result], args: argparse.Namespace, sink: CountingSink, argv: list[str], load: str) -> None:
-    print(f"end-to-end, {args.messages} messages of ~2 KB each, sink: {sink.kind} on 127.0.0.1; "
-          f"engine: {args.workers} delivery workers, destination_concurrency {args.destination_concurrency}, "
-          f"connection_limit {args.connection_limit}; SMTP load: {args.sessions} sessions")
-    print(f"machine: {os.cpu_count()} CPUs, 1-min load average {load} (other jobs share this machine)")
+def _print_rows(results: list[Result]) -> None:
     head = f"{'variant':<30} {'messages':>9} {'seconds':>8} {'msg/s':>8} {'MTA CPU s':>10} {'PG CPU s':>9}  peak RSS"
     print(head)
     print("-" * len(head))
@@ -397,13 +433,49 @@ def report(results: list[Result], args: argparse.Namespace, sink: CountingSink, 
             print(f"{'':<30} " + "; ".join(details))
         if r.note:
             print(f"{'':<30} note: {r.note}")
+
+
+def _ratios(results: list[Result], variants: tuple[str, ...], prefix: str = "") -> None:
     by = {r.variant: r for r in results}
     ref = by.get("postfix")
-    if ref and ref.rate > 0:
-        for v in ("engine-smtp", "engine-smtp-dkim", "engine-rest", "engine-rest-tpl-dkim"):
-            if v in by and by[v].rate > 0:
-                extra = "  (target >= 1.5x: " + ("met)" if by[v].rate / ref.rate >= 1.5 else "NOT met)") if v == "engine-smtp" else ""
-                print(f"ratio {LABELS[v]} / Postfix: {by[v].rate / ref.rate:.2f}x{extra}")
+    if not ref or ref.rate <= 0:
+        return
+    for v in variants:
+        if v in by and by[v].rate > 0:
+            ratio = by[v].rate / ref.rate
+            extra = f"  (target >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'})" if v == "engine-smtp-dkim" else ""
+            print(f"{prefix}ratio {LABELS[v]} / Postfix: {ratio:.2f}x{extra}")
+
+
+def report(results: list[Result], args: argparse.Namespace, sink: CountingSink, argv: list[str], load: str) -> None:
+    print(f"end-to-end, sink: {sink.kind} on 127.0.0.1; engine: {args.workers} delivery workers, "
+          f"destination_concurrency {args.destination_concurrency}, connection_limit {args.connection_limit}; "
+          f"SMTP load: smtp-source, {args.sessions} sessions; engine DKIM: rsa-sha256 2048 bits, Postfix: no DKIM")
+    print(f"machine: {os.cpu_count()} CPUs, 1-min load average {load} (other jobs share this machine)")
+    points = sorted({r.load for r in results if r.load is not None},
+                    key=lambda p: (MODES.index(p.mode), SIZES[p.size]))
+    for point in points:
+        rows = [r for r in results if r.load == point]
+        print()
+        print(f"== {point.mode} connections ({'smtp-source -d' if point.mode == 'reuse' else 'smtp-source, no -d'}), "
+              f"{point.size} messages ({point.octets} octets), {rows[0].target} messages")
+        _print_rows(rows)
+        _ratios(rows, ("engine-smtp", "engine-smtp-dkim"))
+    rest = [r for r in results if r.load is None]
+    if rest:
+        print()
+        print(f"== REST, {args.messages} messages of ~2 KB")
+        _print_rows(rest)
+        smtp_ref = [r for r in results if r.variant == "postfix" and r.load == Load()]
+        _ratios(rest + smtp_ref, ("engine-rest", "engine-rest-tpl-dkim"), prefix="(vs Postfix 2k reuse) ")
+    if len(points) > 1:
+        print()
+        print("summary, engine SMTP + DKIM / Postfix:")
+        for point in points:
+            by = {r.variant: r for r in results if r.load == point}
+            e, p = by.get("engine-smtp-dkim"), by.get("postfix")
+            if e and p and p.rate > 0:
+                print(f"  {point.mode:<6} {point.size:>5}: {e.rate:7.0f} vs {p.rate:7.0f} msg/s = {e.rate / p.rate:.2f}x")
     for r in results:
         for line in r.profile:
             print(line)
@@ -425,16 +497,25 @@ def add_engine_args(ap: argparse.ArgumentParser, messages: int = 20_000) -> None
                     help="py-spy each engine process during its phase and print hot spots (slows the run)")
 
 
+def _axis(ap: argparse.ArgumentParser, text: str, known: tuple[str, ...] | list[str], what: str) -> list[str]:
+    items = [x.strip().lower() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in known]
+    if bad or not items:
+        ap.error(f"{what}: unknown {bad or text!r}; pick from {','.join(known)}")
+    return items
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_engine_args(ap)
     ap.add_argument("--only", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    ap.add_argument("--sizes", default="2k", help=f"SMTP message sizes, comma-separated: {','.join(SIZES)}")
+    ap.add_argument("--modes", default="reuse", help="SMTP connection modes: reuse (-d), new (a connection per message)")
     argv = sys.argv[1:]
     args = ap.parse_args(argv)
-    only = [v.strip() for v in args.only.split(",") if v.strip()]
-    unknown = set(only) - set(VARIANTS)
-    if unknown:
-        ap.error(f"unknown variants {sorted(unknown)}; pick from {VARIANTS}")
+    only = _axis(ap, args.only, VARIANTS, "--only")
+    points = [Load(size, mode) for mode in _axis(ap, args.modes, MODES, "--modes")
+              for size in _axis(ap, args.sizes, list(SIZES), "--sizes")]
     if "postfix" in only:  # install before starting the sink, so the fast C sink is used
         try:
             await asyncio.to_thread(pfx.ensure_installed, OUT / "postfix-install.log")
@@ -444,15 +525,18 @@ async def main() -> None:
     load0 = os.getloadavg()[0]
     sink = CountingSink(free_port(), OUT / "e2e-sink")
     results: list[Result] = []
+    smtp = [v for v in VARIANTS if v in only and v in SMTP_VARIANTS]
+    rest = [v for v in VARIANTS if v in only and v not in SMTP_VARIANTS]
     try:
         sink.wait_ready()
-        if "postfix" in only:
-            results.append(await guarded("postfix", args, postfix_phase(sink, args)))
-        engine_variants = [v for v in VARIANTS if v in only and v != "postfix"]
-        if engine_variants:
-            with postgres("e2e") as pg_dsn:
-                for v in engine_variants:
-                    results.append(await guarded(v, args, engine_phase(v, pg_dsn, "e2e", sink, args)))
+        with postgres("e2e") as pg_dsn:
+            for point in points:  # alternating: Postfix, then each engine variant, at every point
+                for v in smtp:
+                    phase = postfix_phase(sink, args, point) if v == "postfix" else engine_phase(
+                        v, pg_dsn, "e2e", sink, args, load=point)
+                    results.append(await guarded(v, args, phase, point))
+            for v in rest:
+                results.append(await guarded(v, args, engine_phase(v, pg_dsn, "e2e", sink, args)))
     finally:
         sink.close()
     report(results, args, sink, argv, f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at end")

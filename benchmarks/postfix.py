@@ -184,8 +184,9 @@ def private_postfix(root: Path, port: int, sink_port: int, concurrency: int = 20
 
 
 def smtp_source(host: str, port: int, messages: int, sessions: int, size: int,
-                sender: str, recipient: str) -> list[str]:
-    """The ``smtp-source`` command line: ``sessions`` parallel connections, each sending
-    message after message over one connection (-d), unique recipients (-N)."""
-    return ["smtp-source", "-d", "-N", "-s", str(sessions), "-m", str(messages), "-l", str(size),
-            "-f", sender, "-t", recipient, f"{host}:{port}"]
+                sender: str, recipient: str, *, reuse: bool = True) -> list[str]:
+    """The ``smtp-source`` command line: ``sessions`` parallel connections, unique recipients
+    (-N); with ``reuse`` each connection sends message after message (-d), without it every
+    message opens a new connection (how most applications and libraries submit)."""
+    return ["smtp-source", *(["-d"] if reuse else []), "-N", "-s", str(sessions), "-m", str(messages),
+            "-l", str(size), "-f", sender, "-t", recipient, f"{host}:{port}"]

@@ -19,3 +19,20 @@ def crlf(data: bytes) -> bytes:
     if data.count(b"\n") == n and data.count(b"\r") == n:
         return data
     return _ANY_BREAK.sub(b"\r\n", data)
+
+
+def has_long_line(data: bytes | bytearray, max_line: int) -> bool:
+    """Does ``data`` have a CRLF-delimited line longer than ``max_line`` octets (CRLF not counted)?
+
+    Lines split at CRLF only (a bare LF or CR is part of a line), as aiosmtpd reads them.
+    One :meth:`bytes.rfind` per ``max_line`` octets, not one step per line: the last CRLF
+    within ``max_line + 2`` octets of a line start ends only lines short enough, and the
+    octet after it starts a line again.
+    """
+    pos, size = 0, len(data)
+    while size - pos > max_line:
+        crlf = data.rfind(b"\r\n", pos, pos + max_line + 2)
+        if crlf < 0:
+            return True
+        pos = crlf + 2
+    return False

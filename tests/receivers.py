@@ -82,6 +82,8 @@ class Behaviour:
     tls_broken: bool = False
     #: Advertise PIPELINING in the EHLO reply (aiosmtpd handles pipelined input anyway).
     pipelining: bool = True
+    #: Advertise 8BITMIME (aiosmtpd's default); False: a 7-bit-only receiver (RFC 6152).
+    eightbitmime: bool = True
     #: (max recipients, per seconds): beyond that many accepted RCPTs in a sliding window, RCPT gets
     #: ``rate_limit_reply`` (a provider's rate limit). None: no limit.
     rate_limit: tuple[int, float] | None = None
@@ -370,6 +372,9 @@ class _Handler:
             return [self.b.replies["ehlo"]]
         if self.b.pipelining:
             responses.insert(-1, "250-PIPELINING")
+        if not self.b.eightbitmime:
+            responses = [r for r in responses if r[4:].upper() != "8BITMIME"]
+            responses[-1] = "250 " + responses[-1][4:]  # the last line has no hyphen, whichever it is now
         return responses
 
     async def handle_MAIL(

@@ -118,3 +118,65 @@ async def test_connections_beyond_the_session_cap_get_421_and_the_others_still_w
     assert line.startswith(b"220 ")
     for _, w in idle[1:]:
         w.close()
+
+
+# 8-bit UTF-8 text, a NUL and a 999-octet line: what RFC 6152 / RFC 5321 4.5.3.1.6 keep off 7-bit SMTP.
+EIGHT_BIT = (b"From: a@example.com\r\nTo: x@example.net\r\nSubject: 8bit\r\nMessage-ID: <8bit@example.com>\r\n"
+             b"Date: Mon, 30 Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+             b"Content-Transfer-Encoding: 8bit\r\n\r\nGr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln\r\n.dot line\r\n")
+BINARY = EIGHT_BIT + b"nul \x00 here\r\n" + b"y" * 999 + b"\r\nend\r\n"
+
+
+async def test_eight_bit_mail_is_converted_for_a_7bit_receiver_and_stays_signed(
+    engine_factory, smtp_receiver, tmp_path: Path
+) -> None:
+    """Issue 16 #13: 8-bit bodies, NUL and 999-octet lines went out unconverted to a receiver without 8BITMIME."""
+    import email
+    import email.policy
+
+    import aiosmtplib
+
+    from engine.compose.sevenbit import body_class
+    from tests.receivers import Behaviour
+
+    seven = smtp_receiver(Behaviour(eightbitmime=False))
+    eight = smtp_receiver()
+    path, txt = keygen("example.com", "s1", "rsa", tmp_path / "keys")
+    keys = SimpleNamespace(txt={"s1._domainkey.example.com": "".join(re.findall(r'"([^"]*)"', txt))})
+    keys.dnsfunc = lambda name, timeout=5: (keys.txt.get(name.decode().rstrip(".")) or "").encode() or None
+    eng = await engine_factory(
+        f'[webhooks]\nenabled = false\n[routing.static]\n"seven.test" = "{seven.address}:{seven.port}"\n'
+        f'"eight.test" = "{eight.address}:{eight.port}"\n'
+        '[delivery]\nflush_interval = "20ms"\npoll_interval = "100ms"\n'
+        '[[smtp.listeners]]\nname = "local"\nlisten = "127.0.0.1:0"\ntrusted = true\n'
+        f'[[domains]]\nname = "example.com"\n[[domains.dkim]]\nselector = "s1"\nalgorithm = "rsa-sha256"\nkey_file = "{path}"\n'
+    )
+    host, port = eng.smtp_addresses["local"]
+    async with aiosmtplib.SMTP(hostname=host, port=port, local_hostname="client.example") as smtp:
+        for data, rcpt in ((EIGHT_BIT, "a@seven.test"), (BINARY, "b@seven.test"),
+                           (EIGHT_BIT, "c@eight.test"), (BINARY, "d@eight.test")):
+            errors, _ = await smtp.sendmail("a@example.com", [rcpt], data, mail_options=["BODY=8BITMIME"])
+            assert not errors
+    w = DeliveryWorker(eng.settings, eng.pool, owner="w1", dsn=eng.dsn)
+    t = asyncio.create_task(w.run())
+    try:
+        deadline = time.monotonic() + 30
+        while len(seven.messages) < 2 or len(eight.messages) < 2:
+            assert time.monotonic() < deadline, (len(seven.messages), len(eight.messages))
+            await asyncio.sleep(0.05)
+    finally:
+        w.request_stop()
+        await t
+    got = {m.rcpt_tos[0]: m for m in [*seven.messages, *eight.messages]}
+    for rcpt, sent in (("a@seven.test", EIGHT_BIT), ("b@seven.test", BINARY), ("d@eight.test", BINARY)):
+        m = got[rcpt]
+        assert body_class(m.data) == "7bit", rcpt  # ASCII, no NUL, no line over 998 octets
+        assert "BODY=8BITMIME" not in m.mail_options
+        assert dkimpy_results(keys, m.data) == [True], rcpt
+        parsed = email.message_from_bytes(m.data, policy=email.policy.compat32)
+        assert parsed["Content-Transfer-Encoding"] == "quoted-printable"
+        assert parsed.get_payload(decode=True) == sent.partition(b"\r\n\r\n")[2], rcpt
+    m = got["c@eight.test"]  # the receiver takes 8-bit: the client's bytes, unchanged
+    assert "BODY=8BITMIME" in m.mail_options
+    assert m.data.endswith(EIGHT_BIT)
+    assert dkimpy_results(keys, m.data) == [True]

@@ -368,3 +368,27 @@ def test_reply_helpers():
         "temporary",
         "temporary",
     ]
+
+
+async def test_unconvertible_8bit_message_to_a_7bit_receiver_is_refused_with_5_6_3(pool, smtp_receiver):
+    """RFC 6152: convert or bounce. A raw 8-bit header cannot be converted: nothing is sent, 5.6.3."""
+    from engine.compose.sevenbit import to_seven_bit
+
+    rx = smtp_receiver(Behaviour(eightbitmime=False))
+    body = b"Subject: K\xc3\xb6ln\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n"
+    message = OutboundMessage("bounce@sender.test", ["a@example.test"], body, lambda: to_seven_bit(body))
+    result = await pool.send([rx.hop()], message)
+    r = result.for_recipient("a@example.test")
+    assert (r.kind, r.enhanced_status, r.phase) == ("permanent", "5.6.3", "local"), r
+    assert "8BITMIME" in r.reply
+    assert rx.messages == [] and "MAIL" not in rx.verbs()
+    # A 7-bit-convertible one goes out converted; to an 8BITMIME receiver the bytes go unchanged.
+    plain = b"Subject: ok\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n"
+    result = await pool.send([rx.hop()], OutboundMessage("bounce@sender.test", ["b@example.test"], plain,
+                                                         lambda: to_seven_bit(plain)))
+    assert result.results[0].kind == "delivered"
+    assert rx.messages[0].data.endswith(b"\r\n\r\nGr=C3=BC=C3=9Fe\r\n")
+    rx8 = smtp_receiver()
+    result = await pool.send([rx8.hop()], OutboundMessage("bounce@sender.test", ["c@example.test"], plain,
+                                                          lambda: to_seven_bit(plain)))
+    assert result.results[0].kind == "delivered" and rx8.messages[0].data == plain

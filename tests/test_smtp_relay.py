@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import random
 import re
 import stat
 import uuid
@@ -25,6 +26,7 @@ from engine.accept import Acceptor
 from engine.apikeys import ApiKeys
 from engine.config import Settings, SmtpListener
 from engine.db.pool import create_pool
+from engine.linebreaks import has_long_line
 from engine.outbox import Outbox
 from engine.submit.server import SmtpListenerHandle
 from engine.submit.smtp import close_smtp_listeners, start_smtp_listeners
@@ -504,6 +506,109 @@ async def test_syntax_errors_get_501_and_overlong_lines_500(relay: StartRelay) -
         assert (await raw.cmd("QUIT"))[0] == 221
     finally:
         await raw.close()
+
+
+# -- the DATA payload (read in chunks: engine.submit.data) ------------------------------------
+
+# Everything that looks like an end of data but is not (bare LF/CR around the dot), lines with dots.
+TRICKY = (
+    b"From: zoe@example.test\r\nTo: bob@example.net\r\nSubject: chunks\r\nDate: Mon, 30 Nov 2026 03:00:00 +0000\r\n"
+    b"Message-ID: <chunks@example.test>\r\n\r\n"
+    + b"".join(b"line %d " % i + b"x" * (i % 90) + b"\r\n" for i in range(4000))
+    + b"bare lf\n.\nstill body\r\n.\nstill body\n.\r\nstill body\r.\r\nstill body\r\n"
+    + b"\r\n.\r.\r\n. \r\n"
+)
+
+
+def _stuffed(body: bytes) -> bytes:
+    return (b"." + body[1:] if body.startswith(b".") else body).replace(b"\r\n.", b"\r\n..")
+
+
+async def _stored_raw(pool: asyncpg.Pool, text: str) -> bytes:
+    m = QUEUED_RE.search(text)
+    assert m, text
+    return bytes(await pool.fetchval("SELECT raw FROM messages WHERE id = $1", uuid.UUID(m.group(1))))
+
+
+async def test_data_split_anywhere_is_stored_exactly(relay: StartRelay, pool: asyncpg.Pool) -> None:
+    """A 260 KB payload written in odd pieces (the end of data split across writes) arrives byte-exact."""
+    handle = await relay(PLAIN)
+    raw = await Raw.connect(handle)
+    try:
+        assert (await raw.cmd("EHLO client.test"))[0] == 250
+        for cut in (1, 2, 3, 4, 5):  # where the last write starts inside CRLF.CRLF
+            assert (await raw.cmd("MAIL FROM:<zoe@example.test>"))[0] == 250
+            assert (await raw.cmd("RCPT TO:<bob@example.net>"))[0] == 250
+            assert (await raw.cmd("DATA"))[0] == 354
+            wire = _stuffed(TRICKY) + b".\r\n"
+            tail = len(wire) - cut
+            for i in range(0, tail, 7919):
+                raw.writer.write(wire[i : min(i + 7919, tail)])
+                await raw.writer.drain()
+            raw.writer.write(wire[tail:])
+            code, text = await raw.reply()
+            assert code == 250, text
+            assert _untraced(await _stored_raw(pool, text)) == TRICKY
+    finally:
+        await raw.close()
+
+
+async def test_commands_after_the_dot_in_the_same_packet_are_commands(relay: StartRelay, pool: asyncpg.Pool) -> None:
+    """Pipelined commands behind the end of data are read as commands; a bare-LF 'end' inside is body."""
+    handle = await relay(PLAIN)
+    raw = await Raw.connect(handle)
+    first = b"Subject: one\r\n\r\nsmuggled?\n.\r\nMAIL FROM:<eve@example.test>\r\n"
+    second = b"Subject: two\r\n\r\n.dot\r\n"
+    try:
+        assert (await raw.cmd("EHLO client.test"))[0] == 250
+        raw.writer.write(
+            b"MAIL FROM:<zoe@example.test>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
+            + first + b".\r\n"
+            + b"MAIL FROM:<zoe@example.test>\r\nRCPT TO:<carl@example.net>\r\nDATA\r\n"
+            + _stuffed(second) + b".\r\nNOOP\r\n"
+        )
+        codes = [await raw.reply() for _ in range(8)]
+        assert [c for c, _ in codes] == [250, 250, 354, 250, 250, 250, 354, 250], codes
+        assert (await raw.reply())[0] == 250  # the NOOP
+        one, two = await _stored_raw(pool, codes[3][1]), await _stored_raw(pool, codes[7][1])
+        assert _untraced(one, added=True) == first
+        assert _untraced(two, added=True) == second
+    finally:
+        await raw.close()
+    assert await _message_count(pool) == 2
+
+
+async def test_overlong_data_line_gets_500_after_the_payload(relay: StartRelay, pool: asyncpg.Pool) -> None:
+    handle = await relay(PLAIN)
+    raw = await Raw.connect(handle)
+    try:
+        assert (await raw.cmd("EHLO client.test"))[0] == 250
+        assert (await raw.cmd("MAIL FROM:<zoe@example.test>"))[0] == 250
+        assert (await raw.cmd("RCPT TO:<bob@example.net>"))[0] == 250
+        assert (await raw.cmd("DATA"))[0] == 354
+        code, text = await raw.cmd(b"Subject: long\r\n\r\n" + b"y" * 5000 + b"\r\nok\r\n.")
+        assert code == 500 and "too long" in text
+        assert (await raw.cmd("NOOP"))[0] == 250  # the session goes on
+        # aiosmtpd's limit, kept: 1001 octets with the CRLF pass, 1002 do not (bare LF/CR count as octets).
+        for content, expected in ((b"y" * 999, 250), (b"y" * 1000, 500), (b"y\n" * 500, 500), (b"y\r" * 499 + b"y", 250)):
+            assert (await raw.cmd("MAIL FROM:<zoe@example.test>"))[0] == 250
+            assert (await raw.cmd("RCPT TO:<bob@example.net>"))[0] == 250
+            assert (await raw.cmd("DATA"))[0] == 354
+            code, text = await raw.cmd(b"Subject: edge\r\n\r\nok\r\n" + content + b"\r\n.")
+            assert code == expected, (len(content), text)
+    finally:
+        await raw.close()
+    assert await _message_count(pool) == 2
+
+
+def test_long_line_check_agrees_with_splitting_at_crlf() -> None:
+    """The rfind walk of :func:`has_long_line` against the obvious split, on random mixes of line breaks."""
+    rng = random.Random(14)
+    pieces = [b"a" * 7, b"a" * 400, b"a" * 998, b"a" * 1001, b"\r\n", b"\n", b"\r", b"\r\n\r\n"]
+    for _ in range(2000):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        for limit in (0, 3, 999):
+            assert has_long_line(data, limit) == (max(map(len, data.split(b"\r\n"))) > limit), (data, limit)
 
 
 # -- failure and shutdown --------------------------------------------------------------------

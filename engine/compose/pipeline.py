@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from engine.compose.dkim import DkimSigner
 from engine.compose.mime import Attachment, InlineImage, ListUnsubscribe, MessageContent, build_message
 from engine.compose.render import Renderer, merge_vars
+from engine.compose.sevenbit import to_seven_bit
 from engine.compose.stored import StoredContent, StoredContentError
 from engine.compose.tracking import Keyring, rewrite_links, track_html, unsubscribe_url
 from engine.feedback.verp import Verp
@@ -115,8 +116,19 @@ class Composer:
 
     def compose(self, msg: MessageRow, recipient_id: int, recipient_vars: Mapping[str, Any] | None = None) -> bytes:
         """The final bytes for this recipient (or for every recipient, when not personalized)."""
+        return self._sign(self._unsigned(msg, recipient_id, recipient_vars))
+
+    def compose_seven_bit(
+        self, msg: MessageRow, recipient_id: int, recipient_vars: Mapping[str, Any] | None = None
+    ) -> bytes | None:
+        """The final bytes for a receiver without 8BITMIME (RFC 6152): converted to 7-bit, then
+        signed, so the DKIM signature holds for what is sent; None when it cannot be converted."""
+        converted = to_seven_bit(self._unsigned(msg, recipient_id, recipient_vars))
+        return None if converted is None else self._sign(converted)
+
+    def _unsigned(self, msg: MessageRow, recipient_id: int, recipient_vars: Mapping[str, Any] | None) -> bytes:
         if msg.raw is not None:
-            return self._sign(msg.raw)
+            return msg.raw
         content = msg.content
         if content is None:
             raise StoredContentError(msg.content_error or "the message has neither raw bytes nor content")
@@ -158,7 +170,7 @@ class Composer:
             message_id=self._message_id(msg, recipient_id),
             config=self.settings.mime,
         )
-        return self._sign(built.raw)
+        return built.raw
 
     def _message_id(self, msg: MessageRow, recipient_id: int) -> str:
         """The left part of the Message-ID: per recipient (signed when VERP is on) for personalized copies."""

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -475,7 +476,8 @@ class DeliveryWorker:
         try:
             result = await self.smtp.send(
                 route.hops,
-                OutboundMessage(mail_from, rcpts, data),
+                OutboundMessage(mail_from, rcpts, data, functools.partial(
+                    self.composer.compose_seven_bit, job.msg, job.rows[0]["id"], job.rows[0]["vars"])),
                 source=source.address,
                 ehlo_name=source.ehlo,
                 tls=tls,

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
-from aiosmtpd.smtp import CALL_LIMIT_DEFAULT, SMTP, Envelope, Session, _AuthMechAttr, login_always_fail
+from aiosmtpd.smtp import CALL_LIMIT_DEFAULT, MISSING, SMTP, Envelope, Session, _AuthMechAttr, login_always_fail, syntax
 
 from engine.errors import EngineError
+from engine.submit.data import Outcome, read_payload
 
 log = structlog.get_logger(__name__)
 
@@ -317,6 +318,38 @@ class ListenerSMTP(SMTP):
         if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
             return None, None
         return addr, m.group(2)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA with the payload read in big chunks (:mod:`engine.submit.data`).
+
+        The checks before ``354``, the replies, and the handler hook are aiosmtpd's; only the
+        reading differs (same end-of-data, dot-stuffing, line-length and size rules).
+        """
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            payload = await read_payload(self._reader, self.data_size_limit, self.line_length_limit)
+        except asyncio.CancelledError:  # the connection went away during DATA
+            self._writer.close()
+            raise
+        if payload.outcome is not Outcome.OK:
+            too_long = payload.outcome is Outcome.TOO_LONG
+            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)" if too_long else "552 Error: Too much mail data")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        self.envelope.content = self.envelope.original_content = payload.content
+        status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
 
     async def push(self, status: str | bytes) -> None:
         raw = status.encode("utf-8") if isinstance(status, str) else status

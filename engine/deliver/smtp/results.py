@@ -9,7 +9,7 @@ with a reply text that says what happened and where
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,11 +20,17 @@ Phase = Literal["connect", "greeting", "ehlo", "starttls", "rset", "mail", "rcpt
 
 @dataclass(frozen=True, slots=True)
 class OutboundMessage:
-    """What one transaction carries: the envelope for one destination and the final bytes."""
+    """What one transaction carries: the envelope for one destination and the final bytes.
+
+    ``seven_bit`` makes the 7-bit form of the message (converted, then signed) for a receiver
+    without 8BITMIME, or when the bytes have NUL or over-long lines; it returns None when the
+    message cannot be converted. Without it such a message is refused locally (5.6.3).
+    """
 
     mail_from: str
     rcpt_tos: Sequence[str]
     data: bytes
+    seven_bit: Callable[[], bytes | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

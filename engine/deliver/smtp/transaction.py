@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import structlog
 
+from engine.compose.sevenbit import body_class
 from engine.deliver.smtp.connection import Connection
 from engine.deliver.smtp.reader import BadReply, ConnectionLost, ReplyReader
 from engine.deliver.smtp.reply import Reply
@@ -30,7 +31,6 @@ from engine.linebreaks import crlf
 
 log = structlog.get_logger(__name__)
 
-_DOT_LINE = re.compile(rb"(?m)^\.")
 _BAD_ADDRESS = re.compile(r"[\x00-\x20\x7f<>]")
 
 _PHASE_WORDS: dict[str, str] = {
@@ -66,13 +66,36 @@ def check_envelope(message: OutboundMessage) -> str | None:
     return None
 
 
+def body_for(message: OutboundMessage, extensions: Mapping[str, str]) -> tuple[bytes, bool] | None:
+    """The bytes to send to a server with these extensions, and whether they need ``BODY=8BITMIME``.
+
+    8-bit data goes as it is only to a server that offers 8BITMIME; NUL and lines over 998
+    octets go to nobody (RFC 5321 4.5.3.1.6, RFC 6152). Otherwise the message's 7-bit form
+    is sent (RFC 6152 section 3: convert or bounce); None when there is none (bounce, 5.6.3).
+    """
+    data = message.data
+    kind = body_class(data)  # bare CR/LF only make lines shorter once sent as CRLF: 7bit stays 7bit
+    if kind != "7bit":
+        kind = body_class(crlf(data))
+    if kind == "7bit":
+        return data, False
+    if kind == "8bit" and "8bitmime" in extensions:
+        return data, True
+    converted = message.seven_bit() if message.seven_bit is not None else None
+    if converted is None or body_class(crlf(converted)) != "7bit":
+        return None
+    return converted, False
+
+
 def envelope_commands(
-    message: OutboundMessage, extensions: Mapping[str, str]
+    message: OutboundMessage, extensions: Mapping[str, str], eight_bit: bool | None = None, size: int | None = None,
 ) -> tuple[bytes, list[bytes], str | None]:
     """MAIL and RCPT lines with the ESMTP options this server offers (SIZE, 8BITMIME, SMTPUTF8).
 
-    The third item is a reason the envelope cannot go to this server (a UTF-8
-    address without SMTPUTF8), or None.
+    ``eight_bit`` says whether to declare ``BODY=8BITMIME`` (None: when the server offers it
+    and the data is not ASCII). The third item is a reason the envelope cannot go to this
+    server (a UTF-8 address without SMTPUTF8), or None. ``size`` is the length of the bytes
+    to be sent, when they are not ``message.data`` (a converted message).
     """
     options: list[bytes] = []
     addresses = [message.mail_from, *message.rcpt_tos]
@@ -82,8 +105,10 @@ def envelope_commands(
             return b"", [], "SMTPUTF8 is required but not offered"
         options.append(b"SMTPUTF8")
     if "size" in extensions:
-        options.append(b"SIZE=%d" % len(message.data))
-    if "8bitmime" in extensions and not message.data.isascii():
+        options.append(b"SIZE=%d" % (len(message.data) if size is None else size))
+    if eight_bit is None:
+        eight_bit = "8bitmime" in extensions and not message.data.isascii()
+    if eight_bit:
         options.append(b"BODY=8BITMIME")
     enc = "utf-8" if utf8 else "ascii"
     tail = (b" " + b" ".join(options)) if options else b""
@@ -100,9 +125,11 @@ def dot_stuffed(data: bytes) -> bytes:
     data = crlf(data)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
-    if data.startswith(b".") or b"\n." in data:
-        data = _DOT_LINE.sub(b"..", data)
-    return data + b".\r\n"
+    if data.startswith(b"."):
+        data = b"." + data
+    # Every LF ends a line here (CRLF only), so "a dot after LF" is "a line starting with a dot";
+    # replace() returns the same object when there is none.
+    return data.replace(b"\n.", b"\n..") + b".\r\n"
 
 
 # -- the exchange ----------------------------------------------------------------
@@ -140,6 +167,7 @@ class Transaction:
         "replied",
         "phase",
         "timeout",
+        "data",
     )
 
     def __init__(
@@ -165,6 +193,7 @@ class Transaction:
         self.replied = False  # any reply at all: a reused session that answered was not stale
         self.phase: Phase = "mail"
         self.timeout = settings.mail_from_timeout
+        self.data = message.data
 
     async def run(self) -> TransactionResult:
         """Run the exchange; raises :class:`StaleConnection` only for a reused session dead on arrival."""
@@ -174,7 +203,15 @@ class Transaction:
             with conn.borrowed() as rd:
                 if conn.needs_rset:
                     await self._rset(rd)
-                mail_cmd, rcpt_cmds, problem = envelope_commands(self.message, conn.extensions)
+                body = body_for(self.message, conn.extensions)
+                if body is None:
+                    offers = "offers" if "8bitmime" in conn.extensions else "does not offer"
+                    return self._refused_locally(
+                        "message has 8-bit data, NUL or lines over 998 octets, which cannot be converted to 7-bit "
+                        f"(the receiver {offers} 8BITMIME)", "5.6.3",
+                    )
+                self.data = body[0]
+                mail_cmd, rcpt_cmds, problem = envelope_commands(self.message, conn.extensions, body[1], len(self.data))
                 if problem is not None:
                     return self._refused_locally(problem)
                 conn.needs_rset = True  # until the transaction ends with an end-of-data reply
@@ -199,11 +236,11 @@ class Transaction:
             raise ConnectionLost(f"RSET answered {reply}")
         self.conn.needs_rset = False
 
-    def _refused_locally(self, problem: str) -> TransactionResult:
-        """The envelope cannot go to this server at all: permanent for everyone, nothing sent."""
+    def _refused_locally(self, problem: str, status: str = "5.6.7") -> TransactionResult:
+        """The message cannot go to this server at all: permanent for everyone, nothing sent."""
         label = self.label
         for i, r in enumerate(self.rcpts):
-            self.results[i] = RecipientReply(r, "permanent", None, "5.6.7", f"{problem} ({label})", "local", label)
+            self.results[i] = RecipientReply(r, "permanent", None, status, f"{problem} ({label})", "local", label)
         return self._finish()
 
     async def _envelope(
@@ -265,7 +302,7 @@ class Transaction:
                 results[i] = RecipientReply.from_reply(rcpts[i], reply, "data", label)
             return self._finish()
         self.phase, self.timeout = "dot", s.data_block_timeout
-        rd.write(dot_stuffed(self.message.data))
+        rd.write(dot_stuffed(self.data))
         await rd.drain(self.timeout)
         self.timeout = s.data_dot_timeout
         data_reply = self.data_reply = await rd.read(self.timeout)
@@ -332,6 +369,7 @@ class Transaction:
 __all__ = [
     "StaleConnection",
     "Transaction",
+    "body_for",
     "check_envelope",
     "dot_stuffed",
     "envelope_commands",
