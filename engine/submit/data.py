@@ -39,6 +39,7 @@ class Outcome(enum.Enum):
     OK = enum.auto()
     TOO_LONG = enum.auto()
     TOO_MUCH = enum.auto()
+    TOO_MANY_LINES = enum.auto()
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +57,14 @@ def unstuff(stuffed: bytes) -> bytes:
     return stuffed.replace(b"\r\n.", b"\r\n")  # the same object when there is nothing to replace
 
 
-async def read_payload(reader: asyncio.StreamReader, size_limit: int | None, line_length_limit: int) -> Payload:
+async def read_payload(
+    reader: asyncio.StreamReader, size_limit: int | None, line_length_limit: int, max_lines: int | None = None
+) -> Payload:
     """Read up to and including the end of data; see the module docstring for the rules.
 
-    ``line_length_limit`` counts the CRLF (aiosmtpd's ``line_length_limit``).
+    ``line_length_limit`` counts the CRLF (aiosmtpd's ``line_length_limit``). ``max_lines``
+    (the bounce listener's bound on what a parser will be handed) refuses a message within
+    the size limit that has more lines: one ``bytes.count``, after the size and line checks.
     Raises :class:`asyncio.IncompleteReadError` if the stream ends first.
     """
     # A virtual CRLF in front: the DATA command line ended with one, so an empty payload
@@ -95,6 +100,8 @@ async def read_payload(reader: asyncio.StreamReader, size_limit: int | None, lin
         return Payload(_over_limit(buf, size_limit, max_line))
     if has_long_line(stuffed, max_line):
         return Payload(Outcome.TOO_LONG)
+    if max_lines is not None and stuffed.count(b"\n") > max_lines:
+        return Payload(Outcome.TOO_MANY_LINES)
     return Payload(Outcome.OK, unstuff(stuffed))
 
 

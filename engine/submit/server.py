@@ -74,6 +74,13 @@ _STOCK_REPLIES: dict[bytes, bytes] = {
     b"500 Command line too long": b"500 5.5.2 Command line too long",
 }
 
+_REFUSALS: dict[Outcome, str] = {
+    Outcome.TOO_LONG: "500 Line too long (see RFC5321 4.5.3.1.6)",
+    Outcome.TOO_MUCH: "552 Error: Too much mail data",
+    Outcome.TOO_MANY_LINES: "552 5.3.4 Message has too many lines (at most {max_lines})",
+}
+"""The reply to a payload refused after reading it (the stock texts get enhanced codes in ``push``)."""
+
 REPLY_MAX = 400
 """Longest text :func:`format_reply` echoes back (a reply quoting client input stays one short line)."""
 
@@ -200,6 +207,8 @@ class ListenerSMTP(SMTP):
     """
 
     session_class: type[ListenerSession] = ListenerSession
+    max_lines: int | None = None
+    """Lines one message may have (the bounce listener sets it; the relay bounds bytes only)."""
 
     def __init__(self, handler: ListenerHandler, **kwargs: Any) -> None:
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
@@ -337,13 +346,16 @@ class ListenerSMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
-            payload = await read_payload(self._reader, self.data_size_limit, self.line_length_limit)
+            payload = await read_payload(self._reader, self.data_size_limit, self.line_length_limit, self.max_lines)
         except asyncio.CancelledError:  # the connection went away during DATA
             self._writer.close()
             raise
+        except asyncio.IncompleteReadError:  # the client hung up mid-message: nothing to answer
+            log.info("connection_lost_in_data", peer=self.session.peer if self.session else None)
+            self.close_connection()
+            return
         if payload.outcome is not Outcome.OK:
-            too_long = payload.outcome is Outcome.TOO_LONG
-            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)" if too_long else "552 Error: Too much mail data")
+            await self.push(_REFUSALS[payload.outcome].format(max_lines=self.max_lines))
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
         self.envelope.content = self.envelope.original_content = payload.content
