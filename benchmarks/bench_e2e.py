@@ -239,6 +239,7 @@ def engine_config(http_port: int, smtp_port: int, sink_port: int, args: argparse
     cfg = f"""\
 [server]
 hostname = "bench.localdomain"
+{f"intake_processes = {args.intake}" if args.intake else "# intake_processes: the engine's default (one per core)"}
 [http]
 listen = "127.0.0.1:{http_port}"
 [database]
@@ -363,8 +364,8 @@ async def engine_phase(
         seconds = last_at - t0
     parent = rss.get(proc.pid, 0.0)
     workers = sorted(v for p, v in rss.items() if p != proc.pid)
-    rss_txt = f"{sum(rss.values()):.0f} MB (listener {parent:.0f} + workers {' + '.join(f'{w:.0f}' for w in workers) or '-'})"
-    split = f"listener {listener_cpu:.1f} + workers {cpu - listener_cpu:.1f}"
+    rss_txt = f"{sum(rss.values()):.0f} MB (supervisor {parent:.0f} + children {' + '.join(f'{w:.0f}' for w in workers) or '-'})"
+    split = f"supervisor {listener_cpu:.1f} + children (intake, workers) {cpu - listener_cpu:.1f}"
     return Result(variant, n, delivered, seconds, cpu, pg_cpu, rss_txt, note, profile, split, submitted, load)
 
 
@@ -486,6 +487,8 @@ def add_engine_args(ap: argparse.ArgumentParser, messages: int = 20_000) -> None
     """The options :func:`engine_phase` reads (shared with benchmarks built on it)."""
     ap.add_argument("--messages", type=int, default=messages)
     ap.add_argument("--workers", type=int, default=2, help="engine delivery processes")
+    ap.add_argument("--intake", type=int, default=0,
+                    help="engine [server] intake_processes (0: the engine's default, one per core)")
     ap.add_argument("--destination-concurrency", type=int, default=20,
                     help="engine [delivery] destination_concurrency and Postfix destination concurrency")
     ap.add_argument("--connection-limit", type=int, default=20, help="engine [delivery.smtp] connection_limit")
