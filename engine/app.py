@@ -457,7 +457,7 @@ async def serve(settings: Settings, workers: int | None = None) -> None:
     n = workers if workers is not None else settings.delivery.workers
     if n is None:
         n = cpu_budget()
-    intake_n = intake_count(settings)
+    intake_n = intake_count(settings, n)
     sockets = await asyncio.to_thread(bind_listeners, settings) if intake_n > 1 else None
     engine = Engine(settings)
     for sig in (signal.SIGTERM, signal.SIGINT):  # from the start: a stop during start-up is a clean stop

@@ -54,8 +54,8 @@ class ServerConfig(_Section):
         default=None,
         ge=1,
         le=256,
-        description="Processes serving the HTTP API and SMTP listeners under `engine run`: unset = one per core; "
-        "1 = the main process serves them itself.",
+        description="Processes serving the HTTP API and SMTP listeners under `engine run`: unset = one per core "
+        "on a node without delivery workers, half the cores otherwise; 1 = the main process serves them itself.",
     )
     home: str | None = Field(
         default=None,

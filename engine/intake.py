@@ -128,9 +128,21 @@ def inherited(settings: Settings) -> ListenerSockets:
     return adopted
 
 
-def intake_count(settings: Settings) -> int:
-    """Processes that serve intake: ``[server] intake_processes``, else one per core we may use."""
+def intake_count(settings: Settings, workers: int) -> int:
+    """Processes that serve intake: ``[server] intake_processes``, else a share of the cores we may use.
+
+    A node that only accepts (``workers == 0``) gives intake every core. A node that also
+    delivers gives it half: on this project's 2-core benchmark machine (Postgres, workers,
+    sink and load generator on the same cores) two intake processes beside two workers
+    delivered 0.84-0.91x Postfix where one gave 0.94-1.14x (each process has its own group
+    commit, so two halve the batches and nearly double Postgres' CPU), while with delivery
+    off two intake processes took 1.95x the REST batch rate and 1.16x the per-connection
+    SMTP rate of one (README, Benchmarks).
+    """
     from engine.supervise import cpu_budget
 
     n = settings.server.intake_processes
-    return n if n is not None else cpu_budget()
+    if n is not None:
+        return n
+    cores = cpu_budget()
+    return cores if workers == 0 else max(1, cores // 2)

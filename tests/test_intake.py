@@ -212,3 +212,16 @@ def test_cpu_budget_follows_the_cgroup_quota(tmp_path) -> None:
     cpu_max.write_text(f"{(affinity + 5) * 100000} 100000\n")  # a quota above the cores we have
     assert cpu_budget(cpu_max) == affinity
     assert cpu_budget(tmp_path / "absent") == affinity
+
+
+def test_intake_default_is_every_core_without_delivery_and_half_beside_it(tmp_path) -> None:
+    from engine.intake import intake_count
+    from engine.supervise import cpu_budget
+
+    cfg = tmp_path / "e.toml"
+    cfg.write_text("")
+    default = load_settings(cfg, env={"ENGINE_HOME": str(tmp_path)})
+    assert intake_count(default, workers=0) == cpu_budget()
+    assert intake_count(default, workers=2) == max(1, cpu_budget() // 2)
+    cfg.write_text("[server]\nintake_processes = 3\n")
+    assert intake_count(load_settings(cfg, env={"ENGINE_HOME": str(tmp_path)}), workers=2) == 3
