@@ -285,7 +285,7 @@ def webhooks_status(dsn: str, home: Path, config: Path) -> dict[str, Any] | None
     )
     if out.returncode != 0:
         return {"error": out.stderr.strip()[-300:]}
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]  # --json: JSON Lines
     return dict(rows[0]) if rows else None
 
 
