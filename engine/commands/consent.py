@@ -20,7 +20,6 @@ from typing import IO, Any, cast
 import orjson
 
 from engine.commands import Subparsers
-from engine.consent.erasure import erase_contact, is_erased
 from engine.consent.imports import BATCH, empty_totals, parse_line
 from engine.consent.models import ConsentIn, ConsentRecord
 from engine.consent.policy import ConsentPolicy
@@ -134,6 +133,8 @@ def _when(value: Any) -> str:
 
 
 async def cmd_consent_show(args: argparse.Namespace) -> int:
+    from engine.consent.erasure import is_erased
+
     address = normalize_address(args.address)  # before any connection: a bad address is exit 1
     policy = ConsentPolicy.from_config(args.settings.consent)
     async with database(args.settings) as pool:
@@ -160,6 +161,8 @@ async def cmd_consent_show(args: argparse.Namespace) -> int:
 
 async def cmd_consent_erase(args: argparse.Namespace) -> int:
     normalize_address(args.address)
+    from engine.consent.erasure import erase_contact  # imported by the command that needs it: fast `engine --help`
+
     async with database(args.settings) as pool:
         report = await erase_contact(pool, args.address, "cli")
     print(f"erased: {report.address_hash} (recipients={report.recipients} messages_blanked={report.messages_blanked} "

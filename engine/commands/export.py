@@ -11,7 +11,6 @@ from typing import Any
 
 from engine.commands import Subparsers
 from engine.commands.output import add_json_flag
-from engine.export.exporter import Exporter, status
 from engine.runtime import database, print_json, run_async
 
 
@@ -42,6 +41,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure()
 
     async def go() -> None:
+        from engine.export.exporter import Exporter  # pyarrow: loaded by the export commands only
+
         async with database(args.settings) as pool:
             exporter = Exporter(args.settings, pool)
             if args.once:
@@ -61,6 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     async def go() -> list[dict[str, Any]]:
+        from engine.export.exporter import status
+
         async with database(args.settings) as pool:
             return await status(pool)
 
@@ -82,6 +85,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     async def go() -> tuple[int, int]:
+        from engine.export.exporter import Exporter
+
         async with database(args.settings) as pool:
             return await Exporter(args.settings, pool).backfill(args.since)
 
