@@ -476,7 +476,7 @@ async def serve(settings: Settings, workers: int | None = None) -> None:
                 env={"ENGINE_INTAKE_FDS": sockets.environment()}, pass_fds=sockets.fds(),
             )
             children.append(intake)
-            await intake.start(report_ready=True)
+            await intake.start(with_ready_pipes=True)
         await engine.connect()
         if sockets is not None:  # "engine_started" means served: wait until the children accept
             await children[0].wait_ready(INTAKE_READY_TIMEOUT)

@@ -95,14 +95,14 @@ class ChildSupervisor:
         self.procs[slot] = await asyncio.create_subprocess_exec(*self._command(), env=env, pass_fds=fds)
         log.info(f"{self.role}_started", slot=slot, pid=self.procs[slot].pid)
 
-    async def start(self, *, report_ready: bool = False) -> None:
-        """Start every child (and watch them). With ``report_ready``, each gets a pipe to say it serves.
+    async def start(self, *, with_ready_pipes: bool = False) -> None:
+        """Start every child (and watch them). With ``with_ready_pipes``, each gets a pipe to say it serves.
 
         Readiness travels over one pipe per child (``ENGINE_READY_FD``, see :func:`report_ready`):
         one byte once it serves, end of file if it dies first. :meth:`wait_ready` reads them.
         """
         for slot in range(self.count):
-            if not report_ready:
+            if not with_ready_pipes:
                 await self._spawn(slot)
                 continue
             r, w = os.pipe()
@@ -115,7 +115,7 @@ class ChildSupervisor:
             self._watch = asyncio.create_task(self._supervise(), name=f"{self.role}-supervisor")
 
     async def wait_ready(self, timeout: float) -> bool:
-        """Until every child started with ``report_ready`` serves, died, or ``timeout`` passed."""
+        """Until every child started ``with_ready_pipes`` serves, died, or ``timeout`` passed."""
         pipes, self._ready_pipes = self._ready_pipes, []
         loop = asyncio.get_running_loop()
         answers: list[asyncio.Future[bytes]] = []

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import httpx
@@ -94,6 +95,16 @@ def _config(tmp_path: Path, port: int, smtp_port: int) -> Path:
     return cfg
 
 
+async def _setup(db_dsn: str, tmp_path: Path) -> tuple[int, int, Path, dict[str, str], Any, str]:
+    """Free ports, a two-intake config, the engine's environment, a pool and a send key."""
+    port, smtp_port = _free_port(), _free_port()
+    cfg = _config(tmp_path, port, smtp_port)
+    env = {**os.environ, "DATABASE_URL": db_dsn, "ENGINE_HOME": str(tmp_path / "home")}
+    pool = await create_pool(db_dsn, load_settings(cfg, env=env))
+    key, _ = await ApiKeys(pool).create("k", ["send"])
+    return port, smtp_port, cfg, env, pool, key
+
+
 async def _submit_rest(base: str, key: str, n: int) -> list[str]:
     """``n`` submissions, each over a new connection (no keep-alive: every one is a fresh accept)."""
     ids = []
@@ -121,12 +132,7 @@ async def _submit_smtp(port: int, n: int) -> list[str]:
 
 @pytest.mark.timeout(400)
 async def test_intake_children_serve_the_listeners_and_one_killed_is_replaced(db_dsn, tmp_path) -> None:
-    port, smtp_port = _free_port(), _free_port()
-    cfg = _config(tmp_path, port, smtp_port)
-    env = {**os.environ, "DATABASE_URL": db_dsn, "ENGINE_HOME": str(tmp_path / "home")}
-    settings = load_settings(cfg, env=env)
-    pool = await create_pool(db_dsn, settings)
-    key, _ = await ApiKeys(pool).create("k", ["send"])
+    port, smtp_port, cfg, env, pool, key = await _setup(db_dsn, tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "engine", "--config", str(cfg), "run", "--workers", "0"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
@@ -162,12 +168,7 @@ async def test_intake_children_serve_the_listeners_and_one_killed_is_replaced(db
 
 @pytest.mark.timeout(400)
 async def test_kill_9_of_the_supervisor_frees_the_ports_for_the_next_engine(db_dsn, tmp_path) -> None:
-    port, smtp_port = _free_port(), _free_port()
-    cfg = _config(tmp_path, port, smtp_port)
-    env = {**os.environ, "DATABASE_URL": db_dsn, "ENGINE_HOME": str(tmp_path / "home")}
-    settings = load_settings(cfg, env=env)
-    pool = await create_pool(db_dsn, settings)
-    key, _ = await ApiKeys(pool).create("k", ["send"])
+    port, smtp_port, cfg, env, pool, key = await _setup(db_dsn, tmp_path)
     cmd = [sys.executable, "-m", "engine", "--config", str(cfg), "run", "--workers", "1"]
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = None
