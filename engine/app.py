@@ -103,6 +103,8 @@ class Engine:
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     dispatcher: Dispatcher | None = None  # the webhook dispatcher when [webhooks] enabled
     _roles: tuple[bool, bool] = (True, True)  # (intake, background) this process runs; see start()
+    _dispatch_here: bool = True  # the webhook dispatcher runs in this process (see start())
+    _side: set[asyncio.Task[None]] = field(default_factory=set)  # fire-and-forget NOTIFYs
 
     @property
     def svc(self) -> Services:
@@ -208,7 +210,8 @@ class Engine:
             await services.pool.close()
 
     async def start(
-        self, *, sockets: ListenerSockets | None = None, intake: bool = True, background: bool = True
+        self, *, sockets: ListenerSockets | None = None, intake: bool = True, background: bool = True,
+        dispatch: bool = True,
     ) -> None:
         """Start listeners and housekeeping. Call after :meth:`connect`.
 
@@ -216,9 +219,12 @@ class Engine:
         (an ``engine intake`` child serving what its supervisor bound), else on sockets bound
         here. ``background``: housekeeping, retention, the webhook dispatcher, the exporter
         and the bounce/FBL listener (the supervisor's share when intake runs in children).
+        ``dispatch``: the webhook dispatcher runs among the background tasks (``engine run``
+        says false when a child process dispatches, ``[webhooks] own_process``).
         """
         svc = self.svc
         self._roles = (intake, background)
+        self._dispatch_here = dispatch
         if intake:
             await self._start_intake(svc, sockets)
         if background:
@@ -253,7 +259,7 @@ class Engine:
             for note in self.settings.retention.caveats(self.settings.tracking):
                 log.info("retention_caveat", note=note)
             self._tasks.append(asyncio.create_task(purge.run(), name="retention"))
-        if self.settings.webhooks.enabled:
+        if self.settings.webhooks.enabled and self._dispatch_here:
             self._tasks.append(asyncio.create_task(self._dispatch(svc), name="webhooks"))
         if self.settings.export.enabled:
             self._tasks.append(asyncio.create_task(self._export(svc), name="export"))
@@ -363,14 +369,24 @@ class Engine:
         return states
 
     def _wake_dispatcher(self) -> None:
+        """After an API change to endpoints or deliveries: this process's dispatcher at once, else by NOTIFY."""
         if self.dispatcher is not None:
             self.dispatcher.wake()
+        elif self.settings.webhooks.enabled and self.services is not None:
+            task = asyncio.get_running_loop().create_task(self._notify_dispatchers(self.services))
+            self._side.add(task)
+            task.add_done_callback(self._side.discard)
+
+    @staticmethod
+    async def _notify_dispatchers(svc: Services) -> None:
+        with contextlib.suppress(DatabaseUnavailable):  # the dispatchers' next poll finds it anyway
+            await svc.webhook_deliveries.wake_dispatchers()
 
     async def _dispatch(self, svc: Services) -> None:
         """The webhook dispatcher, on a pool of its own: a backlog of events never takes delivery's connections."""
         from engine.webhooks.dispatcher import Dispatcher
 
-        pool = await create_pool(svc.dsn, self.settings, min_size=1, max_size=4)
+        pool = await create_pool(svc.dsn, self.settings, min_size=1, max_size=5)  # one LISTENs
         try:
             self.dispatcher = Dispatcher(self.settings, pool)
             await self.dispatcher.run()
@@ -480,8 +496,13 @@ async def serve(settings: Settings, workers: int | None = None) -> None:
         await engine.connect()
         if sockets is not None:  # "engine_started" means served: wait until the children accept
             await children[0].wait_ready(INTAKE_READY_TIMEOUT)
-        await engine.start(intake=sockets is None)
+        dispatch_child = settings.webhooks.enabled and settings.webhooks.own_process
+        await engine.start(intake=sockets is None, dispatch=not dispatch_child)
         loop.add_signal_handler(signal.SIGHUP, lambda: _spawn_reload(engine))
+        if dispatch_child:  # its own event loop: intake and housekeeping never delay an event
+            webhooks = ChildSupervisor(settings, dsn, 1, role="webhooks", command=("webhooks", "run"))
+            children.append(webhooks)
+            await webhooks.start()
         delivery = ChildSupervisor(settings, dsn, n, role="worker")
         children.append(delivery)
         await delivery.start()
@@ -583,6 +604,9 @@ async def run_dispatcher(settings: Settings) -> None:
     """``engine webhooks run``: a webhook dispatcher alone (more of them on more hosts share the work)."""
     from engine.webhooks.dispatcher import Dispatcher
 
+    supervised = settings.parent_pid is not None  # a child of `engine run` ([webhooks] own_process)
+    if supervised:
+        die_with_parent()
     loop = asyncio.get_running_loop()
     metrics.init(settings.home)
     engine = Engine(settings)
@@ -591,8 +615,13 @@ async def run_dispatcher(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, dispatcher.request_stop)
     log.info("webhook_dispatcher_started", owner=dispatcher.owner)
+    watch = None
+    if supervised:
+        watch = asyncio.create_task(stop_when_orphaned(dispatcher.request_stop, settings.parent_pid), name="orphan-watch")
     try:
         await dispatcher.run()
     finally:
+        if watch is not None:
+            watch.cancel()
         await engine.close_pool()
         log.info("webhook_dispatcher_stopped", owner=dispatcher.owner)

@@ -1,9 +1,10 @@
 """Child processes of ``engine run``: started, watched, restarted, stopped; and the child's side of it.
 
-``engine run`` is a supervisor of two kinds of children, both ``python -m engine <role>``:
-delivery workers (``engine worker``) and, with ``[server] intake_processes`` above one,
-intake processes (``engine intake``) that serve the HTTP API and the SMTP listeners on
-sockets the supervisor bound and passes down. A child that dies is started again in
+``engine run`` is a supervisor of children, each ``python -m engine <role>``: delivery
+workers (``engine worker``); with ``[server] intake_processes`` above one, intake
+processes (``engine intake``) that serve the HTTP API and the SMTP listeners on sockets
+the supervisor bound and passes down; with ``[webhooks] own_process``, one webhook
+dispatcher (``engine webhooks run``). A child that dies is started again in
 its slot; SIGTERM is passed on and each child drains within ``[server] shutdown_timeout``.
 
 A child must never outlive its supervisor holding what it does not own (a listening
@@ -68,10 +69,12 @@ class ChildSupervisor:
         count: int,
         *,
         role: str = "worker",
+        command: Sequence[str] | None = None,
         env: dict[str, str] | None = None,
         pass_fds: Sequence[int] = (),
     ) -> None:
         self.settings, self.dsn, self.count, self.role = settings, dsn, count, role
+        self.command = tuple(command) if command is not None else (role,)  # the `engine ...` subcommand
         self.env = env or {}
         self.pass_fds = tuple(pass_fds)
         self.procs: dict[int, asyncio.subprocess.Process] = {}
@@ -83,7 +86,7 @@ class ChildSupervisor:
         cmd = [sys.executable, "-m", "engine"]
         if self.settings.config_path:
             cmd += ["--config", str(self.settings.config_path)]
-        return [*cmd, self.role]
+        return [*cmd, *self.command]
 
     async def _spawn(self, slot: int, ready_fd: int | None = None) -> None:
         extra = {"ENGINE_READY_FD": str(ready_fd)} if ready_fd is not None else {}

@@ -86,12 +86,16 @@ def _when(text: str) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
-def _run(args: argparse.Namespace, work: Callable[[Endpoints, Deliveries], Awaitable[T]]) -> T:
+def _run(args: argparse.Namespace, work: Callable[[Endpoints, Deliveries], Awaitable[T]], *, wake: bool = False) -> T:
+    """``work`` over the database; ``wake``: it changed endpoints or due deliveries, so running dispatchers look now."""
+
     async def go() -> T:
         async with database(args.settings) as pool:
-            return await work(
-                Endpoints(pool, args.settings), Deliveries(pool, args.settings.webhooks.transactional_streams)
-            )
+            d = Deliveries(pool, args.settings.webhooks.transactional_streams)
+            done = await work(Endpoints(pool, args.settings), d)
+            if wake:
+                await d.wake_dispatchers()
+            return done
 
     result: T = run_async(go())
     return result
@@ -116,7 +120,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         await _audit(e, "webhook.create", str(ep.id), after=ep)
         return ep, secret
 
-    ep, secret = _run(args, add)
+    ep, secret = _run(args, add, wake=True)
     if args.json:
         print_json({**ep.as_json(), "secret": secret})
     else:
@@ -142,7 +146,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
         await e.delete(args.id)
         await _audit(e, "webhook.delete", str(args.id), before=before)
 
-    _run(args, rm)
+    _run(args, rm, wake=True)
     print(f"deleted webhook {args.id}")
     return 0
 
@@ -154,13 +158,13 @@ async def _set_enabled(e: Endpoints, endpoint_id: uuid.UUID, enabled: bool) -> N
 
 
 def cmd_enable(args: argparse.Namespace) -> int:
-    _run(args, lambda e, d: _set_enabled(e, args.id, True))
+    _run(args, lambda e, d: _set_enabled(e, args.id, True), wake=True)
     print(f"enabled webhook {args.id}")
     return 0
 
 
 def cmd_disable(args: argparse.Namespace) -> int:
-    _run(args, lambda e, d: _set_enabled(e, args.id, False))
+    _run(args, lambda e, d: _set_enabled(e, args.id, False), wake=True)
     print(f"disabled webhook {args.id}")
     return 0
 
@@ -203,7 +207,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     ids = [parse_event_id(t, field="--event") for t in args.event] if args.event else None
     if args.until is not None and args.since is None:
         raise ValidationFailed("--until needs --since", field="--until")
-    n = _run(args, lambda e, d: _replay(e, d, args, ids))
+    n = _run(args, lambda e, d: _replay(e, d, args, ids), wake=True)
     print(f"queued {n} deliveries for {args.id}")
     return 0
 
@@ -221,7 +225,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         await _audit(e, "webhook.rotate", str(ep.id), after={"secret_rotation_ends_at": ep.rotating_until})
         return ep, secret
 
-    ep, secret = _run(args, rotate)
+    ep, secret = _run(args, rotate, wake=True)
     until = ep.rotating_until.isoformat() if ep.rotating_until else "-"
     print(f"new secret (shown once, keep it): {secret}")
     print(f"the previous secret also signs until {until}")

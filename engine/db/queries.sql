@@ -958,6 +958,10 @@ CROSS JOIN LATERAL (
 WHERE :endpoint_id::uuid IS NULL OR w.id = :endpoint_id
 ORDER BY w.created_at, w.id;
 
+-- name: webhook_wake
+-- Dispatchers LISTEN on engine_webhooks (engine.webhooks.deliveries.WAKE_CHANNEL).
+SELECT pg_notify('engine_webhooks', '');
+
 -- name: webhook_prune
 -- Delivered rows are history after :keep_seconds (dead letters stay until replayed).
 DELETE FROM webhook_deliveries

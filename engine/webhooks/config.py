@@ -15,6 +15,13 @@ DEFAULT_SCHEDULE = ["5s", "5m", "30m", "2h", "5h", "10h", "14h", "20h", "24h"]
 
 class WebhooksConfig(_Section):
     enabled: bool = Field(default=True, description="Run a dispatcher inside `engine run` (any number may run).")
+    own_process: bool = Field(
+        default=True,
+        description=(
+            "Inside `engine run`, dispatch from a supervised child process (`engine webhooks run`) so intake and "
+            "housekeeping never share its event loop; false: in the supervisor's own loop (one process less)."
+        ),
+    )
     allow_private_targets: bool = Field(
         default=False,
         description="Let endpoint URLs resolve to loopback, private or link-local addresses (tests, internal receivers).",

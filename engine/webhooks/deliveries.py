@@ -32,6 +32,8 @@ from engine.events.public import PUBLIC_TYPES
 LANES = ("transactional", "default")
 STATES = ("pending", "sending", "delivered", "failed")
 MAX_REPLAY = 100_000
+WAKE_CHANNEL = "engine_webhooks"
+"""Dispatchers LISTEN here: endpoints changed or deliveries became due (a replay), look now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,11 @@ class Deliveries:
     def __init__(self, pool: asyncpg.Pool, transactional_streams: Sequence[str] = ("transactional",)) -> None:
         self.pool = pool
         self.transactional = list(transactional_streams)
+
+    async def wake_dispatchers(self) -> None:
+        """Tell every dispatcher (in any process, on any host) to look now instead of at its next poll."""
+        async with acquire(self.pool) as conn:
+            await conn.execute(*q("webhook_wake"))
 
     async def fan_out(self, now: datetime, limit: int, conn: asyncpg.Connection | None = None) -> FanOut:
         """Turn the next ``limit`` events into deliveries (one statement; a no-op while another dispatcher does)."""

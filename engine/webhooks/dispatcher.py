@@ -45,7 +45,7 @@ from engine.errors import DatabaseUnavailable
 from engine.events.public import event_id
 from engine.events.store import public_events_by_id
 from engine.webhooks import signing
-from engine.webhooks.deliveries import LANES, Claimed, Deliveries, Result
+from engine.webhooks.deliveries import LANES, WAKE_CHANNEL, Claimed, Deliveries, Result
 from engine.webhooks.endpoints import Endpoint, Endpoints, SigningKeys
 from engine.webhooks.safety import literal_refused, resolver
 
@@ -329,6 +329,7 @@ class Dispatcher:
             asyncio.create_task(self._fan_out_loop(), name="webhooks-fanout"),
             asyncio.create_task(self._endpoints_loop(), name="webhooks-endpoints"),
             asyncio.create_task(self._maintenance_loop(), name="webhooks-maintenance"),
+            asyncio.create_task(self._listen_loop(), name="webhooks-listen"),
         ]
         try:
             await self.stopping.wait()
@@ -374,6 +375,31 @@ class Dispatcher:
             if not full:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), timeout=self.poll_interval)
+
+    async def _listen_loop(self) -> None:
+        """LISTEN for wake-ups from other processes (an API call or a CLI replay); polling covers any gap.
+
+        Holds one connection of the pool while listening, and takes a new one after a drop.
+        """
+        while not self.stopping.is_set():
+            try:
+                async with acquire(self.pool) as conn:
+                    await conn.add_listener(WAKE_CHANNEL, self._notified)
+                    try:
+                        while not (self.stopping.is_set() or conn.is_closed()):
+                            with contextlib.suppress(asyncio.TimeoutError):
+                                await asyncio.wait_for(self.stopping.wait(), timeout=1.0)
+                    finally:
+                        if not conn.is_closed():
+                            with contextlib.suppress(Exception):
+                                await conn.remove_listener(WAKE_CHANNEL, self._notified)
+            except (DatabaseUnavailable, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("webhooks_listen_failed", error=str(exc))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), timeout=1.0)
+
+    def _notified(self, *_: Any) -> None:
+        self.wake()
 
     async def _endpoints_loop(self) -> None:
         while not self.stopping.is_set():
