@@ -41,6 +41,25 @@ from engine.export.destinations import Destination, destination
 log = structlog.get_logger(__name__)
 
 TYPES = sorted(PUBLIC_TYPES)
+# Columns whose values (nearly) never repeat within a file: no dictionary encoding.
+UNIQUE_COLUMNS = frozenset({"event_id", "occurred_at", "message_id", "recipient_id", "contact_id", "external", "reply",
+                            "next_attempt_at", "address_hash"})
+
+
+Bound = tuple[int, int]
+
+
+@dataclass
+class Ahead:
+    """The next batch, planned and read while the current one is written (a backlog only).
+
+    A planned range lies below the snapshot's xmin, so no event can still join it: the range
+    read ahead is exactly what the next pass would read, and it is used only when the next
+    pass starts where it starts (and ends where any pending batch ends).
+    """
+
+    start: Bound
+    task: asyncio.Task[tuple[Bound, pa.Table] | None]
 
 
 @dataclass
@@ -71,7 +90,10 @@ def _encode(table: pa.Table, fmt: str) -> bytes:
         lines = [orjson.dumps(r, default=str) for r in table.to_pylist()]
         return gzip.compress(b"\n".join(lines) + b"\n", compresslevel=5)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    # Dictionary pages only where values repeat: building one for ids and timestamps costs time
+    # and is thrown away when it overflows (0.45 against 0.76 us per event, and smaller files).
+    pq.write_table(table, sink, compression="zstd",
+                   use_dictionary=[n for n in table.column_names if n not in UNIQUE_COLUMNS])
     return bytes(sink.getvalue().to_pybytes())
 
 
@@ -85,45 +107,81 @@ class Exporter:
         self.dest = dest or destination(settings)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:export"
         self.ext = "ndjson.gz" if self.cfg.format == "ndjson" else "parquet"
+        self.ahead: Ahead | None = None
+
+    async def close(self) -> None:
+        """Drop the batch being read ahead (its range stays in the stream: nothing is lost)."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            ahead.task.cancel()
+            await asyncio.gather(ahead.task, return_exceptions=True)
 
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Export every ``interval`` (at once again while a full batch came back), until ``stop``."""
-        while not stop.is_set():
-            full = False
-            try:
-                batch = await self.export_once()
-                full = batch is not None and batch.events >= self.cfg.batch_events
-            except Exception as exc:  # the store is down, the database is away: try again later
-                log.warning("export_failed", destination=self.dest.name, error=str(exc)[:500])
-            if not full:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self.cfg.interval)
+        try:
+            while not stop.is_set():
+                full = False
+                try:
+                    batch = await self.export_once()
+                    full = batch is not None and batch.events >= self.cfg.batch_events
+                except Exception as exc:  # the store is down, the database is away: try again later
+                    log.warning("export_failed", destination=self.dest.name, error=str(exc)[:500])
+                if not full:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=self.cfg.interval)
+        finally:
+            await self.close()
 
     async def export_once(self) -> Batch | None:
-        """One batch (or nothing new). Raises when the destination fails; the batch stays pending."""
+        """One batch (or nothing new). Raises when the destination fails; the batch stays pending.
+
+        While a backlog lasts (the batch is full), the next batch is planned and read in the
+        background as soon as this one's read is done: Postgres works on batch N+1 while this
+        process writes batch N (two cores instead of one, taking turns).
+        """
         name = self.dest.name
+        ahead, self.ahead = self.ahead, None
+        read_ahead: tuple[Bound, pa.Table] | None = None
         async with acquire(self.pool) as conn:
             await conn.execute(*q("export_init", destination=name))
             row = await conn.fetchrow(
                 *q("export_lease", destination=name, owner=self.owner, lease_seconds=self.cfg.lease)
             )
             if row is None:
+                if ahead is not None:
+                    ahead.task.cancel()
                 return None  # another exporter holds it
             start = (row["tx"], row["event_id"])
+            if ahead is not None and ahead.start == start:
+                with contextlib.suppress(Exception):  # a failed read-ahead: read again below
+                    read_ahead = await ahead.task
+            elif ahead is not None:
+                ahead.task.cancel()  # another exporter moved the cursor meanwhile
+            end: Bound | None
             if row["pending_tx"] is not None:
                 end = (row["pending_tx"], row["pending_event_id"])
+            elif read_ahead is not None:
+                end = read_ahead[0]
             else:
-                plan = await conn.fetchrow(*q("export_plan", tx=str(start[0]), id=start[1], limit=self.cfg.batch_events))
-                if plan is None:
+                end = await self._plan(conn, start)
+                if end is None:
                     await conn.execute(*q("export_release", destination=name, owner=self.owner, error=None))
                     return None
-                end = (plan["tx"], plan["id"])
+            if row["pending_tx"] is None:
                 await conn.execute(*q("export_set_pending", destination=name, owner=self.owner, tx=str(end[0]), id=end[1]))
         try:
-            batch = await self.write_batch(start, end)
+            if read_ahead is not None and read_ahead[0] == end:
+                table = read_ahead[1]
+            else:
+                table = await self.read(start, end)
+            del read_ahead
+            if table.num_rows >= self.cfg.batch_events:
+                self.ahead = Ahead(end, asyncio.create_task(self._read_next(end)))
+            batch = await self.write_batch(start, end, table)
         except Exception as exc:
+            await self.close()  # the cursor stays: the next pass starts here again
             async with acquire(self.pool) as conn:
                 await conn.execute(*q("export_release", destination=name, owner=self.owner, error=str(exc)[:1000]))
             raise
@@ -139,6 +197,15 @@ class Exporter:
         log.info("export_batch_written", destination=name, events=batch.events, files=len(batch.files))
         return batch
 
+    async def _plan(self, conn: asyncpg.Connection, start: Bound) -> Bound | None:
+        plan = await conn.fetchrow(*q("export_plan", tx=str(start[0]), id=start[1], limit=self.cfg.batch_events))
+        return None if plan is None else (plan["tx"], plan["id"])
+
+    async def _read_next(self, start: Bound) -> tuple[Bound, pa.Table] | None:
+        async with acquire(self.pool) as conn:
+            end = await self._plan(conn, start)
+        return None if end is None else (end, await self.read(start, end))
+
     # -- one batch ----------------------------------------------------------------------------
 
     async def read(self, start: tuple[int, int], end: tuple[int, int]) -> pa.Table:
@@ -150,8 +217,9 @@ class Exporter:
             await conn.copy_from_query(sql, *args, output=buf, format="csv", header=True)
         return await asyncio.to_thread(_csv_to_table, buf.getvalue())
 
-    async def write_batch(self, start: tuple[int, int], end: tuple[int, int]) -> Batch:
-        table = await self.read(start, end)
+    async def write_batch(self, start: Bound, end: Bound, table: pa.Table | None = None) -> Batch:
+        if table is None:
+            table = await self.read(start, end)
         batch = Batch(start, end, events=table.num_rows)
         if table.num_rows:
             await asyncio.to_thread(self._write_files, table, batch)
@@ -166,6 +234,7 @@ class Exporter:
             ids = table.column("event_id")
             batch.manifest = f"_manifests/{pc.min(ids).as_py()}-{pc.max(ids).as_py()}.json"
             await asyncio.to_thread(self.dest.write, batch.manifest, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+            await asyncio.to_thread(self.dest.sync)  # every file and name durable before the cursor moves
         return batch
 
     def _write_files(self, table: pa.Table, batch: Batch) -> None:
@@ -182,7 +251,7 @@ class Exporter:
             schema = schema_for(kind)
             cols: dict[str, pa.Array] = {
                 "event_id": part.column("event_id"),
-                "event_type": pa.array([public] * part.num_rows, pa.string()),
+                "event_type": pa.repeat(pa.scalar(public, pa.string()), part.num_rows),
                 "occurred_at": pc.cast(part.column("occurred_us"), pa.timestamp("us")).cast(TS),
             }
             for f in schema:
