@@ -74,7 +74,7 @@ class Batch:
 
 
 def _csv_to_table(data: bytes) -> pa.Table:
-    return pacsv.read_csv(
+    return _with_partition(pacsv.read_csv(
         io.BytesIO(data),
         parse_options=pacsv.ParseOptions(newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(
@@ -82,7 +82,63 @@ def _csv_to_table(data: bytes) -> pa.Table:
             null_values=[""], true_values=["t"], false_values=["f"],
         ),
         read_options=pacsv.ReadOptions(block_size=16 << 20),
-    )
+    ))
+
+
+_US_PER_DAY, _US_PER_HOUR = 86_400_000_000, 3_600_000_000
+
+
+def _with_partition(table: pa.Table) -> pa.Table:
+    """Add each event's UTC ``date`` (YYYY-MM-DD) and ``hour``, from ``occurred_us``.
+
+    Whole-number arithmetic and one string per distinct day: formatting every row (SQL's
+    to_char, or pyarrow's strftime at 1.6 us per event) costs more than the rest of the row.
+    """
+    us = table.column("occurred_us")
+    days = pc.divide(us, _US_PER_DAY)  # integer division; event times are after 1970
+    distinct = pc.unique(days)
+    names = pa.array([date.fromordinal(_EPOCH_ORDINAL + d).isoformat() for d in distinct.to_pylist()], pa.string())
+    day = pc.take(names, pc.index_in(days, value_set=distinct))
+    hour = pc.cast(pc.subtract(pc.divide(us, _US_PER_HOUR), pc.multiply(days, 24)), pa.int32())
+    return table.append_column("date", day).append_column("hour", hour)
+
+
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+
+
+_PARTITION_KEYS = ("kind", "date", "hour")
+
+
+def _runs(table: pa.Table) -> list[int]:
+    """Where each run of equal (kind, date, hour) starts, and the end: [0, ..., num_rows]."""
+    n = table.num_rows
+    if n == 0:
+        return [0]
+    change = None
+    for name in _PARTITION_KEYS:
+        col = table.column(name)
+        diff = pc.not_equal(col.slice(1), col.slice(0, n - 1))
+        change = diff if change is None else pc.or_(change, diff)
+    assert change is not None
+    return [0, *(i + 1 for i in pc.indices_nonzero(change).to_pylist()), n]
+
+
+def _partitions(table: pa.Table) -> list[tuple[str, str, int, pa.Table]]:
+    """The batch split by (event type, date, hour), in key order, each part in stream order.
+
+    One stable sort and one pass over the batch (none when it holds a single partition, as a
+    backlog of one event type mostly does), not one filter over the whole batch per partition.
+    """
+    runs = _runs(table)
+    if len(runs) > 2:
+        table = table.take(pc.sort_indices(table, sort_keys=[(k, "ascending") for k in _PARTITION_KEYS]))  # stable
+        runs = _runs(table)
+    out = []
+    for a, b in zip(runs, runs[1:], strict=False):
+        part = table.slice(a, b - a)
+        kind, day, hour = (part.column(k)[0].as_py() for k in _PARTITION_KEYS)
+        out.append((kind, day, hour, part))
+    return out
 
 
 def _encode(table: pa.Table, fmt: str) -> bytes:
@@ -241,12 +297,7 @@ class Exporter:
         occurred = pc.cast(table.column("occurred_us"), pa.timestamp("us")).cast(TS)
         batch.first_at = pc.min(occurred).as_py()
         batch.last_at = pc.max(occurred).as_py()
-        keys = table.select(["kind", "date", "hour"]).group_by(["kind", "date", "hour"]).aggregate([]).to_pylist()
-        for key in sorted(keys, key=lambda k: (k["kind"], k["date"], k["hour"])):
-            mask = pc.and_(pc.and_(pc.equal(table.column("kind"), key["kind"]), pc.equal(table.column("date"), key["date"])),
-                           pc.equal(table.column("hour"), key["hour"]))
-            part = table.filter(mask)
-            kind = key["kind"]
+        for kind, day, hour, part in _partitions(table):
             public = PUBLIC_TYPES[kind]
             schema = schema_for(kind)
             cols: dict[str, pa.Array] = {
@@ -260,7 +311,7 @@ class Exporter:
             out = pa.Table.from_pydict(cols, schema=schema)
             ids = part.column("event_id")
             lo, hi = pc.min(ids).as_py(), pc.max(ids).as_py()
-            rel = f"event_type={public}/date={key['date']}/hour={key['hour']:02d}/{lo}-{hi}.{self.ext}"
+            rel = f"event_type={public}/date={day}/hour={hour:02d}/{lo}-{hi}.{self.ext}"
             data = _encode(out, self.cfg.format)
             self.dest.write(rel, data)
             batch.files.append({
