@@ -267,11 +267,19 @@ class Exporter:
     async def read(self, start: tuple[int, int], end: tuple[int, int]) -> pa.Table:
         sql, *args = q("export_events", start_tx=str(start[0]), start_id=start[1], end_tx=str(end[0]), end_id=end[1],
                        types=TYPES)
-        buf = io.BytesIO()
+        chunks: list[bytes] = []
+
+        async def sink(data: bytes) -> None:
+            # A coroutine, not a file: asyncpg hands a file's write() to the thread pool once per
+            # chunk received (3 us of this process's CPU per event, against 0.8 this way).
+            chunks.append(data)
+
         async with acquire(self.pool) as conn, conn.transaction():
             await conn.execute(*q("export_session"))
-            await conn.copy_from_query(sql, *args, output=buf, format="csv", header=True)
-        return await asyncio.to_thread(_csv_to_table, buf.getvalue())
+            await conn.copy_from_query(sql, *args, output=sink, format="csv", header=True)
+        data = b"".join(chunks)
+        del chunks[:]
+        return await asyncio.to_thread(_csv_to_table, data)
 
     async def write_batch(self, start: Bound, end: Bound, table: pa.Table | None = None) -> Batch:
         if table is None:
