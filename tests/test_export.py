@@ -232,3 +232,32 @@ async def test_read_ahead_is_dropped_when_another_exporter_moved_the_cursor(db_d
     finally:
         await a.close()
         await pool.close()
+
+
+@pytest.mark.timeout(240)
+async def test_a_large_batch_read_in_two_halves_is_the_whole_batch_in_stream_order(db_dsn, tmp_path) -> None:
+    from engine.export.exporter import SPLIT_AT
+
+    n = 2 * SPLIT_AT + 1000
+    out = tmp_path / "export"
+    cfg = tmp_path / "engine.toml"
+    cfg.write_text(f'[export]\ndirectory = "{out}"\nbatch_events = {n}\n')
+    settings = load_settings(cfg, env={"DATABASE_URL": db_dsn, "ENGINE_HOME": str(tmp_path / "home")})
+    pool = await create_pool(db_dsn, settings)
+    try:
+        await _backlog(pool, n)
+        deadline = time.monotonic() + 120
+        while await pool.fetchval("SELECT count(*) FROM events WHERE tx < pg_snapshot_xmin(pg_current_snapshot())") < n:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        exp = Exporter(settings, pool)
+        batch = await exp.export_once()
+        assert batch is not None and batch.events == n
+        await exp.close()
+        got = []  # one event type; one file per hour, in hour order
+        for f in sorted(out.glob("event_type=*/date=*/hour=*/*.parquet")):
+            got += pq.read_table(f).column("event_id").to_pylist()
+        want = [r["id"] for r in await pool.fetch("SELECT id FROM events ORDER BY tx, id")]
+        assert got == want  # both halves, each event once, in commit order
+    finally:
+        await pool.close()

@@ -1249,6 +1249,14 @@ WHERE (e.tx, e.id) > (:start_tx::text::xid8, :start_id::bigint) AND (e.tx, e.id)
   AND e.type = ANY(:types::text[])
 ORDER BY e.tx, e.id;
 
+-- name: export_split
+-- Where a batch is cut in two, to be read by two backends at once: the bound :half events in
+-- (an index-only scan of half the batch). No row: the batch is smaller than that.
+SELECT e.tx::text::bigint AS tx, e.id FROM events e
+WHERE (e.tx, e.id) > (:start_tx::text::xid8, :start_id::bigint) AND (e.tx, e.id) <= (:end_tx::text::xid8, :end_id::bigint)
+ORDER BY e.tx, e.id
+OFFSET :half LIMIT 1;
+
 -- name: export_count
 SELECT count(*)::int AS n FROM events e
 WHERE (e.tx, e.id) > (:start_tx::text::xid8, :start_id::bigint) AND (e.tx, e.id) <= (:end_tx::text::xid8, :end_id::bigint)

@@ -41,6 +41,8 @@ from engine.export.destinations import Destination, destination
 log = structlog.get_logger(__name__)
 
 TYPES = sorted(PUBLIC_TYPES)
+# A batch of at least twice this many events is read in two halves by two backends at once.
+SPLIT_AT = 5_000
 # Columns whose values (nearly) never repeat within a file: no dictionary encoding.
 UNIQUE_COLUMNS = frozenset({"event_id", "occurred_at", "message_id", "recipient_id", "contact_id", "external", "reply",
                             "next_attempt_at", "address_hash"})
@@ -264,7 +266,34 @@ class Exporter:
 
     # -- one batch ----------------------------------------------------------------------------
 
-    async def read(self, start: tuple[int, int], end: tuple[int, int]) -> pa.Table:
+    async def read(self, start: Bound, end: Bound) -> pa.Table:
+        """The batch (start, end], in stream order; a large one in two halves read at once.
+
+        Postgres's side of the read (the joins, the JSON fields) is about two thirds of the
+        export's CPU: one backend alone would cap the rate at what one core can do, so a batch
+        of more than ``SPLIT_AT`` events is read by two backends, one half each.
+        """
+        mid: Bound | None = None
+        half = self.cfg.batch_events // 2
+        if half >= SPLIT_AT:
+            async with acquire(self.pool) as conn:
+                row = await conn.fetchrow(*q("export_split", start_tx=str(start[0]), start_id=start[1],
+                                             end_tx=str(end[0]), end_id=end[1], half=half))
+            if row is not None and (row["tx"], row["id"]) < end:
+                mid = (row["tx"], row["id"])
+        if mid is None:
+            return await self._read_range(start, end)
+        tasks = [asyncio.create_task(self._read_range(start, mid)), asyncio.create_task(self._read_range(mid, end))]
+        try:
+            first, second = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return pa.concat_tables([first, second])
+
+    async def _read_range(self, start: Bound, end: Bound) -> pa.Table:
         sql, *args = q("export_events", start_tx=str(start[0]), start_id=start[1], end_tx=str(end[0]), end_id=end[1],
                        types=TYPES)
         chunks: list[bytes] = []
