@@ -198,6 +198,14 @@ async def test_store_down_then_up_loses_nothing(engine_factory, s3_server) -> No
     assert uuid  # (imported for message ids in helpers)
 
 
+async def _visible(pool, n: int) -> None:
+    """Wait until ``n`` events are visible to the stream (other tests' open transactions hold it back a while)."""
+    deadline = time.monotonic() + 120
+    while await pool.fetchval("SELECT count(*) FROM events WHERE tx < pg_snapshot_xmin(pg_current_snapshot())") < n:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+
+
 @pytest.mark.timeout(240)
 async def test_read_ahead_is_dropped_when_another_exporter_moved_the_cursor(db_dsn, tmp_path) -> None:
     """A backlog: exporter A reads the next batch ahead while writing one; exporter B then writes the
@@ -211,11 +219,7 @@ async def test_read_ahead_is_dropped_when_another_exporter_moved_the_cursor(db_d
     try:
         await _backlog(pool, 3000)
         want = await _db_events(pool)
-        deadline = time.monotonic() + 120
-        # Every event visible to the stream first (other tests' open transactions hold it back a while).
-        while await pool.fetchval("SELECT count(*) FROM events WHERE tx < pg_snapshot_xmin(pg_current_snapshot())") < 3000:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
+        await _visible(pool, 3000)
         first = await a.export_once()
         assert first is not None and first.events == 400 and a.ahead is not None  # a full batch: A reads ahead
         assert (await b.export_once()).events == 400  # B takes the next two batches
@@ -246,10 +250,7 @@ async def test_a_large_batch_read_in_two_halves_is_the_whole_batch_in_stream_ord
     pool = await create_pool(db_dsn, settings)
     try:
         await _backlog(pool, n)
-        deadline = time.monotonic() + 120
-        while await pool.fetchval("SELECT count(*) FROM events WHERE tx < pg_snapshot_xmin(pg_current_snapshot())") < n:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
+        await _visible(pool, n)
         exp = Exporter(settings, pool)
         batch = await exp.export_once()
         assert batch is not None and batch.events == n

@@ -1,7 +1,8 @@
 """The exporter: the only writer of ``export_state`` and ``export_batches``.
 
 Each pass takes the destination's lease, fixes where the batch ends (recorded as *pending*
-before any file is written), reads the batch in commit order (one COPY, parsed by pyarrow),
+before any file is written), reads the batch in commit order (COPY, parsed by pyarrow; a large
+batch in two halves by two backends, and the next batch read ahead while a backlog lasts),
 writes one file per (event type, date, hour) named ``<first id>-<last id>``, a manifest, and
 optionally the daily facts of the dates it touched, and only then moves the cursor. A crash
 anywhere before that last step leaves the pending batch, which the next pass (this process or
