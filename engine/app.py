@@ -397,7 +397,7 @@ class Engine:
         """The analytics exporter, on a pool of its own (a slow store never holds delivery's connections)."""
         from engine.export.exporter import Exporter
 
-        pool = await create_pool(svc.dsn, self.settings, min_size=1, max_size=2)
+        pool = await create_pool(svc.dsn, self.settings, min_size=1, max_size=4)  # two per batch read, plus the cursor
         try:
             await Exporter(self.settings, pool).run(self._stopping)
         finally:

@@ -196,3 +196,69 @@ async def test_store_down_then_up_loses_nothing(engine_factory, s3_server) -> No
     [st] = await status(eng.pool)
     assert st["last_error"] is None and st["behind"] == 0
     assert uuid  # (imported for message ids in helpers)
+
+
+async def _visible(pool, n: int) -> None:
+    """Wait until ``n`` events are visible to the stream (other tests' open transactions hold it back a while)."""
+    deadline = time.monotonic() + 120
+    while await pool.fetchval("SELECT count(*) FROM events WHERE tx < pg_snapshot_xmin(pg_current_snapshot())") < n:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.timeout(240)
+async def test_read_ahead_is_dropped_when_another_exporter_moved_the_cursor(db_dsn, tmp_path) -> None:
+    """A backlog: exporter A reads the next batch ahead while writing one; exporter B then writes the
+    batches after it. A's batch read ahead is stale and must not be written: every event once, no gap."""
+    out = tmp_path / "export"
+    cfg = tmp_path / "engine.toml"
+    cfg.write_text(f'[export]\ndirectory = "{out}"\nbatch_events = 400\nlease = "60s"\n')
+    settings = load_settings(cfg, env={"DATABASE_URL": db_dsn, "ENGINE_HOME": str(tmp_path / "home")})
+    pool = await create_pool(db_dsn, settings)
+    a, b = Exporter(settings, pool, owner="a"), Exporter(settings, pool, owner="b")
+    try:
+        await _backlog(pool, 3000)
+        want = await _db_events(pool)
+        await _visible(pool, 3000)
+        first = await a.export_once()
+        assert first is not None and first.events == 400 and a.ahead is not None  # a full batch: A reads ahead
+        assert (await b.export_once()).events == 400  # B takes the next two batches
+        assert (await b.export_once()).events == 400
+        while (batch := await a.export_once()) is not None:  # A goes on from where B left the cursor
+            assert batch.start != first.end
+        await a.close()
+        rows = _read_local(out)
+        ids = [r["event_id"] for r in rows]
+        assert len(ids) == len(set(ids)), "an event was written twice"
+        assert {r["event_id"]: r["event_type"] for r in rows} == want
+        manifests = [json.loads(p.read_text()) for p in (out / "_manifests").glob("*.json")]
+        assert sorted(m["events"] for m in manifests) == [200] + [400] * 7
+    finally:
+        await a.close()
+        await pool.close()
+
+
+@pytest.mark.timeout(240)
+async def test_a_large_batch_read_in_two_halves_is_the_whole_batch_in_stream_order(db_dsn, tmp_path) -> None:
+    from engine.export.exporter import SPLIT_AT
+
+    n = 2 * SPLIT_AT + 1000
+    out = tmp_path / "export"
+    cfg = tmp_path / "engine.toml"
+    cfg.write_text(f'[export]\ndirectory = "{out}"\nbatch_events = {n}\n')
+    settings = load_settings(cfg, env={"DATABASE_URL": db_dsn, "ENGINE_HOME": str(tmp_path / "home")})
+    pool = await create_pool(db_dsn, settings)
+    try:
+        await _backlog(pool, n)
+        await _visible(pool, n)
+        exp = Exporter(settings, pool)
+        batch = await exp.export_once()
+        assert batch is not None and batch.events == n
+        await exp.close()
+        got = []  # one event type; one file per hour, in hour order
+        for f in sorted(out.glob("event_type=*/date=*/hour=*/*.parquet")):
+            got += pq.read_table(f).column("event_id").to_pylist()
+        want = [r["id"] for r in await pool.fetch("SELECT id FROM events ORDER BY tx, id")]
+        assert got == want  # both halves, each event once, in commit order
+    finally:
+        await pool.close()

@@ -46,10 +46,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         async with database(args.settings) as pool:
             exporter = Exporter(args.settings, pool)
             if args.once:
-                while True:  # every batch that is there now
-                    batch = await exporter.export_once()
-                    if batch is None or batch.events < args.settings.export.batch_events:
-                        return
+                try:
+                    while True:  # every batch that is there now
+                        batch = await exporter.export_once()
+                        if batch is None or batch.events < args.settings.export.batch_events:
+                            return
+                finally:
+                    await exporter.close()
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -14,13 +14,14 @@ from engine.events.public import PUBLIC_TYPES
 
 TS = pa.timestamp("us", tz="UTC")
 
-# Every column the read yields, in order, with its Arrow type (the CSV parse uses these).
+# Every column the read yields, in order, with its Arrow type (the CSV parse uses these); the
+# exporter adds each event's ``date`` and ``hour`` (UTC) from ``occurred_us``.
 READ: list[tuple[str, pa.DataType]] = [
-    ("event_id", pa.int64()), ("kind", pa.string()), ("occurred_us", pa.int64()), ("date", pa.string()),
-    ("hour", pa.int32()), ("message_id", pa.string()), ("recipient_id", pa.int64()), ("stream", pa.string()),
-    ("contact_id", pa.string()), ("external", pa.string()), ("campaign", pa.string()), ("metadata", pa.string()),
-    ("template_name", pa.string()), ("template_version", pa.int32()), ("sending_domain", pa.string()),
-    ("provider", pa.string()), ("egress", pa.string()), ("submission_source", pa.string()), ("smtp_code", pa.int32()),
+    ("event_id", pa.int64()), ("kind", pa.string()), ("occurred_us", pa.int64()), ("message_id", pa.string()),
+    ("recipient_id", pa.int64()), ("stream", pa.string()), ("contact_id", pa.string()), ("external", pa.string()),
+    ("campaign", pa.string()), ("metadata", pa.string()), ("template_name", pa.string()),
+    ("template_version", pa.int32()), ("sending_domain", pa.string()), ("provider", pa.string()),
+    ("egress", pa.string()), ("submission_source", pa.string()), ("smtp_code", pa.int32()),
     ("enhanced_status", pa.string()), ("reply", pa.string()), ("mx", pa.string()), ("category", pa.string()),
     ("hard", pa.bool_()), ("permanent", pa.bool_()), ("attempt", pa.int32()), ("next_attempt_at", pa.string()),
     ("link_index", pa.int32()), ("url", pa.string()), ("method", pa.string()), ("feedback_type", pa.string()),

@@ -2,8 +2,9 @@
 
 A file is either there whole or not at all, under a name derived from its content's id
 range, so a batch written twice (a crash between the files and the cursor) overwrites
-itself: no duplicate, no torn file. Local files are written to a temporary name, fsynced,
-renamed, and the directory fsynced. S3 objects appear only when their upload completes
+itself: no duplicate, no torn file. Local files are written to a temporary name, fsynced and
+renamed; the directories that received a name are fsynced once per batch (``sync``, before the
+exporter moves its cursor), not once per file. S3 objects appear only when their upload completes
 (pyarrow's S3 filesystem: no extra dependency, endpoint override for S3-compatible stores).
 """
 
@@ -21,7 +22,11 @@ class Destination(Protocol):
     name: str
 
     def write(self, relpath: str, data: bytes) -> str:
-        """Store ``data`` at ``relpath`` durably; returns the full location written."""
+        """Store ``data`` at ``relpath`` whole; returns the full location written."""
+        ...
+
+    def sync(self) -> None:
+        """Make every file written so far durable (its name included): the cursor may move after this."""
         ...
 
     def describe(self) -> str: ...
@@ -32,12 +37,17 @@ class LocalDirectory:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.unsynced: set[Path] = set()
 
     def describe(self) -> str:
         return str(self.root)
 
     def write(self, relpath: str, data: bytes) -> str:
         target = self.root / relpath
+        created = target.parent
+        while not created.is_dir():  # a new directory's name lives in its parent: sync that one too
+            self.unsynced.add(created.parent)
+            created = created.parent
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as fh:
@@ -45,12 +55,17 @@ class LocalDirectory:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-        fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self.unsynced.add(target.parent)
         return str(target)
+
+    def sync(self) -> None:
+        for d in sorted(self.unsynced, key=lambda p: -len(p.parts)):  # deepest first
+            fd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.unsynced.clear()
 
 
 class S3Bucket:
@@ -82,6 +97,9 @@ class S3Bucket:
         with self.fs.open_output_stream(path) as out:
             out.write(data)
         return f"s3://{path}"
+
+    def sync(self) -> None:
+        """An S3 object is durable when its upload completes: nothing left to do."""
 
 
 def destination(settings: Settings) -> Destination:
