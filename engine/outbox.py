@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -450,10 +450,17 @@ class Outbox:
             rows = await conn.fetch(*q("postpone", owner=owner, ids=list(ids), next_attempt_at=next_attempt_at))
         return len(rows)
 
-    async def extend_leases(self, owner: str, lease_seconds: float) -> None:
-        """Renew every lease ``owner`` holds (its heartbeat): rows waiting in a busy worker stay its own."""
+    async def extend_leases(self, owner: str, ids: Collection[int], lease_seconds: float) -> None:
+        """Renew the leases of ``ids`` still held by ``owner`` (its heartbeat): rows waiting in a busy
+        worker stay its own.
+
+        Only the ids the worker knows: a claim whose reply was lost leased rows to this owner
+        that it will never send; renewing "everything the owner holds" would keep them forever.
+        """
+        if not ids:
+            return
         async with acquire(self.pool) as conn:
-            await conn.execute(*q("extend_leases", owner=owner, lease_seconds=lease_seconds))
+            await conn.execute(*q("extend_leases", owner=owner, ids=list(ids), lease_seconds=lease_seconds))
 
     async def reclaim_expired_leases(self, limit: int = 1000) -> int:
         async with acquire(self.pool) as conn:
