@@ -272,11 +272,13 @@ VALUES (:api_key_id, :key, :request_hash, 0, 'null'::jsonb)
 ON CONFLICT DO NOTHING RETURNING key;
 
 -- name: idempotency_get
-SELECT request_hash, status_code, response FROM idempotency_keys
+-- The stored answer as JSON text: a replay sends it as it is, never decoding a large answer.
+SELECT request_hash, status_code, response::text AS response FROM idempotency_keys
 WHERE api_key_id = :api_key_id AND key = :key;
 
 -- name: idempotency_store
-UPDATE idempotency_keys SET status_code = :status_code, response = :response
+-- The answer already serialised (a large batch builds it slice by slice, as JSON text).
+UPDATE idempotency_keys SET status_code = :status_code, response = (:response::text)::jsonb
 WHERE api_key_id = :api_key_id AND key = :key;
 
 -- name: idempotency_expire
