@@ -104,3 +104,45 @@ async def test_a_batch_at_the_cap_is_enqueued_in_slices_with_bounded_memory(db_d
     assert answer["messages"][7]["recipients"][3]["email"] == "user7x3@d3.example.net"
     print(f"peak RSS growth for one batch of {MESSAGES * PER_MESSAGE} recipients: {growth:.0f} MB")
     assert growth < GROWTH_BOUND_MB, f"the serving process's peak RSS grew {growth:.0f} MB for one batch"
+
+
+async def test_a_message_larger_than_a_slice_is_spread_over_statements_and_a_late_error_rolls_back(
+    engine_factory, conn
+) -> None:
+    from engine.accept import SLICE_RECIPIENTS
+    from tests.test_templates_api import PROMO
+
+    big = 2 * SLICE_RECIPIENTS + 7  # three statements for one message
+    eng = await engine_factory(f'[webhooks]\nenabled = false\n[api]\nmax_recipients_per_message = {big}\n')
+    admin, _ = await eng.apikeys.create("admin", ["admin"])
+    send, _ = await eng.apikeys.create("send", ["send"])
+    host, port = eng.http_address
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=120) as c:
+        r = await c.post("/v1/templates", json={"name": "promo", "parts": PROMO}, headers={"Authorization": f"Bearer {admin}"})
+        assert r.status_code == 201, r.text
+        first = {"from": "app@example.com", "to": [f"u{i}@example.net" for i in range(big)], "template": "promo",
+                 "vars": {"first_name": "A", "code": "X"}}
+        second = {"from": "app@example.com", "to": ["a@example.org", "b@example.org"], "template": "promo",
+                  "vars": {"first_name": "B"}}
+        auth = {"Authorization": f"Bearer {send}"}
+        # The second message's missing variable is found after the first's rows were written in
+        # the request's transaction: all of it is rolled back.
+        r = await c.post("/v1/messages/batch", json={"messages": [first, second]}, headers=auth)
+        assert r.status_code == 422 and r.json()["field"] == "messages[1].vars.code", r.text
+        assert await conn.fetchval("SELECT count(*) FROM recipients") == 0
+        assert await conn.fetchval("SELECT count(*) FROM messages") == 0
+
+        second["vars"] = {"first_name": "B", "code": "Y"}
+        r = await c.post("/v1/messages/batch", json={"messages": [first, second]}, headers=auth)
+        assert r.status_code == 202, r.text[:300]
+    answer = r.json()["messages"]
+    assert [len(m["recipients"]) for m in answer] == [big, 2]
+    rows = await conn.fetch("SELECT message_id, id, address, state FROM recipients ORDER BY id")
+    assert [{"id": x["id"], "email": x["address"], "state": x["state"]} for x in rows] == [
+        rcpt for m in answer for rcpt in m["recipients"]
+    ]
+    assert [r["email"] for r in answer[0]["recipients"]] == first["to"]
+    templates = await conn.fetch("SELECT content->>'template' AS t FROM messages")
+    assert [t["t"] for t in templates] == ["promo@1", "promo@1"]
+    events = await conn.fetchval("SELECT count(*) FROM events WHERE type = 'accepted'")
+    assert events == big + 2
