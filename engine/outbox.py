@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -237,13 +237,28 @@ class Outbox:
         ``suppressed`` (the accept layer's policy, applied inside the insert so a
         submission costs no extra round trip).
         """
+        parts = [(m, m.recipients) for m in messages]
         if conn is None:
             async with acquire(self.pool) as c, c.transaction():
-                return await self._enqueue(c, messages, suppress)
-        return await self._enqueue(conn, messages, suppress)
+                return await self._enqueue(c, messages, parts, suppress)
+        return await self._enqueue(conn, messages, parts, suppress)
+
+    async def enqueue_part(
+        self, conn: asyncpg.Connection, messages: Sequence[NewMessage],
+        parts: Sequence[tuple[NewMessage, Sequence[NewRecipient]]], *, suppress: bool = False,
+    ) -> list[list[EnqueuedRecipient]]:
+        """One slice of a large submission, inside the caller's transaction: the rows of ``messages``
+        and the recipient rows of ``parts`` (a message's recipients may be spread over several slices,
+        its own row goes with the first); returns, per part, its rows in order.
+
+        Why: a request of tens of thousands of recipients, enqueued in one statement, held several
+        Python objects per recipient at once (~2 KB each); slices bound that by the slice.
+        """
+        return await self._enqueue(conn, messages, parts, suppress)
 
     async def _enqueue(
-        self, conn: asyncpg.Connection, messages: Sequence[NewMessage], suppress: bool
+        self, conn: asyncpg.Connection, messages: Sequence[NewMessage],
+        parts: Sequence[tuple[NewMessage, Sequence[NewRecipient]]], suppress: bool,
     ) -> list[list[EnqueuedRecipient]]:
         mids: list[uuid.UUID] = []
         addresses: list[str] = []
@@ -260,9 +275,9 @@ class Outbox:
         purposes: list[str | None] = []
         rules: list[str | None] = []
         policy = self.consent if suppress else None
-        for m in messages:
+        for m, recipients in parts:
             purpose, rule = policy.rule(m.stream) if policy is not None else (None, None)
-            for r in m.recipients:
+            for r in recipients:
                 mids.append(m.id)
                 addresses.append(r.address)
                 domains.append(r.domain)
@@ -316,12 +331,13 @@ class Outbox:
             )
         )
         by_key = {(r["message_id"], r["address"]): r for r in rows}
+        del rows
         out: list[list[EnqueuedRecipient]] = []
         events: list[Event] = []
-        for m in messages:
+        for m, recipients in parts:
             lst = []
             accepted = {"stream": m.stream, "source": m.source}
-            for rcpt in m.recipients:
+            for rcpt in recipients:
                 row = by_key[(m.id, rcpt.address)]
                 lst.append(EnqueuedRecipient(row["id"], row["address"], row["state"]))
                 if row["state"] == "queued":
@@ -450,10 +466,17 @@ class Outbox:
             rows = await conn.fetch(*q("postpone", owner=owner, ids=list(ids), next_attempt_at=next_attempt_at))
         return len(rows)
 
-    async def extend_leases(self, owner: str, lease_seconds: float) -> None:
-        """Renew every lease ``owner`` holds (its heartbeat): rows waiting in a busy worker stay its own."""
+    async def extend_leases(self, owner: str, ids: Collection[int], lease_seconds: float) -> None:
+        """Renew the leases of ``ids`` still held by ``owner`` (its heartbeat): rows waiting in a busy
+        worker stay its own.
+
+        Only the ids the worker knows: a claim whose reply was lost leased rows to this owner
+        that it will never send; renewing "everything the owner holds" would keep them forever.
+        """
+        if not ids:
+            return
         async with acquire(self.pool) as conn:
-            await conn.execute(*q("extend_leases", owner=owner, lease_seconds=lease_seconds))
+            await conn.execute(*q("extend_leases", owner=owner, ids=list(ids), lease_seconds=lease_seconds))
 
     async def reclaim_expired_leases(self, limit: int = 1000) -> int:
         async with acquire(self.pool) as conn:

@@ -251,6 +251,30 @@ async def test_sigterm_style_stop_releases_unstarted(harness, smtp_receiver) -> 
     assert w.inflight >= 0
 
 
+async def test_rows_leased_by_a_lost_claim_reply_run_out_and_are_delivered(harness, smtp_receiver) -> None:
+    # A claim whose COMMIT reached the server but whose reply was lost leases rows to the worker's
+    # name that the worker never learns of. Its heartbeat must renew only the rows it knows, so
+    # these run out and are reclaimed (then sent), while the rows it is busy with keep their lease.
+    rx = smtp_receiver(Behaviour(delay={"data": 0.2}))
+    h = await harness(routes(example_net=rx) + '[queue]\nlease_duration = "1s"\n', delivery="destination_concurrency = 1\n")
+    for i in range(3):
+        await h.submit([f"lost{i}@example.net"])
+    lost = await Outbox(h.pool, h.settings.queue.max_age).claim("w1", 10, 1.0)  # the reply w1 never saw
+    assert len(lost) == 3
+    for i in range(15):
+        await h.submit([f"u{i}@example.net"])
+    h.start_worker("w1")
+    # The busy worker needs ~3 s (three leases) for its own 15 rows; the lost ones must not wait for ever.
+    st = await h.wait(lambda s: all(s[f"lost{i}@example.net"] != "leased" for i in range(3)), timeout=30)
+    assert all(st[f"lost{i}@example.net"] != "leased" for i in range(3)), st
+    st = await h.wait(final, timeout=60)
+    assert set(st.values()) == {"delivered"}, st
+    await asyncio.sleep(0.5)  # a lapsed lease of a held row would be reclaimed and sent twice meanwhile
+    await h.stop()
+    sent = [m.rcpt_tos[0] for m in rx.messages]
+    assert sorted(sent) == sorted(st) and len(sent) == len(set(sent)) == 18
+
+
 async def test_message_status_shows_each_attempt(harness, smtp_receiver, engine_factory) -> None:
     import httpx
 

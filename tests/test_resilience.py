@@ -146,3 +146,92 @@ async def test_housekeeping_prunes_old_counters_and_decisions(engine_factory, co
     assert await conn.fetchval("SELECT count(*) FROM reputation_counters") == 1
     assert [r["campaign"] for r in await conn.fetch("SELECT campaign FROM campaign_counters")] == ["new"]
     assert [r["rule"] for r in await conn.fetch("SELECT rule FROM shaping_decisions")] == ["live"]
+
+
+class _HoldingProxy:
+    """A TCP proxy to Postgres that can hold back the server's close (its FIN) from the client.
+
+    Why: when a backend is terminated while its pooled connection is idle, Postgres sends a FATAL
+    message and closes. A client that reads the message before it sees the close leaves asyncpg's
+    protocol stuck ("cannot switch to state ...; another operation is in progress"). Holding the
+    close makes that window as wide as a test needs.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream  # a unix socket path or host:port
+        self.hold_close = False
+        self.closed_upstream = asyncio.Event()
+        self._release = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.upstream.startswith("/"):
+            return await asyncio.open_unix_connection(self.upstream)
+        host, _, port = self.upstream.rpartition(":")
+        return await asyncio.open_connection(host, int(port))
+
+    async def _serve(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        sreader, swriter = await self._open()
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, from_server: bool) -> None:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+            if from_server:
+                self.closed_upstream.set()
+                if self.hold_close:
+                    await self._release.wait()
+            w.close()
+
+        for t in (pump(creader, swriter, False), pump(sreader, cwriter, True)):
+            task = asyncio.create_task(t)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        self._release.set()
+        for t in list(self._tasks):
+            t.cancel()
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_backend_terminated_while_idle_means_try_later_and_its_connection_is_dropped(
+    db_dsn, settings, conn
+) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    import pytest
+
+    from engine.db.pool import acquire
+    from engine.errors import DatabaseUnavailable
+
+    parts = urlsplit(db_dsn)
+    host = parse_qs(parts.query).get("host", [parts.hostname or "127.0.0.1"])[0]
+    upstream = f"{host}/.s.PGSQL.{parts.port or 5432}" if host.startswith("/") else f"{host}:{parts.port or 5432}"
+    proxy = _HoldingProxy(upstream)
+    port = await proxy.start()
+    pool = await create_pool(f"postgresql://{parts.username or 'postgres'}@127.0.0.1:{port}{parts.path}", settings,
+                             min_size=1, max_size=1)
+    try:
+        async with acquire(pool) as c:
+            pid = await c.fetchval("SELECT pg_backend_pid()")
+        proxy.hold_close = True
+        await conn.execute("SELECT pg_terminate_backend($1, 10000)", pid)  # the server sent FATAL and closed
+        await asyncio.wait_for(proxy.closed_upstream.wait(), 20)
+        await asyncio.sleep(0.2)  # the client has read the FATAL message; it has not seen the close
+        with pytest.raises(DatabaseUnavailable):  # "try later" (503/451), not an internal error (500)
+            async with acquire(pool) as c:
+                await c.fetchval("SELECT 1")
+        proxy.hold_close = False
+        # The broken connection is not handed out again: the next caller gets a fresh one.
+        async with acquire(pool) as c:
+            assert await c.fetchval("SELECT 1") == 1
+    finally:
+        await pool.close()
+        await proxy.close()

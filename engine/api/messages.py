@@ -14,11 +14,11 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from engine.api.deps import HttpContext, context, get_ctx, require_read, require_send
-from engine.api.responses import ApiError, FastJSONResponse
+from engine.api.responses import ApiError
 from engine.apikeys import ApiKey
 from engine.submit.models import AcceptedOut, BatchIn, BatchOut, ErrorOut, MessageIn, MessageStatus
 
@@ -75,11 +75,12 @@ async def submit_message(
     request: Request,
     key: ApiKey = Depends(require_send),
     idempotency_key: str | None = Header(default=None, alias="Idempotency-Key"),
-) -> JSONResponse:
+) -> Response:
     ctx = context(request)
     message, body = await parse_json(request, MessageIn)
     result = await ctx.acceptor.accept_http(key, [message], batch=False, idempotency_key=idempotency_key, request_body=body)
-    return FastJSONResponse(result.body, status_code=result.status, headers=_replay_header(result.replayed))
+    return Response(result.body, status_code=result.status, headers=_replay_header(result.replayed),
+                    media_type="application/json")
 
 
 @router.post(
@@ -94,7 +95,7 @@ async def submit_batch(
     request: Request,
     key: ApiKey = Depends(require_send),
     idempotency_key: str | None = Header(default=None, alias="Idempotency-Key"),
-) -> JSONResponse:
+) -> Response:
     ctx = context(request)
     batch, body = await parse_json(request, BatchIn)
     limit = ctx.settings.http.max_batch
@@ -103,7 +104,8 @@ async def submit_batch(
     result = await ctx.acceptor.accept_http(
         key, batch.messages, batch=True, idempotency_key=idempotency_key, request_body=body
     )
-    return FastJSONResponse(result.body, status_code=result.status, headers=_replay_header(result.replayed))
+    return Response(result.body, status_code=result.status, headers=_replay_header(result.replayed),
+                    media_type="application/json")
 
 
 @router.get("/v1/messages/{message_id}", response_model=MessageStatus, summary="Per-recipient state of a message")

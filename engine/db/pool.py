@@ -38,6 +38,10 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
     asyncpg.InvalidCatalogNameError,  # the database itself is gone (dropped, not yet restored)
+    # The driver's protocol is stuck ("cannot switch to state ...; another operation is in
+    # progress"): it read a dropped backend's FATAL message before it saw the close. That
+    # connection is dead (the pool's reset fails on it and discards it); a retry gets a fresh one.
+    asyncpg.InternalClientError,
 )
 
 

@@ -151,9 +151,11 @@ WHERE id = ANY(:ids::bigint[]) AND state = 'leased' AND lease_owner = :owner
 RETURNING id;
 
 -- name: extend_leases
--- Heartbeat: a live worker keeps every row it still holds; only a dead worker's leases run out.
+-- Heartbeat: a live worker keeps the rows it knows it holds; only a dead worker's leases run out.
+-- By id, not by owner alone: rows whose claim reply was lost are the owner's in the table but
+-- unknown to it, and must run out and be reclaimed rather than be renewed forever.
 UPDATE recipients SET lease_expires_at = now() + make_interval(secs => :lease_seconds)
-WHERE state = 'leased' AND lease_owner = :owner;
+WHERE id = ANY(:ids::bigint[]) AND state = 'leased' AND lease_owner = :owner;
 
 -- name: reclaim_expired_leases
 -- Leases of dead workers run out; their rows become ready again.
@@ -270,11 +272,13 @@ VALUES (:api_key_id, :key, :request_hash, 0, 'null'::jsonb)
 ON CONFLICT DO NOTHING RETURNING key;
 
 -- name: idempotency_get
-SELECT request_hash, status_code, response FROM idempotency_keys
+-- The stored answer as JSON text: a replay sends it as it is, never decoding a large answer.
+SELECT request_hash, status_code, response::text AS response FROM idempotency_keys
 WHERE api_key_id = :api_key_id AND key = :key;
 
 -- name: idempotency_store
-UPDATE idempotency_keys SET status_code = :status_code, response = :response
+-- The answer already serialised (a large batch builds it slice by slice, as JSON text).
+UPDATE idempotency_keys SET status_code = :status_code, response = (:response::text)::jsonb
 WHERE api_key_id = :api_key_id AND key = :key;
 
 -- name: idempotency_expire

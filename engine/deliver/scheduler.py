@@ -154,6 +154,9 @@ class DeliveryWorker:
             settings.pools, {f"spill:{p.name}": p.name for p in settings.pools}, settings.server.hostname
         )
         self._unstarted: list[int] = []
+        self._held: set[int] = set()
+        """Ids of the rows leased to us that we know of (claimed, not yet settled): the heartbeat renews these only."""
+        self.writer.on_written = self._held.difference_update
         self._background: set[asyncio.Task[Any]] = set()
         self.started_at = datetime.now(UTC)
         self.registry = WorkerRegistry(pool)
@@ -290,6 +293,7 @@ class DeliveryWorker:
         if waiting:
             with contextlib.suppress(DatabaseUnavailable):
                 n = await self.outbox.release(self.owner, waiting)
+                self._held.difference_update(waiting)
                 log.info("released_unstarted", count=n)
         await self.smtp.close()
 
@@ -315,6 +319,7 @@ class DeliveryWorker:
                 rows = await self.outbox.claim(
                     self.owner, min(free, cfg.claim_batch), self.settings.queue.lease_duration, skip
                 )
+                self._held.update(r["id"] for r in rows)
                 delay = 0.2
             except DatabaseUnavailable as exc:
                 log.warning("claim_failed", error=str(exc), retry_in=delay)
@@ -338,7 +343,10 @@ class DeliveryWorker:
             self._gc_destinations()
 
     async def _heartbeat(self, finished: asyncio.Event) -> None:
-        """Renew our own leases, then put back rows whose lease ran out (their worker died).
+        """Renew the leases of the rows we know we hold, then put back rows whose lease ran out.
+
+        Rows leased to our name that we never heard of (a claim whose reply was lost) are not
+        renewed: they run out and are reclaimed like a dead worker's.
 
         Its own task, so a slow claim or a full worker never lets our leases lapse; any
         worker does the reclaiming, so there is no single point of failure.
@@ -346,7 +354,7 @@ class DeliveryWorker:
         lease = self.settings.queue.lease_duration
         while not finished.is_set():
             try:
-                await self.outbox.extend_leases(self.owner, lease)
+                await self.outbox.extend_leases(self.owner, list(self._held), lease)
                 n = await self.outbox.reclaim_expired_leases()
                 if n:
                     log.info("leases_reclaimed", count=n)
@@ -555,6 +563,7 @@ class DeliveryWorker:
         ids = [row["id"] for row in job.rows]
         try:
             await self.outbox.postpone(self.owner, ids, when)
+            self._held.difference_update(ids)
         except DatabaseUnavailable:
             self._unstarted.extend(ids)  # released at shutdown, or their lease runs out
         log.info("delivery_postponed", domain=job.domain, message_id=str(job.message_id), reason=reason,

@@ -154,6 +154,8 @@ class OutcomeWriter:
         self._pending = _Pending()
         #: () -> (Shaping, on_decision) | None: set by the scheduler when shaping is on.
         self.automation: Callable[[], tuple[Any, Callable[[Any], None]] | None] | None = None
+        #: Told the recipient ids whose outcome is committed (their rows are no longer leased to us).
+        self.on_written: Callable[[list[int]], None] | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -218,6 +220,8 @@ class OutcomeWriter:
             raise
         self.written += len(p)
         _count(p.decided)
+        if self.on_written is not None:
+            self.on_written([d.attempt.recipient_id for d in p.decided])
 
     async def _write(self, conn: asyncpg.Connection, decided: list[Decided]) -> None:
         """One transaction: outbox rows and their events, attempts, DSNs, suppressions, counters, automation."""
