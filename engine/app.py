@@ -30,6 +30,7 @@ from engine.compose.render import Renderer
 from engine.compose.tracking import Keyring
 from engine.config import Settings
 from engine.consent.policy import ConsentPolicy
+from engine.db import partitions
 from engine.db.embedded import EmbeddedPostgres
 from engine.db.migrate import migrate
 from engine.db.pool import acquire, create_pool, resolve_dsn
@@ -249,7 +250,8 @@ class Engine:
         if self._embedded is not None:  # restarted if its postmaster dies
             self._tasks.append(asyncio.create_task(self._embedded.supervise(self._stopping), name="embedded-postgres"))
         if self.settings.retention.enabled:  # [retention]: old data purged in small batches by each table's owner
-            purge = Retention(svc.pool, self.settings.retention, self._stopping)
+            export = self.settings.export
+            purge = Retention(svc.pool, self.settings.retention, self._stopping, export.destination if export.enabled else None)
             for note in self.settings.retention.caveats(self.settings.tracking):
                 log.info("retention_caveat", note=note)
             self._tasks.append(asyncio.create_task(purge.run(), name="retention"))
@@ -315,7 +317,8 @@ class Engine:
             await asyncio.sleep(0.01)
 
     async def _housekeeping(self, svc: Services) -> None:
-        """Reclaim leases of dead workers, expire idempotency keys, prune rolling counters.
+        """Reclaim leases of dead workers, expire idempotency keys, prune rolling counters, and
+        keep the day partitions of events and attempts a week ahead (at start, then hourly).
 
         Survives DB outages. Counters and decisions only matter over their windows (24 h
         at most), so they are kept for ``RETENTION`` and then dropped, hourly: their tables
@@ -333,6 +336,10 @@ class Engine:
                     await Acceptor.expire_idempotency_keys(conn, self.settings.api.idempotency_ttl)
                     if loop.time() >= next_prune:
                         await automation.prune(conn, RETENTION)
+                        # Day partitions of events and attempts for today and the week ahead.
+                        created = await partitions.ensure(conn)
+                        if created:
+                            log.info("partitions_created", count=created)
                 if loop.time() >= next_prune:
                     await reputation.prune(RETENTION)
                     next_prune = loop.time() + 3600
