@@ -53,8 +53,16 @@ async def ensure(conn: asyncpg.Connection, ahead: int = DAYS_AHEAD) -> int:
     created = 0
     for parent in PARTITIONED:
         for n in range(ahead + 1):
-            created += bool(await conn.fetchval(*q("partition_create", parent=parent, day=today + timedelta(days=n))))
+            created += await create(conn, parent, today + timedelta(days=n))
     return created
+
+
+async def create(conn: asyncpg.Connection, parent: str, day: date) -> bool:
+    """``parent``'s partition of ``day`` (UTC), with the day's rows moved out of the default
+    partition; False when it existed already."""
+    if parent not in PARTITIONED:
+        raise ValueError(f"{parent!r} is not partitioned by day")
+    return bool(await conn.fetchval(*q("partition_create", parent=parent, day=day)))
 
 
 async def partitions(conn: asyncpg.Connection, parent: str | None = None) -> list[Partition]:

@@ -496,7 +496,9 @@ BEGIN
     END IF;
     PERFORM set_config('lock_timeout', '5s', true);
     PERFORM pg_advisory_xact_lock(7020673410420);  -- this key: partition maintenance only
-    IF to_regclass(part) IS NOT NULL THEN           -- another engine made it while we waited
+    -- Another engine may have made it while we waited: asked of pg_class by a query (its own
+    -- snapshot), since taking an advisory lock does not refresh what to_regclass() sees.
+    IF EXISTS (SELECT 1 FROM pg_class WHERE relname = part AND relnamespace = current_schema()::regnamespace) THEN
         RETURN false;
     END IF;
     EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', part, parent);
@@ -524,7 +526,9 @@ BEGIN
     END IF;
     PERFORM set_config('lock_timeout', '5s', true);
     PERFORM pg_advisory_xact_lock(7020673410420);
-    IF NOT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(part) AND inhparent = parent::regclass) THEN
+    IF NOT EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                   WHERE c.relname = part AND c.relnamespace = current_schema()::regnamespace
+                     AND i.inhparent = parent::regclass) THEN
         RETURN false;
     END IF;
     IF parent = 'attempts' THEN  -- as in engine_partition_create: recipients first
