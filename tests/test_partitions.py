@@ -238,3 +238,24 @@ async def test_upgrade_from_0016_keeps_rows_and_ids(pg_cluster) -> None:
         await conn.close()
     finally:
         await _drop(pg_cluster, name)
+
+
+async def test_writer_racing_the_attach_of_its_day_waits_and_lands_in_it(pool) -> None:
+    """A writer that starts while a day's partition is being attached (its rows would have gone to
+    the default partition) waits for the attach and lands in the new partition, instead of failing
+    on the default partition's narrowed constraint."""
+    day = _today() + timedelta(days=20)
+    async with pool.acquire() as maint, pool.acquire() as writer, pool.acquire() as watch:
+        async with maint.transaction():
+            assert await partitions.create(maint, "events", day)
+            pid = await writer.fetchval("SELECT pg_backend_pid()")
+            insert = asyncio.create_task(record_events(writer, [Event("opened", created_at=_noon(day))]))
+            for _ in range(600):
+                if await watch.fetchval("SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted", pid):
+                    break
+                assert not insert.done(), insert.exception()
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the writer never waited for the attach")
+        assert await insert == 1
+        assert set((await _where(watch, "events")).values()) == {f"events_p{day:%Y%m%d}"}

@@ -10,10 +10,10 @@
 
 -- Creates the day partition of `events` or `attempts` holding `day` (UTC), unless it exists;
 -- true when created. Rows of that day already in the default partition move into it first, so
--- they never block the attach. Built as a plain table and attached (ATTACH takes SHARE UPDATE
--- EXCLUSIVE on the parent, so inserts into other partitions go on); serialised across engines
--- by an advisory lock; waits at most 5 s for a lock, so it never queues writers behind a long
--- reader for longer (a failure is retried on the next pass: partitions are created days ahead).
+-- they never block the attach. Built as a plain table and attached while writers of the table
+-- wait (a moment: the new table is empty or holds only the moved rows); serialised across
+-- engines by an advisory lock; waits at most 5 s for a lock, so it never queues writers behind a
+-- long transaction for longer (a failure is retried on the next pass: partitions are made days ahead).
 CREATE FUNCTION engine_partition_create(parent text, day date) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -40,6 +40,9 @@ BEGIN
     IF parent = 'attempts' THEN  -- the attach adds a foreign key: lock recipients first, in the
         LOCK TABLE recipients IN SHARE ROW EXCLUSIVE MODE;  -- order the outbox does (no deadlock)
     END IF;
+    -- Writers wait for the attach, and the attach for writers in flight: an insert routed with
+    -- the partitions it saw before the attach would fail in the default partition's new constraint.
+    EXECUTE format('LOCK TABLE %I IN SHARE MODE', parent);
     EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE', dflt);
     EXECUTE format('WITH moved AS (DELETE FROM %I WHERE %I >= $1 AND %I < $2 RETURNING *) '
                    'INSERT INTO %I SELECT * FROM moved', dflt, pkey, pkey, part) USING lo, hi;
