@@ -336,12 +336,12 @@ class Engine:
                     await Acceptor.expire_idempotency_keys(conn, self.settings.api.idempotency_ttl)
                     if loop.time() >= next_prune:
                         await automation.prune(conn, RETENTION)
-                        # Day partitions of events and attempts for today and the week ahead.
-                        created = await partitions.ensure(conn)
-                        if created:
-                            log.info("partitions_created", count=created)
                 if loop.time() >= next_prune:
                     await reputation.prune(RETENTION)
+                    async with acquire(svc.pool) as conn:  # events and attempts: today's and the week ahead's
+                        created = await partitions.ensure(conn)
+                    if created:
+                        log.info("partitions_created", count=created)
                     next_prune = loop.time() + 3600
             except DatabaseUnavailable as exc:
                 log.warning("housekeeping_database_unavailable", error=str(exc))
