@@ -1,11 +1,14 @@
 """Retention purge: how fast batched deletes go, and what a concurrent writer feels meanwhile.
 
-Run: .venv/bin/python -m benchmarks.bench_retention [--messages N] [--events N] [--pause 200ms]
+Run: .venv/bin/python -m benchmarks.bench_retention [--messages N] [--events N] [--pause 200ms] [--partitions]
 Fills a private Postgres with N messages (two final recipients and one attempt each) and M
 events, all aged 40 days, then runs one :class:`engine.retention.purge.Retention` pass (batches
 of 5,000, the default 200 ms pause between them) while a writer inserts one event every 10 ms
 and times each insert (and, first, for 10 s with no purge running). Then
-reloads the events and deletes them in ONE statement, writer running, for contrast. Prints rows/s,
+reloads the events and deletes them in ONE statement, writer running, for contrast. With
+``--partitions`` the aged rows go into their day's partitions (made before the fill), so the pass
+drops the events and attempts day whole instead of deleting their rows (migration 0017); without,
+they sit in the default partitions, as rows would that no day partition was made for. Prints rows/s,
 the slowest batch and the writer's p50/p99/max insert latency in each case. Not asserted anywhere.
 """
 
@@ -21,6 +24,7 @@ import asyncpg
 
 from benchmarks.harness import postgres
 from engine.config import load_settings
+from engine.db import partitions
 from engine.db.migrate import migrate
 from engine.db.pool import create_pool
 from engine.retention.config import RetentionConfig
@@ -111,10 +115,14 @@ class TimedRetention(Retention):
         return await super()._batches(timed)
 
 
-async def main(messages: int, events: int, pause: str) -> None:
+async def main(messages: int, events: int, pause: str, by_day: bool) -> None:
     with postgres("retention") as dsn:
         conn = await asyncpg.connect(dsn)
         await migrate(conn)
+        if by_day:
+            day = (await conn.fetchval("SELECT ((now() - interval '40 days') AT TIME ZONE 'UTC')::date"))
+            for parent in partitions.PARTITIONED:
+                await partitions.create(conn, parent, day)
         t = time.perf_counter()
         await fill(conn, messages, events)
         print(f"filled {messages:,} messages, {2 * messages:,} recipients and attempts, {events:,} events "
@@ -155,7 +163,7 @@ async def main(messages: int, events: int, pause: str) -> None:
         print(f"  {writer.summary()}")
         await pool.close()
         await conn.close()
-    print(f"command: {COMMAND} --messages {messages} --events {events} --pause {pause}")
+    print(f"command: {COMMAND} --messages {messages} --events {events} --pause {pause}" + (" --partitions" if by_day else ""))
 
 
 if __name__ == "__main__":
@@ -163,5 +171,6 @@ if __name__ == "__main__":
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--events", type=int, default=500_000)
     ap.add_argument("--pause", default="200ms", help="[retention] pause between batches")
+    ap.add_argument("--partitions", action="store_true", help="fill into day partitions: the pass drops them")
     a = ap.parse_args()
-    asyncio.run(main(a.messages, a.events, a.pause))
+    asyncio.run(main(a.messages, a.events, a.pause, a.partitions))

@@ -30,6 +30,7 @@ from engine.compose.render import Renderer
 from engine.compose.tracking import Keyring
 from engine.config import Settings
 from engine.consent.policy import ConsentPolicy
+from engine.db import partitions
 from engine.db.embedded import EmbeddedPostgres
 from engine.db.migrate import migrate
 from engine.db.pool import acquire, create_pool, resolve_dsn
@@ -255,7 +256,8 @@ class Engine:
         if self._embedded is not None:  # restarted if its postmaster dies
             self._tasks.append(asyncio.create_task(self._embedded.supervise(self._stopping), name="embedded-postgres"))
         if self.settings.retention.enabled:  # [retention]: old data purged in small batches by each table's owner
-            purge = Retention(svc.pool, self.settings.retention, self._stopping)
+            export = self.settings.export
+            purge = Retention(svc.pool, self.settings.retention, self._stopping, export.destination if export.enabled else None)
             for note in self.settings.retention.caveats(self.settings.tracking):
                 log.info("retention_caveat", note=note)
             self._tasks.append(asyncio.create_task(purge.run(), name="retention"))
@@ -321,7 +323,8 @@ class Engine:
             await asyncio.sleep(0.01)
 
     async def _housekeeping(self, svc: Services) -> None:
-        """Reclaim leases of dead workers, expire idempotency keys, prune rolling counters.
+        """Reclaim leases of dead workers, expire idempotency keys, prune rolling counters, and
+        keep the day partitions of events and attempts a week ahead (at start, then hourly).
 
         Survives DB outages. Counters and decisions only matter over their windows (24 h
         at most), so they are kept for ``RETENTION`` and then dropped, hourly: their tables
@@ -341,6 +344,10 @@ class Engine:
                         await automation.prune(conn, RETENTION)
                 if loop.time() >= next_prune:
                     await reputation.prune(RETENTION)
+                    async with acquire(svc.pool) as conn:  # events and attempts: today's and the week ahead's
+                        created = await partitions.ensure(conn)
+                    if created:
+                        log.info("partitions_created", count=created)
                     next_prune = loop.time() + 3600
             except DatabaseUnavailable as exc:
                 log.warning("housekeeping_database_unavailable", error=str(exc))

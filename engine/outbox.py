@@ -32,12 +32,13 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
 
+from engine.db import partitions
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.events.store import Event, record_events
@@ -615,6 +616,21 @@ async def prune_recipients(conn: asyncpg.Connection, before: datetime, limit: in
     row = await conn.fetchrow(*q("outbox_prune_recipients", before=before, limit=limit))
     assert row is not None  # aggregates always return their row
     return Pruned(row["recipients"], row["messages"])
+
+
+async def drop_attempt_days(conn: asyncpg.Connection, before: datetime) -> list[date]:
+    """Drop the day partitions of ``attempts`` whose whole day lies before ``before``; the days dropped.
+
+    Attempts go by the time they were made (the ``recipients`` window), a day at a time: the
+    recipient rows themselves still go by the batches of :func:`prune_recipients` (their attempts
+    with them, by cascade), counted from when they became final. An attempt is history once that
+    window has passed, whatever became of its recipient since.
+    """
+    dropped = []
+    for part in partitions.whole_days_before(await partitions.partitions(conn, "attempts"), before):
+        if part.day is not None and await partitions.drop(conn, "attempts", part.day):
+            dropped.append(part.day)
+    return dropped
 
 
 async def due_for_retention(

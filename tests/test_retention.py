@@ -227,6 +227,9 @@ def test_retention_show_and_run_cli(db_dsn, tmp_path) -> None:
     assert {t["table"]: t["bytes"] for t in report["tables"]}["events"] > 0
     table = subprocess.run([*cmd, "retention", "show"], capture_output=True, text=True, env=env, timeout=60)
     assert table.returncode == 0 and "message_bodies   7d" in table.stdout and "recipients" in table.stdout
+    assert [p["table"] for p in report["partitions"]] == ["events", "attempts"]  # day partitions (0017)
+    assert all(p["default_estimated_rows"] is not None for p in report["partitions"])
+    assert "partitioned by day" in table.stdout
     run = subprocess.run([*cmd, "retention", "run", "--json"], capture_output=True, text=True, env=env, timeout=60)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["events"] == 0

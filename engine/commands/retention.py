@@ -52,10 +52,16 @@ def _count(n: int | None) -> str:
     return "-" if n is None else f"{n:,}"
 
 
+def _export(args: argparse.Namespace) -> str | None:
+    """The exporter's destination when [export] is on: the purge keeps events it has not written."""
+    export = args.settings.export
+    return str(export.destination) if export.enabled else None
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     async def go() -> dict[str, Any]:
         async with database(args.settings) as pool:
-            return await Retention(pool, args.settings.retention).show()
+            return await Retention(pool, args.settings.retention, export_destination=_export(args)).show()
 
     report: dict[str, Any] = run_async(go())
     report["caveats"] = args.settings.retention.caveats(args.settings.tracking)
@@ -74,6 +80,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"\n{'table':<20} {'size':>10} {'rows (estimate)':>16}")
     for t in report["tables"]:
         print(f"{t['table']:<20} {size_text(t['bytes']):>10} {_count(t['estimated_rows']):>16}")
+    print(f"\n{'partitioned by day':<20} {'days':>5}  {'oldest':<10}  {'newest':<10} {'size':>10} {'in default':>12}")
+    for p in report["partitions"]:
+        print(f"{p['table']:<20} {p['days']:>5}  {p['oldest_day'] or '-':<10}  {p['newest_day'] or '-':<10} "
+              f"{size_text(p['bytes']):>10} {_count(p['default_estimated_rows']):>12}")
     for note in report["caveats"]:
         print(f"\nnote: {note}")
     return 0
@@ -82,7 +92,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     async def go() -> dict[str, Any]:
         async with database(args.settings) as pool:
-            report = await Retention(pool, args.settings.retention).purge()
+            report = await Retention(pool, args.settings.retention, export_destination=_export(args)).purge()
         return {**report.counts, "skipped": report.skipped}
 
     counts: dict[str, Any] = run_async(go())

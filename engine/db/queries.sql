@@ -1432,15 +1432,21 @@ WHERE state IN ('delivered', 'bounced', 'expired', 'suppressed') AND updated_at 
 -- name: events_prune
 -- Events written before :before, except those a webhook still owes someone: an event an enabled
 -- endpoint has a pending or sending delivery for, and (while any endpoint is enabled) an event the
--- fan-out has not reached yet. Dead letters do not hold their event. With a large backlog of
+-- fan-out has not reached yet, and (export on: :export_destination) an event the exporter has not
+-- passed. Dead letters do not hold their event. With a large backlog of
 -- pending deliveries the planner probes webhook_deliveries_open_event_idx once per candidate.
 WITH cur AS (
     SELECT c.tx, c.event_id FROM webhook_cursor c
     WHERE c.id = 1 AND EXISTS (SELECT 1 FROM webhook_endpoints w WHERE w.enabled)
+), exp AS (
+    SELECT coalesce(s.tx, '0'::xid8) AS tx, coalesce(s.event_id, 0) AS event_id
+    FROM (SELECT 1) AS one LEFT JOIN export_state s ON s.destination = :export_destination::text
+    WHERE :export_destination::text IS NOT NULL
 ), due AS (
     SELECT e.id FROM events e
     WHERE e.created_at < :before
       AND NOT EXISTS (SELECT 1 FROM cur WHERE (e.tx, e.id) > (cur.tx, cur.event_id))
+      AND NOT EXISTS (SELECT 1 FROM exp WHERE (e.tx, e.id) > (exp.tx, exp.event_id))
       AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
                       WHERE d.event_id = e.id AND d.state IN ('pending', 'sending') AND w.enabled)
     ORDER BY e.created_at
@@ -1454,19 +1460,31 @@ RETURNING e.id;
 WITH cur AS (
     SELECT c.tx, c.event_id FROM webhook_cursor c
     WHERE c.id = 1 AND EXISTS (SELECT 1 FROM webhook_endpoints w WHERE w.enabled)
+), exp AS (
+    SELECT coalesce(s.tx, '0'::xid8) AS tx, coalesce(s.event_id, 0) AS event_id
+    FROM (SELECT 1) AS one LEFT JOIN export_state s ON s.destination = :export_destination::text
+    WHERE :export_destination::text IS NOT NULL
 )
 SELECT count(*)::bigint AS n FROM events e
 WHERE e.created_at < :before
   AND NOT EXISTS (SELECT 1 FROM cur WHERE (e.tx, e.id) > (cur.tx, cur.event_id))
+  AND NOT EXISTS (SELECT 1 FROM exp WHERE (e.tx, e.id) > (exp.tx, exp.event_id))
   AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
                   WHERE d.event_id = e.id AND d.state IN ('pending', 'sending') AND w.enabled);
 
 -- name: retention_sizes
--- On-disk size (table, indexes and TOAST) and the planner's row estimate of each table; a table
--- that does not exist (yet) gives NULLs.
-SELECT t.name, pg_total_relation_size(to_regclass(t.name))::bigint AS bytes,
-       (SELECT greatest(c.reltuples, 0)::bigint FROM pg_class c WHERE c.oid = to_regclass(t.name)) AS estimated_rows
+-- On-disk size (table, indexes and TOAST) and the planner's row estimate of each table, summed
+-- over its partitions when it has some (events, attempts); a table that does not exist (yet) gives NULLs.
+SELECT t.name,
+       (CASE WHEN c.relkind = 'p'
+             THEN (SELECT sum(pg_total_relation_size(pt.relid)) FROM pg_partition_tree(c.oid) pt WHERE pt.isleaf)
+             ELSE pg_total_relation_size(c.oid) END)::bigint AS bytes,
+       (CASE WHEN c.relkind = 'p'
+             THEN (SELECT sum(greatest(l.reltuples, 0)) FROM pg_partition_tree(c.oid) pt
+                   JOIN pg_class l ON l.oid = pt.relid WHERE pt.isleaf)
+             ELSE greatest(c.reltuples, 0) END)::bigint AS estimated_rows
 FROM unnest(:tables::text[]) WITH ORDINALITY AS t(name, i)
+LEFT JOIN pg_class c ON c.oid = to_regclass(t.name)
 ORDER BY t.i;
 
 -- ==== dashboard (reads only; engine.dashboard.data) ====
@@ -1503,3 +1521,50 @@ SELECT state, stream, domain, greatest(1, round(count(*) * 100.0 / :percent::rea
        true AS estimate
 FROM recipients TABLESAMPLE SYSTEM (:percent::real)
 GROUP BY state, stream, domain ORDER BY state, stream, domain;
+
+-- ==== partitions by day: events and attempts (issue 12, migration 0017) ====
+
+-- name: partition_create
+-- The day partition of :parent holding :day (UTC), unless it exists; true when it was new.
+-- engine_partition_create (migration 0017) moves the day's rows out of the default partition
+-- first, and serialises engines doing this at once. One call per statement (so per transaction):
+-- holding one table's locks while waiting for another's would deadlock with the outbox.
+SELECT engine_partition_create(:parent, :day::date) AS created;
+
+-- name: partitions_list
+-- Every partition of :parents with its day (NULL: the default partition), size and row estimate.
+SELECT p.relname::text AS parent, c.relname::text AS name,
+       CASE WHEN c.relname ~ '_p[0-9]{8}$' THEN to_date(right(c.relname, 8), 'YYYYMMDD') END AS day,
+       pg_total_relation_size(c.oid)::bigint AS bytes, greatest(c.reltuples, 0)::bigint AS estimated_rows
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent
+WHERE p.oid = ANY(ARRAY(SELECT to_regclass(t)::oid FROM unnest(:parents::text[]) AS t))
+ORDER BY 1, 3 NULLS FIRST;
+
+-- name: partition_drop
+-- Detach and drop the day partition of :parent holding :day (false: there is none).
+SELECT engine_partition_drop(:parent, :day::date) AS dropped;
+
+-- name: events_day_held
+-- Whether someone still waits for an event of :day (UTC): the same conditions as events_prune, for
+-- a whole day at once. The fan-out has not passed one of them (while any endpoint is enabled), an
+-- enabled endpoint has a pending or sending delivery for one (a delivery carries its event's
+-- time), or the exporter of :export_destination (NULL: export off) has not passed one.
+WITH bounds AS (
+    SELECT :day::date::timestamp AT TIME ZONE 'UTC' AS lo, (:day::date + 1)::timestamp AT TIME ZONE 'UTC' AS hi
+), cur AS (
+    SELECT c.tx, c.event_id FROM webhook_cursor c
+    WHERE c.id = 1 AND EXISTS (SELECT 1 FROM webhook_endpoints w WHERE w.enabled)
+), exp AS (
+    SELECT coalesce(s.tx, '0'::xid8) AS tx, coalesce(s.event_id, 0) AS event_id
+    FROM (SELECT 1) AS one LEFT JOIN export_state s ON s.destination = :export_destination::text
+    WHERE :export_destination::text IS NOT NULL
+)
+SELECT EXISTS (SELECT 1 FROM events e
+               WHERE e.created_at >= (SELECT lo FROM bounds) AND e.created_at < (SELECT hi FROM bounds)
+                 AND (e.tx, e.id) > ((SELECT tx FROM cur), (SELECT event_id FROM cur)))
+    OR EXISTS (SELECT 1 FROM events e
+               WHERE e.created_at >= (SELECT lo FROM bounds) AND e.created_at < (SELECT hi FROM bounds)
+                 AND (e.tx, e.id) > ((SELECT tx FROM exp), (SELECT event_id FROM exp)))
+    OR EXISTS (SELECT 1 FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
+               WHERE d.state IN ('pending', 'sending') AND w.enabled
+                 AND d.event_at >= (SELECT lo FROM bounds) AND d.event_at < (SELECT hi FROM bounds)) AS held;

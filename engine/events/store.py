@@ -19,11 +19,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import asyncpg
 
+from engine.db import partitions
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.errors import EngineError
@@ -191,16 +192,38 @@ async def erase_events(
     return [r["id"] for r in rows]
 
 
-async def prune_events(conn: asyncpg.Connection, before: datetime, limit: int) -> int:
+async def prune_events(
+    conn: asyncpg.Connection, before: datetime, limit: int, export_destination: str | None = None
+) -> int:
     """Delete up to ``limit`` events written before ``before`` that no webhook endpoint still waits for.
 
     Kept regardless of age: events an enabled endpoint has a pending or sending delivery for, and
-    (while any endpoint is enabled) events the fan-out has not reached. A dead letter does not keep
+    (while any endpoint is enabled) events the fan-out has not reached, and (when the exporter
+    runs, to ``export_destination``) events it has not written yet. A dead letter does not keep
     its event: replaying it after the event is gone ends it as "the event no longer exists".
     """
-    return len(await conn.fetch(*q("events_prune", before=before, limit=limit)))
+    args = q("events_prune", before=before, limit=limit, export_destination=export_destination)
+    return len(await conn.fetch(*args))
 
 
-async def events_due(conn: asyncpg.Connection, before: datetime) -> int:
+async def events_due(conn: asyncpg.Connection, before: datetime, export_destination: str | None = None) -> int:
     """How many events :func:`prune_events` would take now."""
-    return int(await conn.fetchval(*q("events_due", before=before)))
+    return int(await conn.fetchval(*q("events_due", before=before, export_destination=export_destination)))
+
+
+async def drop_event_days(
+    conn: asyncpg.Connection, before: datetime, export_destination: str | None = None
+) -> list[date]:
+    """Drop the day partitions of ``events`` whose whole day lies before ``before`` and whose
+    events nobody waits for any more (the conditions of :func:`prune_events`, for the whole day);
+    returns the days dropped. A day still owed to an endpoint or the exporter stays whole until a
+    later pass (its events go by :func:`prune_events` meanwhile, one by one, as they are released).
+    """
+    dropped = []
+    for part in partitions.whole_days_before(await partitions.partitions(conn, "events"), before):
+        if part.day is None:
+            continue
+        held = await conn.fetchval(*q("events_day_held", day=part.day, export_destination=export_destination))
+        if not held and await partitions.drop(conn, "events", part.day):
+            dropped.append(part.day)
+    return dropped

@@ -15,11 +15,11 @@ audit log's owner deletes its entries (``engine.audit.prune``, looked up at run 
 :data:`AUDIT_OWNER`). Delivered webhook rows are pruned by the dispatcher itself
 (``[webhooks] keep_delivered``).
 
-Why not partitions (yet): see the README's "Retention" section. Dropping a day's partition is
-cheaper than deleting its rows, but ``events`` is written in the same transaction as every
-state change of the outbox, so a missing partition would stop delivery; the conversion of a
-large table would lock it for the length of a copy at upgrade; and the webhook cursor pages
-``events`` by ``(tx, id)``, which no partition key prunes.
+Day partitions (migration 0017, :mod:`engine.db.partitions`): ``events`` and ``attempts`` are
+partitioned by UTC day, so a pass first drops each whole day older than the window (attempts: the
+``recipients`` window; events: only a day no webhook endpoint, fan-out or exporter still waits for),
+a catalog change instead of a million deletes. The batches then take what no drop could: the
+default partition, the day the cut-off falls in, and events released one by one.
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ from typing import Any
 import asyncpg
 import structlog
 
+from engine.db import partitions
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.errors import DatabaseUnavailable
-from engine.events.store import events_due, prune_events
-from engine.outbox import due_for_retention, prune_bodies, prune_recipients
+from engine.events.store import drop_event_days, events_due, prune_events
+from engine.outbox import drop_attempt_days, due_for_retention, prune_bodies, prune_recipients
 from engine.retention.config import RetentionConfig
 
 log = structlog.get_logger(__name__)
@@ -78,7 +79,10 @@ class Policy:
 class PassReport:
     """What one pass removed, per kind (``recipients`` also counts the messages deleted with them)."""
 
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys((*KINDS, "messages"), 0))
+    counts: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys((*KINDS, "messages", "attempt_days", "event_days"), 0)
+    )
+    """``attempt_days`` / ``event_days``: day partitions dropped whole (their rows are not counted)."""
     skipped: list[str] = field(default_factory=list)
     """Kinds not purged, with why (e.g. the audit log's owner is not in this build)."""
 
@@ -100,10 +104,15 @@ def _audit_owner() -> ModuleType | None:
 class Retention:
     """Runs purge passes over a pool: :meth:`run` in the background, :meth:`purge` once, :meth:`show`."""
 
-    def __init__(self, pool: asyncpg.Pool, config: RetentionConfig, stopping: asyncio.Event | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, config: RetentionConfig, stopping: asyncio.Event | None = None,
+        export_destination: str | None = None,
+    ) -> None:
         self.pool = pool
         self.config = config
         self.stopping = stopping or asyncio.Event()
+        self.export_destination = export_destination
+        """The exporter's destination when ``[export]`` is on: events it has not written are kept."""
 
     async def run(self) -> None:
         """Purge every ``interval`` until stopped; survives database outages and its own bugs."""
@@ -127,10 +136,15 @@ class Retention:
             report.counts["message_bodies"] = await self._batches(lambda c: prune_bodies(c, bodies, self.config.batch_size))
         recipients = policy.before("recipients")
         if recipients is not None:
+            async with acquire(self.pool) as conn:
+                report.counts["attempt_days"] = len(await drop_attempt_days(conn, recipients))
             report.counts["recipients"], report.counts["messages"] = await self._recipient_batches(recipients)
         events = policy.before("events")
         if events is not None:
-            report.counts["events"] = await self._batches(lambda c: prune_events(c, events, self.config.batch_size))
+            dest = self.export_destination
+            async with acquire(self.pool) as conn:
+                report.counts["event_days"] = len(await drop_event_days(conn, events, dest))
+            report.counts["events"] = await self._batches(lambda c: prune_events(c, events, self.config.batch_size, dest))
         audit = policy.before("audit")
         if audit is not None:
             owner = _audit_owner()
@@ -196,8 +210,9 @@ class Retention:
                 conn, policy.before("message_bodies"), policy.before("recipients")
             )
             events = policy.before("events")
-            due["events"] = None if events is None else await events_due(conn, events)
+            due["events"] = None if events is None else await events_due(conn, events, self.export_destination)
             due["audit"] = await self._audit_due(conn, policy.before("audit"))
+            parts = await partitions.partitions(conn)
         return {
             "now": policy.now.isoformat(),
             "enabled": self.config.enabled,
@@ -208,6 +223,7 @@ class Retention:
                 {"table": r["name"], "bytes": r["bytes"], "estimated_rows": r["estimated_rows"]} for r in sizes
             ],
             "due": due,
+            "partitions": [_partition_summary(t, [p for p in parts if p.parent == t]) for t in partitions.PARTITIONED],
         }
 
     async def _audit_due(self, conn: asyncpg.Connection, before: datetime | None) -> int | None:
@@ -216,6 +232,21 @@ class Retention:
             return None
         n = await count(conn, before)
         return int(n) if isinstance(n, int) else None
+
+
+def _partition_summary(table: str, parts: list[partitions.Partition]) -> dict[str, Any]:
+    """One table's day partitions: how many, which days, how big; and what fell into its default partition."""
+    days = [p for p in parts if p.day is not None]
+    default = next((p for p in parts if p.day is None), None)
+    return {
+        "table": table,
+        "days": len(days),
+        "oldest_day": days[0].day.isoformat() if days and days[0].day else None,
+        "newest_day": days[-1].day.isoformat() if days and days[-1].day else None,
+        "bytes": sum(p.bytes for p in parts),
+        "default_bytes": default.bytes if default else None,
+        "default_estimated_rows": default.estimated_rows if default else None,
+    }
 
 
 def _iso(when: datetime | None) -> str | None:
