@@ -37,6 +37,7 @@ from pydantic import ValidationError
 
 from engine.compose.tracking import Keyring, TokenKind
 from engine.config import load_settings
+from engine.consent.imports import BATCH
 from engine.consent.models import ConsentIn, ConsentRecord, fast_record
 from engine.deliver.scheduler import DeliveryWorker
 from engine.errors import ConfigError, ValidationFailed
@@ -973,3 +974,63 @@ async def test_cli_import_export_show_erase(db_dsn, tmp_path: Path, pool) -> Non
     assert await pool.fetchval("SELECT count(*) FROM do_not_mail") == 1
     out = engine_cli(db_dsn, tmp_path, "consent", "import", str(tmp_path / "missing.ndjson"))
     assert out.returncode == 1 and b"missing.ndjson" in out.stderr
+
+
+# ------------------------------------------------------------------ set-based import across batches
+
+
+@pytest.mark.timeout(600)
+async def test_import_across_a_batch_boundary_judges_every_line_once(crm_factory, smtp_receiver) -> None:
+    """A file longer than one batch: duplicates inside a batch and across the boundary, a mix of
+    new, changed, unchanged and stale lines, each change with one history row and one event whose
+    payload says old -> new; the same file again writes nothing."""
+    crm = await crm_factory(config(smtp_receiver()))
+    n = BATCH + 50
+    t0, t1, t2 = "2026-01-01T10:00:00Z", "2026-02-01T10:00:00.250000Z", "2026-03-01T10:00:00Z"
+    lines = [{**GRANT, "address": f"b{i}@example.net", "captured_at": t1, "contact_id": f"c-{i}"} for i in range(n)]
+    # The same address twice in the first batch (the earlier line is later by captured_at: it wins) ...
+    lines[10] = {**GRANT, "address": "dup@example.net", "captured_at": t2}
+    lines[20] = {**GRANT, "address": "dup@example.net", "status": "revoked", "captured_at": t1}
+    # ... and on both sides of the boundary (the later batch's line is older: it is stale).
+    lines[BATCH - 1] = {**GRANT, "address": "edge@example.net", "status": "revoked", "captured_at": t2}
+    lines[BATCH] = {**GRANT, "address": "edge@example.net", "captured_at": t1}
+    first = await crm.import_(ndjson(lines))
+    assert (first["lines"], first["new"], first["changed"], first["unchanged"], first["stale"], first["invalid"]) == (
+        n, n - 2, 0, 0, 2, 0), first
+
+    async def counts() -> tuple[int, int]:
+        h = await crm.pool.fetchval("SELECT count(*) FROM consent_history")
+        e = await crm.pool.fetchval("SELECT count(*) FROM events WHERE type = 'consent_changed'")
+        return int(h), int(e)
+
+    assert await counts() == (n - 2, n - 2)
+    assert (await crm.contact("dup@example.net"))["consent"]["marketing"]["status"] == "granted"
+    assert (await crm.contact("edge@example.net"))["consent"]["marketing"]["status"] == "revoked"
+
+    # The same file again: every line unchanged (or stale against itself), nothing written.
+    again = await crm.import_(ndjson(lines), gz=True)
+    assert (again["new"], again["changed"], again["unchanged"], again["stale"]) == (0, 0, n - 2, 2), again
+    assert await counts() == (n - 2, n - 2)
+
+    # A mix in one file: revocations on both sides of the boundary, stale and unchanged lines around them.
+    mix = [dict(line) for line in lines]
+    for i in (5, BATCH + 5):
+        mix[i] = {**lines[i], "status": "revoked", "captured_at": t2}
+    mix[6] = {**lines[6], "status": "revoked", "captured_at": t0}
+    out = await crm.import_(ndjson(mix))
+    assert (out["new"], out["changed"], out["unchanged"], out["stale"]) == (0, 2, n - 5, 3), out
+    assert await counts() == (n, n)
+    rows = await crm.pool.fetch(
+        "SELECT data FROM events WHERE type = 'consent_changed' AND data->>'address' = ANY($1::text[]) ORDER BY id",
+        [f"b{i}@example.net" for i in (5, 6, BATCH + 5)])
+    datas = [r["data"] if isinstance(r["data"], dict) else orjson.loads(r["data"]) for r in rows]
+    assert [(d["address"], d["old_status"], d["status"]) for d in datas] == [
+        ("b5@example.net", None, "granted"), ("b6@example.net", None, "granted"),
+        (f"b{BATCH + 5}@example.net", None, "granted"), ("b5@example.net", "granted", "revoked"),
+        (f"b{BATCH + 5}@example.net", "granted", "revoked")], datas
+    first_five = datas[0]
+    assert first_five["v"] == 1 and first_five["contact_id"] == "c-5" and first_five["actor"].startswith("import:")
+    assert datetime.fromisoformat(first_five["captured_at"]) == datetime.fromisoformat(t1.replace("Z", "+00:00"))
+    assert datetime.fromisoformat(datas[3]["captured_at"]) == datetime.fromisoformat(t2.replace("Z", "+00:00"))
+    history = (await crm.contact(f"b{BATCH + 5}@example.net"))["history"]
+    assert [(h["old_status"], h["status"]) for h in history] == [("granted", "revoked"), (None, "granted")]

@@ -10,6 +10,7 @@ real record overrides them.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -54,9 +55,14 @@ class Evidence(BaseModel):
         return _printable(v, "user_agent")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConsentRecord:
-    """A validated consent record as the store applies it: :meth:`ConsentIn.record`, or :func:`fast_record`."""
+    """A validated consent record as the store applies it: :meth:`ConsentIn.record`, or :func:`fast_record`.
+
+    Not frozen: a frozen dataclass sets each of its 13 fields through ``object.__setattr__``,
+    which made building one cost more than validating the line it comes from (a bulk import
+    builds one per line). Nothing mutates a record after it is built.
+    """
 
     address: str
     purpose: str
@@ -142,6 +148,7 @@ _BASES = frozenset(LEGAL_BASES)
 _TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}:\d{2})\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BAD = object()
+_SKEW_SECONDS = CLOCK_SKEW.total_seconds()
 
 
 def _text(v: Any, low: int, high: int) -> bool:
@@ -188,7 +195,7 @@ def fast_record(doc: Mapping[str, Any], purposes: Container[str]) -> ConsentReco
     effective_until = _time(doc.get("effective_until"))
     if captured_at is None or _BAD in (captured_at, double_opt_in_at, effective_from, effective_until):
         return None
-    if captured_at > datetime.now(UTC) + CLOCK_SKEW:
+    if captured_at.timestamp() > time.time() + _SKEW_SECONDS:  # floats: an aware datetime.now() was 13% of an import
         return None
     if effective_from and effective_until and effective_until <= effective_from:
         return None

@@ -335,13 +335,6 @@ SELECT u.type, u.recipient_id, u.message_id, u.data, coalesce(u.created_at, now(
 FROM unnest(:types::text[], :recipient_ids::bigint[], :message_ids::uuid[], :datas::jsonb[],
             :created_ats::timestamptz[]) AS u(type, recipient_id, message_id, data, created_at);
 
--- name: events_insert_payloads
--- Events of one type tied to no recipient or message, their payloads one JSON array, in its order.
-INSERT INTO events (type, data)
-SELECT :type::text, jsonb_build_object('v', :version::int) || x.d::jsonb
-FROM json_array_elements(:datas::json) WITH ORDINALITY AS x(d, n)
-ORDER BY x.n;
-
 -- name: event_insert_for_recipient
 -- One event for a recipient row, its message id looked up in the same statement; nothing is
 -- written when the row no longer exists (a purged message's late open).
@@ -1568,3 +1561,105 @@ SELECT EXISTS (SELECT 1 FROM events e
     OR EXISTS (SELECT 1 FROM webhook_deliveries d JOIN webhook_endpoints w ON w.id = d.endpoint_id
                WHERE d.state IN ('pending', 'sending') AND w.enabled
                  AND d.event_at >= (SELECT lo FROM bounds) AND d.event_at < (SELECT hi FROM bounds)) AS held;
+
+-- ==== consent import throughput (issue 11) ====
+
+-- name: consent_stage_create
+-- The per-session staging table a batch of consent changes is COPYed into (binary COPY: the
+-- cheapest way in for Postgres, no JSON to parse; evidence, rare, comes as JSON text). Temporary (no WAL, local buffers) and emptied
+-- by every commit, so a pooled connection carries no rows from one batch to the next.
+CREATE TEMP TABLE IF NOT EXISTS consent_stage (
+    idx int NOT NULL, address text NOT NULL, purpose text NOT NULL, status text NOT NULL, legal_basis text,
+    source text NOT NULL, captured_at timestamptz NOT NULL, policy_version text, double_opt_in_at timestamptz,
+    evidence text, effective_from timestamptz, effective_until timestamptz, contact_id text,
+    legacy boolean NOT NULL
+) ON COMMIT DELETE ROWS;
+
+-- name: consent_apply_staged
+-- The staged batch (one change per address and purpose, see consent_stage_create) against the
+-- current rows. First a plain read sorts out what is unchanged or stale, which costs no lock and
+-- no write (a nightly re-sync of the same file is mostly that); only the rest is locked, in key
+-- order, and judged again on the locked row (a concurrent writer may have got there first). New
+-- and changed ones update the current row and append to the history. Answers the outcomes in
+-- idx order and the ids of the history rows written (the events are made from them).
+WITH s AS (
+    SELECT idx, address, purpose, status, legal_basis, source, captured_at, policy_version, double_opt_in_at,
+           evidence::jsonb AS evidence, effective_from, effective_until, contact_id, legacy
+    FROM consent_stage
+), pre AS (
+    SELECT s.*,
+           CASE WHEN c.address IS NULL THEN 'new'
+                WHEN s.captured_at < c.captured_at THEN 'stale'
+                WHEN (s.status, s.legal_basis, s.source, s.captured_at, s.policy_version, s.double_opt_in_at,
+                      s.evidence, s.effective_from, s.effective_until, s.contact_id, s.legacy)
+                     IS NOT DISTINCT FROM
+                     (c.status, c.legal_basis, c.source, c.captured_at, c.policy_version,
+                      c.double_opt_in_at, c.evidence, c.effective_from, c.effective_until,
+                      c.contact_id, c.legacy) THEN 'unchanged'
+                ELSE 'changed' END AS seen
+    -- One primary-key probe per staged change (LIMIT 1 keeps it a probe): a hash join would read
+    -- the whole consent table for every batch, and the staging table has no statistics.
+    FROM s LEFT JOIN LATERAL (
+        SELECT * FROM consent c WHERE c.address = s.address AND c.purpose = s.purpose LIMIT 1
+    ) c ON true
+), cur AS (
+    SELECT c.* FROM pre JOIN consent c ON c.address = pre.address AND c.purpose = pre.purpose
+    WHERE pre.seen = 'changed'
+    ORDER BY c.address, c.purpose
+    FOR UPDATE OF c
+), ch AS (
+    SELECT p.*, cur.status AS old_status,
+           CASE WHEN p.seen <> 'changed' THEN p.seen
+                WHEN cur.address IS NULL THEN 'new'
+                WHEN p.captured_at < cur.captured_at THEN 'stale'
+                WHEN (p.status, p.legal_basis, p.source, p.captured_at, p.policy_version, p.double_opt_in_at,
+                      p.evidence, p.effective_from, p.effective_until, p.contact_id, p.legacy)
+                     IS NOT DISTINCT FROM
+                     (cur.status, cur.legal_basis, cur.source, cur.captured_at, cur.policy_version,
+                      cur.double_opt_in_at, cur.evidence, cur.effective_from, cur.effective_until,
+                      cur.contact_id, cur.legacy) THEN 'unchanged'
+                ELSE 'changed' END AS outcome
+    FROM pre p LEFT JOIN cur ON p.seen = 'changed' AND cur.address = p.address AND cur.purpose = p.purpose
+), up AS (
+    INSERT INTO consent AS c (address, purpose, status, legal_basis, source, captured_at, policy_version,
+                              double_opt_in_at, evidence, effective_from, effective_until, contact_id, legacy)
+    SELECT address, purpose, status, legal_basis, source, captured_at, policy_version, double_opt_in_at,
+           evidence, effective_from, effective_until, contact_id, legacy
+    FROM ch WHERE outcome IN ('new', 'changed')
+    ORDER BY address, purpose
+    ON CONFLICT (address, purpose) DO UPDATE SET
+        status = excluded.status, legal_basis = excluded.legal_basis, source = excluded.source,
+        captured_at = excluded.captured_at, policy_version = excluded.policy_version,
+        double_opt_in_at = excluded.double_opt_in_at, evidence = excluded.evidence,
+        effective_from = excluded.effective_from, effective_until = excluded.effective_until,
+        contact_id = excluded.contact_id, legacy = excluded.legacy, updated_at = now()
+    WHERE c.captured_at <= excluded.captured_at
+    RETURNING c.address
+), hist AS (
+    INSERT INTO consent_history (address, purpose, old_status, status, legal_basis, source, captured_at,
+                                 policy_version, double_opt_in_at, evidence, effective_from, effective_until,
+                                 contact_id, legacy, actor)
+    SELECT address, purpose, CASE WHEN outcome = 'changed' THEN old_status END, status, legal_basis, source,
+           captured_at, policy_version, double_opt_in_at, evidence, effective_from, effective_until, contact_id,
+           legacy, :actor
+    FROM ch WHERE outcome IN ('new', 'changed')
+    ORDER BY idx
+    RETURNING id
+)
+SELECT (SELECT array_agg(outcome ORDER BY idx) FROM ch) AS outcomes,
+       (SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM hist) AS history_ids;
+
+-- name: events_insert_consent_history
+-- One consent_changed event per consent_history row (the changes a batch just recorded), built
+-- here rather than in Python: a bulk import writes thousands per batch. Times are RFC 3339 in UTC,
+-- as the engine writes them elsewhere (microseconds only when there are some).
+INSERT INTO events (type, data)
+SELECT 'consent_changed', jsonb_build_object(
+           'v', :version::int, 'address', h.address, 'purpose', h.purpose, 'old_status', h.old_status,
+           'status', h.status, 'legal_basis', h.legal_basis, 'source', h.source,
+           'captured_at', to_char(h.captured_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS')
+                          || CASE WHEN extract(microseconds FROM h.captured_at)::bigint % 1000000 <> 0
+                                  THEN to_char(h.captured_at AT TIME ZONE 'UTC', '.US') ELSE '' END || '+00:00',
+           'policy_version', h.policy_version, 'contact_id', h.contact_id, 'legacy', h.legacy, 'actor', h.actor)
+FROM consent_history h WHERE h.id = ANY(:ids::bigint[])
+ORDER BY h.id;
