@@ -330,16 +330,19 @@ WHERE name = :name AND version = :version;
 
 -- name: events_insert
 -- Batched event log writes (one statement per batch); data is a versioned payload {"v": 1, ...}.
+-- An event's time is when its row is written (clock_timestamp), not when its transaction began:
+-- a 1,000-message accept transaction would otherwise date its events from before its own work,
+-- and every lag measured from them (webhooks, exports) would count the transaction's length.
 INSERT INTO events (type, recipient_id, message_id, data, created_at)
-SELECT u.type, u.recipient_id, u.message_id, u.data, coalesce(u.created_at, now())
+SELECT u.type, u.recipient_id, u.message_id, u.data, coalesce(u.created_at, clock_timestamp())
 FROM unnest(:types::text[], :recipient_ids::bigint[], :message_ids::uuid[], :datas::jsonb[],
             :created_ats::timestamptz[]) AS u(type, recipient_id, message_id, data, created_at);
 
 -- name: event_insert_for_recipient
 -- One event for a recipient row, its message id looked up in the same statement; nothing is
 -- written when the row no longer exists (a purged message's late open).
-INSERT INTO events (type, recipient_id, message_id, data)
-SELECT :type::text, r.id, r.message_id, :data::jsonb FROM recipients r WHERE r.id = :recipient_id
+INSERT INTO events (type, recipient_id, message_id, data, created_at)
+SELECT :type::text, r.id, r.message_id, :data::jsonb, clock_timestamp() FROM recipients r WHERE r.id = :recipient_id
 RETURNING id;
 
 -- name: event_exists_for_recipient

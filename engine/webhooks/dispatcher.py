@@ -44,6 +44,7 @@ from engine.db.pool import acquire
 from engine.errors import DatabaseUnavailable
 from engine.events.public import event_id
 from engine.events.store import public_events_by_id
+from engine.outbox import NOTIFY_CHANNEL
 from engine.webhooks import signing
 from engine.webhooks.deliveries import LANES, WAKE_CHANNEL, Claimed, Deliveries, Result
 from engine.webhooks.endpoints import Endpoint, Endpoints, SigningKeys
@@ -312,6 +313,7 @@ class Dispatcher:
         self.poll_interval = settings.webhooks.poll_interval
         self.stopping = asyncio.Event()
         self._refresh = asyncio.Event()
+        self._news = asyncio.Event()  # mail was enqueued (NOTIFY engine_outbox): new events to fan out
         self._workers: dict[tuple[uuid.UUID, str], LaneWorker] = {}
         self._side: set[asyncio.Task[Any]] = set()
 
@@ -372,12 +374,16 @@ class Dispatcher:
                 log.warning("webhooks_database_unavailable", error=str(exc))
             except Exception:
                 log.exception("webhooks_fanout_failed")
-            if not full:
+            if not full and not self.stopping.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), timeout=self.poll_interval)
+                    await asyncio.wait_for(self._news.wait(), timeout=self.poll_interval)
+            self._news.clear()
 
     async def _listen_loop(self) -> None:
-        """LISTEN for wake-ups from other processes (an API call or a CLI replay); polling covers any gap.
+        """LISTEN for wake-ups from other processes; polling covers any gap.
+
+        ``engine_webhooks``: an API call or a CLI replay changed endpoints or due deliveries.
+        ``engine_outbox``: an accept committed, so its ``email.accepted`` events can be fanned out now.
 
         Holds one connection of the pool while listening, and takes a new one after a drop.
         """
@@ -385,6 +391,7 @@ class Dispatcher:
             try:
                 async with acquire(self.pool) as conn:
                     await conn.add_listener(WAKE_CHANNEL, self._notified)
+                    await conn.add_listener(NOTIFY_CHANNEL, self._enqueued)
                     try:
                         while not (self.stopping.is_set() or conn.is_closed()):
                             with contextlib.suppress(asyncio.TimeoutError):
@@ -393,6 +400,7 @@ class Dispatcher:
                         if not conn.is_closed():
                             with contextlib.suppress(Exception):
                                 await conn.remove_listener(WAKE_CHANNEL, self._notified)
+                                await conn.remove_listener(NOTIFY_CHANNEL, self._enqueued)
             except (DatabaseUnavailable, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("webhooks_listen_failed", error=str(exc))
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -400,6 +408,10 @@ class Dispatcher:
 
     def _notified(self, *_: Any) -> None:
         self.wake()
+
+    def _enqueued(self, *_: Any) -> None:
+        """An accept committed (the outbox's NOTIFY arrives at commit): its events are visible now."""
+        self._news.set()
 
     async def _endpoints_loop(self) -> None:
         while not self.stopping.is_set():
