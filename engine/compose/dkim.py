@@ -33,8 +33,6 @@ from typing import Any, Literal, Protocol, cast
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
-from dkim import MessageFormatError, rfc822_parse
-from dkim.canonicalization import correct_empty_body, strip_trailing_lines
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.errors import EngineError
@@ -384,6 +382,8 @@ def relaxed_body(body: bytes) -> bytes:
     """Body in relaxed form (RFC 6376 3.4.4), equal to dkimpy's ``Relaxed.canonicalize_body``
     (a test holds them equal) at a third of the cost: squeeze only the runs that change,
     after which trailing white space is at most one space before CRLF."""
+    from dkim.canonicalization import correct_empty_body, strip_trailing_lines  # dkimpy loads dnspython: not at import
+
     if b"\t" in body or b"  " in body:
         body = _WSP_RUN.sub(b" ", body)
     canonical: bytes = correct_empty_body(strip_trailing_lines(body.replace(b" \r\n", b"\r\n")))
@@ -398,6 +398,8 @@ def _crlf(message: bytes) -> bytes:
 def _split(message: bytes) -> tuple[list[list[bytes]], bytes]:
     """Header fields (via dkimpy, so verifiers agree on them) and the body, without splitting
     the body into lines: only the header block goes through the line parser."""
+    from dkim import MessageFormatError, rfc822_parse  # dkimpy loads dnspython: not at import (engine.config uses us)
+
     if message.startswith(b"\r\n"):
         head, body = b"", message[2:]
     else:

@@ -48,7 +48,8 @@ from engine.outbox import NOTIFY_CHANNEL
 from engine.webhooks import signing
 from engine.webhooks.deliveries import LANES, WAKE_CHANNEL, Claimed, Deliveries, Result
 from engine.webhooks.endpoints import Endpoint, Endpoints, SigningKeys
-from engine.webhooks.safety import literal_refused, resolver
+from engine.webhooks.resolver import resolver
+from engine.webhooks.safety import literal_refused
 
 log = structlog.get_logger(__name__)
 

@@ -4,21 +4,16 @@ An endpoint URL is outside input: pointed at ``http://127.0.0.1:5432`` or a clou
 address it would turn the dispatcher into a probe of the private network (SSRF). So a URL
 whose host is, or resolves to, a loopback, private, link-local, multicast or reserved
 address is refused when the endpoint is created or changed, and checked again at each
-connection (:class:`SafeResolver`), since DNS can change between the two (rebinding).
+connection (:class:`engine.webhooks.resolver.SafeResolver`), since DNS can change between the two (rebinding).
 ``[webhooks] allow_private_targets = true`` lifts this for internal receivers and tests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import socket
-from typing import Any
 from urllib.parse import urlsplit
-
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 
 from engine.errors import ValidationFailed
 
@@ -72,26 +67,6 @@ async def check_target(url: str, allow_private: bool, field: str = "url") -> Non
         )
 
 
-class SafeResolver(AbstractResolver):
-    """aiohttp's resolver, minus every non-public address (checked at each connection)."""
-
-    def __init__(self) -> None:
-        self._inner = DefaultResolver()
-
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        public = [r for r in results if is_public(r["host"])]
-        if not public:
-            # With an errno, aiohttp's ClientConnectorError shows the message (else "[None]").
-            raise OSError(
-                errno.EACCES, f"{host} resolves only to non-public addresses; refused (see [webhooks] allow_private_targets)"
-            )
-        return public
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
 def literal_refused(url: str) -> str | None:
     """Why a URL whose host is a non-public IP literal is refused (aiohttp does not resolve literals)."""
     host = urlsplit(url).hostname or ""
@@ -100,7 +75,3 @@ def literal_refused(url: str) -> str | None:
     except ValueError:
         return None
     return None if is_public(host) else f"{host} is not a public address (see [webhooks] allow_private_targets)"
-
-
-def resolver(allow_private: bool) -> Any:
-    return None if allow_private else SafeResolver()

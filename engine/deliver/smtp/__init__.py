@@ -20,11 +20,34 @@ the same values routing produces.
 
 from __future__ import annotations
 
-from engine.deliver.smtp.connect import SmtpSetupError
-from engine.deliver.smtp.pool import ConnectionPool
-from engine.deliver.smtp.reply import Kind, Reply, kind_of, parse_enhanced_status
-from engine.deliver.smtp.results import OutboundMessage, Phase, RecipientReply, TransactionResult
-from engine.deliver.smtp.settings import SmtpClientSettings, TlsPolicy
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.deliver.smtp.connect import SmtpSetupError
+    from engine.deliver.smtp.pool import ConnectionPool
+    from engine.deliver.smtp.reply import Kind, Reply, kind_of, parse_enhanced_status
+    from engine.deliver.smtp.results import OutboundMessage, Phase, RecipientReply, TransactionResult
+    from engine.deliver.smtp.settings import SmtpClientSettings, TlsPolicy
+
+# Loaded on first use (PEP 562): ``engine.config`` imports ``settings`` for ``[delivery.smtp]``,
+# and every CLI command would otherwise pay for the whole client (structlog, TLS, the pool).
+_HOME = {
+    "SmtpSetupError": "connect", "ConnectionPool": "pool",
+    "Kind": "reply", "Reply": "reply", "kind_of": "reply", "parse_enhanced_status": "reply",
+    "OutboundMessage": "results", "Phase": "results", "RecipientReply": "results", "TransactionResult": "results",
+    "SmtpClientSettings": "settings", "TlsPolicy": "settings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ConnectionPool",
