@@ -393,9 +393,9 @@ class Engine:
         """The webhook dispatcher, on a pool of its own: a backlog of events never takes delivery's connections."""
         from engine.webhooks.dispatcher import Dispatcher
 
-        pool = await create_pool(svc.dsn, self.settings, min_size=1, max_size=5)  # one LISTENs
+        pool = await create_pool(svc.dsn, self.settings, min_size=1, max_size=4)
         try:
-            self.dispatcher = Dispatcher(self.settings, pool)
+            self.dispatcher = Dispatcher(self.settings, pool, dsn=svc.dsn)
             await self.dispatcher.run()
         finally:
             await pool.close()
@@ -618,7 +618,7 @@ async def run_dispatcher(settings: Settings) -> None:
     metrics.init(settings.home)
     engine = Engine(settings)
     await engine.connect()
-    dispatcher = Dispatcher(settings, engine.pool)
+    dispatcher = Dispatcher(settings, engine.pool, dsn=engine.dsn)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, dispatcher.request_stop)
     log.info("webhook_dispatcher_started", owner=dispatcher.owner)

@@ -56,6 +56,8 @@ log = structlog.get_logger(__name__)
 REFRESH_SECONDS = 2.0
 MAINTENANCE_SECONDS = 10.0
 MAX_ROUND = 2000
+ROUNDS_IN_FLIGHT = 2
+"""Rounds a lane worker runs at once (see :meth:`LaneWorker.run`)."""
 
 
 class Clock(Protocol):
@@ -108,6 +110,7 @@ class LaneWorker:
         self.gone_reason: str | None = None  # the endpoint answered 410: disable it before recording the round
         self.task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._gate = asyncio.Semaphore(dispatcher.settings.webhooks.concurrency)  # requests in flight, all rounds
 
     def update(self, endpoint: Endpoint, keys: SigningKeys) -> None:
         self.endpoint, self.keys = endpoint, keys
@@ -134,26 +137,34 @@ class LaneWorker:
             await self._session.close()
 
     async def run(self) -> None:
+        """:data:`ROUNDS_IN_FLIGHT` round loops: while one waits on Postgres (claim, payloads, results),
+        another claims what the fan-out just made and sends it, so a new event does not wait for the
+        round before it to end. Order per recipient holds: a claim takes only a recipient's oldest
+        unfinished delivery, so two rounds never hold the same recipient."""
         try:
-            while not (self.stop.is_set() or self.d.stopping.is_set()):
+            await asyncio.gather(*(self._loop(n) for n in range(ROUNDS_IN_FLIGHT)))
+        finally:
+            await self.close()
+
+    async def _loop(self, n: int) -> None:
+        while not (self.stop.is_set() or self.d.stopping.is_set()):
+            probing = self.failures >= self.cfg.breaker_failures
+            worked = False
+            if n == 0 or not probing:  # a failing endpoint is probed by one request at a time
                 try:
                     worked = await self.round()
                 except DatabaseUnavailable as exc:
                     log.warning("webhooks_database_unavailable", error=str(exc))
-                    worked = False
                 except Exception:
                     log.exception("webhooks_round_failed", endpoint=str(self.endpoint.id), lane=self.lane)
-                    worked = False
-                if worked:
-                    continue
-                self.wake.clear()
-                pause = self.d.poll_interval
-                if self.failures >= self.cfg.breaker_failures:
-                    pause = max(pause, min(30.0, 0.5 * 2 ** min(self.failures - self.cfg.breaker_failures, 6)))
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), timeout=pause)
-        finally:
-            await self.close()
+            if worked:
+                continue
+            self.wake.clear()
+            pause = self.d.poll_interval
+            if self.failures >= self.cfg.breaker_failures:
+                pause = max(pause, min(30.0, 0.5 * 2 ** min(self.failures - self.cfg.breaker_failures, 6)))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=pause)
 
     async def round(self) -> bool:
         """Claim, send, record. False when there was nothing due (the caller waits)."""
@@ -225,10 +236,10 @@ class LaneWorker:
                 results.append(Result(c.id, "failed", error="the event no longer exists", counted=False))
         size = ep.batch_max
         chunks = [sendable[i:i + size] for i in range(0, len(sendable), size)]
-        gate = asyncio.Semaphore(self.cfg.concurrency)
-
         async def one(chunk: list[Claimed]) -> list[Result]:
-            async with gate:
+            async with self._gate:
+                if self.gone_reason is not None:  # a 410 arrived meanwhile (this round or the other): not sent
+                    return [Result(c.id, "pending", self.d.clock.now(), counted=False) for c in chunk]
                 outcome = await self._post(chunk, events)
             return self._results(chunk, outcome)
 
@@ -304,9 +315,11 @@ class LaneWorker:
 class Dispatcher:
     def __init__(
         self, settings: Settings, pool: asyncpg.Pool, *, clock: Clock | None = None, owner: str | None = None,
+        dsn: str | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
+        self.dsn = dsn  # for the LISTEN connection (see _listen_loop)
         self.clock: Clock = clock or SystemClock()
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:webhooks:{uuid.uuid4().hex[:6]}"
         self.deliveries = Deliveries(pool, settings.webhooks.transactional_streams)
@@ -386,26 +399,28 @@ class Dispatcher:
         ``engine_webhooks``: an API call or a CLI replay changed endpoints or due deliveries.
         ``engine_outbox``: an accept committed, so its ``email.accepted`` events can be fanned out now.
 
-        Holds one connection of the pool while listening, and takes a new one after a drop.
+        On a connection of its own (like the delivery workers' listener), reopened after a drop;
+        without a ``dsn`` (a dispatcher built on a bare pool, as in tests) only polling wakes it.
         """
+        if self.dsn is None:
+            return
         while not self.stopping.is_set():
+            conn: asyncpg.Connection | None = None
             try:
-                async with acquire(self.pool) as conn:
-                    await conn.add_listener(WAKE_CHANNEL, self._notified)
-                    await conn.add_listener(NOTIFY_CHANNEL, self._enqueued)
-                    try:
-                        while not (self.stopping.is_set() or conn.is_closed()):
-                            with contextlib.suppress(asyncio.TimeoutError):
-                                await asyncio.wait_for(self.stopping.wait(), timeout=1.0)
-                    finally:
-                        if not conn.is_closed():
-                            with contextlib.suppress(Exception):
-                                await conn.remove_listener(WAKE_CHANNEL, self._notified)
-                                await conn.remove_listener(NOTIFY_CHANNEL, self._enqueued)
-            except (DatabaseUnavailable, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                conn = await asyncpg.connect(self.dsn, timeout=5)
+                await conn.add_listener(WAKE_CHANNEL, self._notified)
+                await conn.add_listener(NOTIFY_CHANNEL, self._enqueued)
+                while not (self.stopping.is_set() or conn.is_closed()):
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), timeout=1.0)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("webhooks_listen_failed", error=str(exc))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), timeout=1.0)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(conn.close(timeout=2))
 
     def _notified(self, *_: Any) -> None:
         self.wake()
