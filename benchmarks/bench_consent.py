@@ -30,6 +30,7 @@ from benchmarks.harness import (
     postgres,
     postgres_pid,
     proc_peak_rss_mb,
+    tree_cpu_seconds,
     tree_pids,
     wait_http,
 )
@@ -55,20 +56,6 @@ def pg_processes(root: int) -> dict[int, tuple[str, float]]:
             kind = "client backends"  # "user db host state": one line for all sessions
         out[pid] = (kind or "postmaster", (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / ticks)
     return out
-
-
-def engine_cpu_seconds(root: int) -> float:
-    """CPU seconds of the engine and its live children: HTTP is served by intake child processes."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in tree_pids(root):
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                f = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(f[11]) + int(f[12])) / ticks
-    return total
 
 
 def pg_breakdown(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> str:
@@ -127,11 +114,11 @@ async def run_size(server_dsn: str, n: int, webhooks: bool) -> None:
         url = f"http://127.0.0.1:{port}"
         await wait_http(url)
         for label, data, gz in (("plain", plain, False), ("gzip", zipped, True), ("plain again", plain, False)):
-            cpu0, pg0 = engine_cpu_seconds(proc.pid), pg_processes(pg) if pg else {}
+            cpu0, pg0 = tree_cpu_seconds(proc.pid), pg_processes(pg) if pg else {}
             out, secs = await post(url, key, data, gz)
             await asyncio.sleep(1)  # let the dispatcher and autovacuum react to what was written
             pg1 = pg_processes(pg) if pg else {}
-            cpu = engine_cpu_seconds(proc.pid) - cpu0
+            cpu = tree_cpu_seconds(proc.pid) - cpu0
             pgcpu = sum(c for _, c in pg1.values()) - sum(pg0.get(p, (k, 0.0))[1] for p, (k, _) in pg1.items())
             counts = " ".join(f"{k}={out[k]}" for k in ("new", "changed", "unchanged", "stale", "invalid"))
             print(f"import {label:<11} {n:>9,} lines in {secs:7.2f} s = {n / secs:>9,.0f} rows/s  {counts}\n"

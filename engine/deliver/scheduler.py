@@ -44,7 +44,7 @@ import os
 import socket
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -54,6 +54,7 @@ import structlog
 
 from engine.compose.pipeline import Composer, MessageRow
 from engine.consent.policy import ConsentPolicy
+from engine.db.listen import listen_until
 from engine.db.pool import acquire
 from engine.db.queries import q
 from engine.deliver.attemptlog import log_attempt
@@ -634,21 +635,10 @@ class DeliveryWorker:
     # -- wake-ups -------------------------------------------------------------------------
 
     async def _listen(self) -> None:
-        """LISTEN for enqueue hints; reconnect when the connection drops. Polling covers any gap."""
+        """LISTEN for enqueue hints (and shaping reloads); polling covers any gap."""
         if self.dsn is None:
             return
-        while not self._stop.is_set():
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=5)
-                await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
-                if self.gate is not None:
-                    await conn.add_listener(RELOAD_CHANNEL, lambda *a: self._reload_from_notify(a[-1]))
-                while not self._stop.is_set() and not conn.is_closed():
-                    await asyncio.sleep(1)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                await asyncio.sleep(1)
-            finally:
-                if conn is not None and not conn.is_closed():
-                    with contextlib.suppress(Exception):
-                        await conn.close(timeout=2)
+        handlers: dict[str, Callable[..., Any]] = {NOTIFY_CHANNEL: lambda *_: self._wake.set()}
+        if self.gate is not None:
+            handlers[RELOAD_CHANNEL] = lambda *a: self._reload_from_notify(a[-1])
+        await listen_until(self.dsn, handlers, self._stop)

@@ -40,6 +40,7 @@ import structlog
 
 from engine import metrics
 from engine.config import Settings
+from engine.db.listen import listen_until
 from engine.db.pool import acquire
 from engine.errors import DatabaseUnavailable
 from engine.events.public import event_id
@@ -402,25 +403,8 @@ class Dispatcher:
         On a connection of its own (like the delivery workers' listener), reopened after a drop;
         without a ``dsn`` (a dispatcher built on a bare pool, as in tests) only polling wakes it.
         """
-        if self.dsn is None:
-            return
-        while not self.stopping.is_set():
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=5)
-                await conn.add_listener(WAKE_CHANNEL, self._notified)
-                await conn.add_listener(NOTIFY_CHANNEL, self._enqueued)
-                while not (self.stopping.is_set() or conn.is_closed()):
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self.stopping.wait(), timeout=1.0)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("webhooks_listen_failed", error=str(exc))
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), timeout=1.0)
-            finally:
-                if conn is not None and not conn.is_closed():
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(conn.close(timeout=2))
+        if self.dsn is not None:
+            await listen_until(self.dsn, {WAKE_CHANNEL: self._notified, NOTIFY_CHANNEL: self._enqueued}, self.stopping)
 
     def _notified(self, *_: Any) -> None:
         self.wake()
